@@ -1,0 +1,1 @@
+"""Ray job entrypoints (``python -m jobs.X``); thin glue over ``petl_platform``."""

@@ -1,0 +1,202 @@
+"""The offline task registry: fixed splits, seeds, class names, a VTAB-1k style variant of each.
+
+``get_task("fashion_mnist")`` gives the full task; ``get_task("fashion_mnist-1k")`` its VTAB-1k
+style variant (800 train + 200 val drawn with the task's seed, test capped at 2,000 images so a
+CPU evaluates it in seconds). ``get_task("folder:PATH")`` reads a user's ImageFolder tree.
+Built tasks are cached as ``.npz`` under ``$PETL_CACHE`` (default ``~/.cache/petl_platform``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import PetlError, unknown
+from . import sources, synthetic
+
+SPLITS = ("train", "val", "test")
+VTAB1K_SUFFIX = "-1k"
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    classes: list[str]
+    source: str
+    seed: int
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = field(repr=False)
+
+    def sizes(self) -> dict[str, int]:
+        return {s: int(len(self.splits[s][1])) for s in SPLITS}
+
+    def info(self) -> dict:
+        return {"name": self.name, "classes": self.classes, "num_classes": len(self.classes),
+                "sizes": self.sizes(), "source": self.source, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    source: str
+    seed: int
+    build: Callable[[int], tuple[dict, list[str]]]  # seed -> ({split: (images, labels)}, classes)
+
+
+_REGISTRY: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec) -> None:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"task {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+
+
+def list_tasks(include_variants: bool = True) -> list[str]:
+    names = sorted(_REGISTRY)
+    return names + [n + VTAB1K_SUFFIX for n in names] if include_variants else names
+
+
+# ----------------------------------------------------------------------------- split helpers
+
+def _take(images, labels, idx):
+    return images[idx], labels[idx]
+
+
+def split_random(images, labels, seed, fractions=(0.7, 0.1, 0.2)) -> dict:
+    """A seeded stratified split into train/val/test by the given fractions."""
+    rng = np.random.default_rng(seed)
+    parts = {s: [] for s in SPLITS}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_train, n_val = int(len(idx) * fractions[0]), int(len(idx) * fractions[1])
+        parts["train"].append(idx[:n_train])
+        parts["val"].append(idx[n_train:n_train + n_val])
+        parts["test"].append(idx[n_train + n_val:])
+    return {s: _take(images, labels, np.sort(np.concatenate(parts[s]))) for s in SPLITS}
+
+
+def split_by_group(images, labels, groups, seed, fractions=(0.7, 0.1, 0.2)) -> dict:
+    """Split so that each group (e.g. a font) lands in exactly one split."""
+    uniq = np.random.default_rng(seed).permutation(np.unique(groups))
+    n_train, n_val = int(round(len(uniq) * fractions[0])), int(round(len(uniq) * fractions[1]))
+    members = {"train": uniq[:n_train], "val": uniq[n_train:n_train + n_val], "test": uniq[n_train + n_val:]}
+    return {s: _take(images, labels, np.flatnonzero(np.isin(groups, g))) for s, g in members.items()}
+
+
+def carve_val(train, seed, n_val):
+    images, labels = train
+    idx = np.random.default_rng(seed).permutation(len(labels))
+    return _take(images, labels, np.sort(idx[n_val:])), _take(images, labels, np.sort(idx[:n_val]))
+
+
+# ----------------------------------------------------------------------------- built-in tasks
+
+def _fashion(seed):
+    parts, classes = sources.fashion_mnist()
+    train, val = carve_val(parts["train"], seed, 5000)
+    return {"train": train, "val": val, "test": parts["test"]}, classes
+
+
+def _clipart(seed):
+    images, labels, classes = sources.openclipart(seed=seed)
+    return split_random(images, labels, seed), classes
+
+
+def _letters(seed):
+    images, labels, classes, fonts = sources.letters(seed=seed)
+    return split_by_group(images, labels, fonts, seed), classes
+
+
+def _digits(seed):
+    images, labels, classes = sources.sklearn_digits()
+    return split_random(images, labels, seed, (0.6, 0.1, 0.3)), classes
+
+
+def _generated(fn, classes, sizes=(8000, 1000, 2000)):
+    def build(seed):
+        # Each split has its own seed, so no generated image appears in two splits.
+        return {s: fn(n, seed * 10 + i) for i, (s, n) in enumerate(zip(SPLITS, sizes))}, classes
+    return build
+
+
+for _spec in [
+    TaskSpec("fashion_mnist", "debian:dataset-fashion-mnist (MIT)", 0, _fashion),
+    TaskSpec("clipart", "debian:openclipart-png (public domain), 8 top-level categories", 0, _clipart),
+    TaskSpec("letters", "debian fonts (DejaVu, Liberation, FreeFont, URW base35), split by font", 0, _letters),
+    TaskSpec("digits", "scikit-learn load_digits", 0, _digits),
+    TaskSpec("dsprites_loc", "generator: dSprites-like x-position, 8 bins", 0,
+             _generated(synthetic.dsprites_location, [f"x{i}" for i in range(8)])),
+    TaskSpec("dsprites_ori", "generator: dSprites-like orientation, 8 bins", 0,
+             _generated(synthetic.dsprites_orientation, [f"ori{i}" for i in range(8)])),
+    TaskSpec("norb_azimuth", "generator: SmallNORB-like azimuth, 9 bins", 0,
+             _generated(synthetic.norb_azimuth, [f"az{i}" for i in range(9)])),
+    TaskSpec("clevr_count", "generator: CLEVR-like object count 3-10", 0,
+             _generated(synthetic.clevr_count, [str(i) for i in range(3, 11)])),
+]:
+    register_task(_spec)
+
+
+# ----------------------------------------------------------------------------- loading + cache
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PETL_CACHE", Path.home() / ".cache" / "petl_platform"))
+
+
+def _build_cached(spec: TaskSpec):
+    path = cache_dir() / "tasks" / f"{spec.name}-s{spec.seed}-v{CACHE_VERSION}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            splits = {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in SPLITS}
+            return splits, [str(c) for c in z["classes"]]
+    splits, classes = spec.build(spec.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    arrays = {f"{s}_{k}": v for s in SPLITS for k, v in zip("xy", splits[s])}
+    np.savez(tmp, classes=np.array(classes), **arrays)
+    os.replace(tmp, path)  # atomic: concurrent builders never see a half-written cache
+    return splits, classes
+
+
+def vtab1k(task: Task, n_train=800, n_val=200, max_test=2000) -> Task:
+    rng = np.random.default_rng(task.seed + 1)
+
+    def pick(split, n):
+        images, labels = task.splits[split]
+        idx = np.sort(rng.permutation(len(labels))[:n])
+        return images[idx], labels[idx]
+
+    splits = {"train": pick("train", n_train), "val": pick("val", n_val), "test": pick("test", max_test)}
+    return Task(task.name + VTAB1K_SUFFIX, task.classes, task.source + "; VTAB-1k style 800/200",
+                task.seed, splits)
+
+
+@functools.lru_cache(maxsize=16)
+def get_task(name: str) -> Task:
+    """Load a task by registry name, ``<name>-1k`` variant, or ``folder:PATH``."""
+    if name.startswith("folder:"):
+        from .folder import load_folder_task
+        return load_folder_task(name[len("folder:"):])
+    base = name[: -len(VTAB1K_SUFFIX)] if name.endswith(VTAB1K_SUFFIX) else name
+    if base not in _REGISTRY:
+        raise unknown("task", name, list_tasks() + ["folder:PATH"])
+    spec = _REGISTRY[base]
+    splits, classes = _build_cached(spec)
+    task = Task(spec.name, classes, spec.source, spec.seed, splits)
+    return vtab1k(task) if base != name else task
+
+
+def check_task_name(name: str) -> None:
+    """Validate a task name without loading it (for up-front CLI checks)."""
+    if name.startswith("folder:"):
+        if not Path(name[len("folder:"):]).is_dir():
+            raise PetlError(f"task folder {name[len('folder:'):]!r} does not exist")
+        return
+    base = name[: -len(VTAB1K_SUFFIX)] if name.endswith(VTAB1K_SUFFIX) else name
+    if base not in _REGISTRY:
+        raise unknown("task", name, list_tasks() + ["folder:PATH"])

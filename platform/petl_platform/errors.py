@@ -1,0 +1,13 @@
+"""User-facing errors: one clear line naming the problem and what to do instead."""
+
+
+class PetlError(Exception):
+    """An error caused by user input (unknown name, bad file, bad argument).
+
+    The CLI prints ``str(err)`` on one line and exits non-zero; HTTP layers map it to a 4xx.
+    """
+
+
+def unknown(kind: str, name: str, valid) -> PetlError:
+    valid = sorted(valid)
+    return PetlError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")

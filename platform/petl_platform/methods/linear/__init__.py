@@ -1,0 +1,25 @@
+"""Linear probe: the frozen backbone's pooled features and a trainable linear head."""
+
+from dataclasses import dataclass
+
+from ..base import PetlModel
+from ..config import MethodConfig
+from ..registry import MethodSpec, register_method
+
+
+@dataclass(frozen=True)
+class LinearConfig(MethodConfig):
+    """The linear probe has no hyperparameters besides the training recipe."""
+
+
+class LinearProbe(PetlModel):
+    @property
+    def shared_prefix_blocks(self) -> int:
+        return self.depth  # the whole trunk is the frozen backbone
+
+    def merged(self):
+        return self  # nothing to fold: it already is the plain frozen model + head
+
+
+register_method(MethodSpec("linear", LinearProbe, LinearConfig, mergeable=True, shares_trunk=True,
+                           description="linear probe: head only"))
