@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import unknown
 from .config import MethodConfig
@@ -16,6 +16,7 @@ class MethodSpec:
     mergeable: bool = False
     shares_trunk: bool = False  # leading frozen blocks identical across tasks (see ARCHITECTURE.md)
     description: str = ""
+    recipe: dict = field(default_factory=dict)  # default TrainConfig overrides (lr, epochs, ...)
 
 
 _METHODS: dict[str, MethodSpec] = {}

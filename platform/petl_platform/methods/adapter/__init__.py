@@ -1,0 +1,90 @@
+"""Adapter, AdaptFormer style (Chen et al., 2022): a parallel bottleneck beside every block's MLP.
+
+    X_out = X' + MLP(LN(X')) + s * (ReLU(X_in W_down + b_down) W_up + b_up)
+
+Choices the paper leaves open or states two ways, written down here:
+
+- ``adapter_input``: the AdaptFormer paper's equation feeds LN(X') (the MLP's own input), while
+  its released code (``ffn_adapter_layernorm_option="none"``) and our spec (METHODS.md:
+  ``s * ReLU(X W_down) W_up``) feed the un-normalised residual stream X'. Default ``"x"`` (the
+  spec and the official code); ``"ln"`` gives the paper's equation. Either way the frozen LN is
+  reused, no new LayerNorm is trained.
+- Init as AdaptFormer's ``init_option="lora"``: W_down kaiming-uniform(a=sqrt(5)), W_up and both
+  biases zero, so the model equals the frozen backbone at init. ``s`` is a fixed scalar (0.1).
+- ``branch_dropout`` acts on the adapter's output (the added branch), the frozen MLP never drops.
+- Mechanics: the block's ``norm2`` becomes ``Identity`` and ``mlp`` becomes ``ParallelAdapterMlp``
+  holding the frozen LN and MLP, so the adapter can see X'. With a layer-scale backbone (``ls2``)
+  the adapter's output is scaled by it too; timm ViT-B has none.
+
+Not mergeable: the ReLU makes the branch non-linear.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...errors import PetlError
+from ..base import AdapterModule, PetlModel, find_modules, replace_module
+from ..config import MethodConfig, check
+from ..registry import MethodSpec, register_method
+
+MLP = r"blocks\.\d+\.mlp"
+
+
+@dataclass(frozen=True)
+class AdapterConfig(MethodConfig):
+    bottleneck: int = 8  # d: hidden width of the adapter (8 on VTAB-1k)
+    scale: float = 0.1  # s: fixed multiplier of the adapter's output
+    adapter_input: str = "x"  # "x": the residual stream X' (spec, official code); "ln": LN(X') (paper Eq.)
+    dropout: float = 0.0  # rate of branch_dropout on the adapter's output
+
+    def __post_init__(self):
+        check(self.bottleneck >= 1, "bottleneck must be >= 1")
+        check(self.adapter_input in ("x", "ln"), f"adapter_input must be 'x' or 'ln', got {self.adapter_input!r}")
+        check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+
+
+class ParallelAdapterMlp(AdapterModule):
+    """``MLP(LN(x)) + s * up(ReLU(down(x or LN(x))))`` with the LN and MLP frozen."""
+
+    def __init__(self, norm: nn.Module, mlp: nn.Module, dim: int, bottleneck: int, scale: float, on_norm: bool):
+        super().__init__()
+        self.norm, self.mlp = norm, mlp
+        self.scale, self.on_norm = scale, on_norm
+        kw = dict(device=norm.weight.device, dtype=norm.weight.dtype) if getattr(norm, "weight", None) is not None else {}
+        self.down = nn.Linear(dim, bottleneck, **kw)
+        self.up = nn.Linear(bottleneck, dim, **kw)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        for t in (self.down.bias, self.up.weight, self.up.bias):
+            nn.init.zeros_(t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        branch = self.up(torch.relu(self.down(h if self.on_norm else x)))
+        return self.mlp(h) + self.branch_dropout(self.scale * branch)
+
+
+class AdapterModel(PetlModel):
+    def inject(self) -> None:
+        cfg = self.config
+        hits = find_modules(self.vit, MLP)
+        dim = self.vit.embed_dim
+        for name, _ in hits:
+            blk = self.vit.get_submodule(name.rpartition(".")[0])
+            if not isinstance(getattr(blk, "norm2", None), nn.LayerNorm):
+                raise PetlError(f"adapter needs pre-norm timm Blocks: {name} has no LayerNorm norm2 beside it")
+        for name, mlp in hits:
+            block = name.rpartition(".")[0]
+            norm = self.vit.get_submodule(f"{block}.norm2")
+            module = ParallelAdapterMlp(norm, mlp, dim, cfg.bottleneck, cfg.scale, cfg.adapter_input == "ln")
+            module.branch_dropout.p = cfg.dropout
+            replace_module(self.vit, f"{block}.norm2", nn.Identity())
+            replace_module(self.vit, name, module)
+
+
+register_method(MethodSpec("adapter", AdapterModel, AdapterConfig, mergeable=False,
+                           description="AdaptFormer parallel bottleneck (d=8, s=0.1) beside every MLP"))

@@ -1,0 +1,99 @@
+"""LoRA (Hu et al., 2021) on the query and value projections of every block.
+
+timm fuses q, k and v into one ``attn.qkv`` Linear (weight rows ``[q; k; v]``, each ``attn_dim``
+rows), so LoRA wraps that Linear and adds a low-rank delta to the q and v *slices* only:
+``W_q <- W_q + (alpha / rank) B_q A_q`` and likewise ``W_v`` (LoRA paper, Eq. 3: h = W0 x + B A x);
+``W_k`` is never touched.
+
+Choices the paper leaves open (ours, as in huggingface/peft): ``A`` kaiming-uniform(a=sqrt(5)),
+``B`` zero, so the model equals the frozen backbone at init; no LoRA bias; ``branch_dropout`` acts
+on the low-rank delta (the added branch), not on the frozen path. ``targets`` may also include
+``k`` for ablations. Mergeable: the deltas fold into a *new* copy of the qkv weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..base import AdapterModule, PetlModel, find_modules, replace_module
+from ..config import MethodConfig, check
+from ..registry import MethodSpec, register_method
+from .merge import folded_linear, plain_merged
+
+QKV = r"blocks\.\d+\.attn\.qkv"
+SLICES = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class LoraConfig(MethodConfig):
+    rank: int = 8  # r: rank of each B A
+    alpha: float = 8.0  # the delta is scaled by alpha / rank
+    targets: tuple[str, ...] = ("q", "v")  # which slices of the fused qkv get a delta
+    dropout: float = 0.0  # rate of branch_dropout on the delta
+
+    def __post_init__(self):
+        check(self.rank >= 1, "rank must be >= 1")
+        check(self.alpha > 0, "alpha must be > 0")
+        check(len(self.targets) > 0 and all(t in SLICES for t in self.targets),
+              f"targets must be a non-empty subset of {SLICES}, got {self.targets}")
+        check(len(set(self.targets)) == len(self.targets), f"targets has duplicates: {self.targets}")
+        check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+
+
+class LoraQKV(AdapterModule):
+    """The frozen fused ``qkv`` Linear plus ``(alpha/rank) B_s A_s`` on each target slice ``s``."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, targets: tuple[str, ...]):
+        super().__init__()
+        if base.out_features % 3:
+            raise ValueError(f"qkv Linear has {base.out_features} outputs, not a multiple of 3")
+        self.base = base
+        self.targets = tuple(t for t in SLICES if t in targets)  # q, k, v order
+        self.dim = base.out_features // 3
+        self.scaling = alpha / rank
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.ParameterDict({t: nn.Parameter(torch.empty(rank, base.in_features, **kw)) for t in self.targets})
+        self.lora_B = nn.ParameterDict({t: nn.Parameter(torch.zeros(self.dim, rank, **kw)) for t in self.targets})
+        for a in self.lora_A.values():
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as peft / Microsoft's loralib
+
+    def delta_weight(self, t: str) -> torch.Tensor:
+        return self.scaling * self.lora_B[t] @ self.lora_A[t]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        parts = []
+        for t in SLICES:
+            if t in self.lora_A:
+                parts.append(self.scaling * (x @ self.lora_A[t].T) @ self.lora_B[t].T)
+            else:
+                parts.append(out.new_zeros(()).expand(*out.shape[:-1], self.dim))
+        return out + self.branch_dropout(torch.cat(parts, dim=-1))
+
+    def folded(self) -> nn.Linear:
+        w = self.base.weight.detach().double().clone()  # new tensor: the frozen one stays untouched
+        for i, t in enumerate(SLICES):
+            if t in self.lora_A:
+                w[i * self.dim:(i + 1) * self.dim] += self.delta_weight(t).detach().double()
+        return folded_linear(self.base, w, None if self.base.bias is None else self.base.bias.detach())
+
+
+class LoraModel(PetlModel):
+    def inject(self) -> None:
+        cfg = self.config
+        hits = find_modules(self.vit, QKV, nn.Linear)
+        for name, base in hits:  # all matched first (find_modules), then replaced
+            module = LoraQKV(base, cfg.rank, cfg.alpha, cfg.targets)
+            module.branch_dropout.p = cfg.dropout
+            replace_module(self.vit, name, module)
+
+    def merged(self) -> nn.Module:
+        return plain_merged(self, {n: m.folded() for n, m in self.vit.named_modules() if isinstance(m, LoraQKV)})
+
+
+register_method(MethodSpec("lora", LoraModel, LoraConfig, mergeable=True,
+                           description="LoRA rank 8 on the q and v slices of the fused qkv"))

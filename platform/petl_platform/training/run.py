@@ -1,0 +1,40 @@
+"""One local fine-tune end to end: validate up front, load, train, optionally save the adapter."""
+
+from __future__ import annotations
+
+import time
+
+from ..backbones import create_backbone
+from ..data import check_task_name, get_task, task_tensors
+from ..methods import build_model, get_method
+from .loop import TrainConfig, train
+
+
+def train_config(method: str, overrides: dict) -> TrainConfig:
+    """The method's default recipe (``MethodSpec.recipe``) under the user's overrides."""
+    return TrainConfig.from_dict({**get_method(method).recipe, **overrides}, "training")
+
+
+def run_finetune(task: str, method: str, backbone: str, hparams: dict | None = None,
+                 train_overrides: dict | None = None, out: str | None = None, callbacks=(),
+                 backbone_model=None) -> dict:
+    hparams = hparams or {}
+    # Check every name and hyperparameter before any data or weights are loaded.
+    check_task_name(task)
+    spec = get_method(method)
+    spec.config_cls.from_dict(hparams, method)
+    cfg = train_config(method, train_overrides or {})
+    t0 = time.time()
+    bb = backbone_model if backbone_model is not None else create_backbone(backbone)
+    data = get_task(task)
+    tensors = task_tensors(data, bb)
+    model = build_model(method, bb, len(data.classes), **hparams)
+    result = train(model, tensors, cfg, callbacks=callbacks)
+    if out:
+        from ..tracking import save_adapter
+        save_adapter(model, out, task=task, classes=data.classes,
+                     extra={"metrics": {"accuracy": result.accuracy, "val_accuracy": result.val_accuracy}})
+    return {"task": task, "method": method, "backbone": bb.petl_name, "accuracy": result.accuracy,
+            "val_accuracy": result.val_accuracy, "trainable_params": result.trainable_params,
+            "wall_s": round(time.time() - t0, 2), "train_wall_s": round(result.wall_s, 2),
+            "peak_mem_mb": round(result.peak_mem_mb, 1), "epochs": cfg.epochs, "history": result.history}

@@ -1,0 +1,1 @@
+"""Ray Serve applications (``import_path`` targets) and their Serve YAML configs."""

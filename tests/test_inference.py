@@ -1,0 +1,142 @@
+"""Shared-trunk multi-task predictor: equals each task alone, trunk computed once, clear refusals."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from petl_platform import PetlError, build_model, list_methods
+from petl_platform.inference import MultiTaskPredictor
+from petl_platform.methods import MethodConfig, PetlModel
+
+SHARING = {"linear": ("linear", {}), "dtl_m3": ("dtl", {"m": 3}), "dtl_m6": ("dtl", {"m": 6}),
+           "plus_m2": ("dtl_plus", {"m": 2}), "plus_m5": ("dtl_plus", {"m": 5})}
+# a non-sharing method registered by another engineer, if any (LoRA, Adapter, ...): own forward path
+OTHER = next((m for m in ("lora", "adapter", "repadapter", "arc") if m in list_methods()), None)
+
+
+class FullForward(PetlModel):
+    """A stand-in for any method that touches every block (shared_prefix_blocks = 0)."""
+
+    def inject(self):
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward_blocks(self, x):
+        for blk in self.vit.blocks:
+            x = blk(x) * self.scale
+        return x
+
+
+def _randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def models(tiny_backbone8):
+    out = {name: _randomize(build_model(meth, tiny_backbone8, 3 + i, **hp), i) for i, (name, (meth, hp)) in enumerate(SHARING.items())}
+    out["full"] = _randomize(FullForward(tiny_backbone8, 4, MethodConfig(), "full_forward"), 9)
+    if OTHER:
+        out[OTHER] = _randomize(build_model(OTHER, tiny_backbone8, 2), 10)
+    return out
+
+
+def _count_calls(blocks, counter, tag):
+    return [blk.register_forward_hook(lambda *_, i=i: counter.update([(tag, i)])) for i, blk in enumerate(blocks)]
+
+
+def test_equals_each_task_alone(tiny_backbone8, models, images):
+    pred = MultiTaskPredictor(tiny_backbone8, models)
+    out = pred.predict(images, list(models))
+    assert set(out) == set(models)
+    for name, model in models.items():
+        with torch.no_grad():
+            alone = model(images)
+        assert out[name].shape == alone.shape
+        torch.testing.assert_close(out[name], alone, rtol=0, atol=1e-5, msg=f"task {name}")
+    # outputs really differ per task (the comparison above is not trivially between equal heads)
+    assert not torch.allclose(out["dtl_m3"], out["dtl_m6"][:, :4], atol=1e-3)
+
+
+def test_trunk_runs_once_and_stats(tiny_backbone8, models, images):
+    pred = MultiTaskPredictor(tiny_backbone8, models)
+    calls = Counter()
+    hooks = _count_calls(tiny_backbone8.blocks, calls, "trunk")
+    for name, model in models.items():
+        hooks += _count_calls(model.vit.blocks, calls, name)
+    pred.predict(images, list(models))
+    for h in hooks:
+        h.remove()
+    depth, kmax = 8, 8  # the linear probe shares the whole trunk
+    assert [calls[("trunk", i)] for i in range(depth)] == [1] * kmax
+    for name, model in models.items():
+        k = model.shared_prefix_blocks
+        assert [calls[(name, i)] for i in range(depth)] == [0] * k + [1] * (depth - k), name
+    st = pred.last_stats
+    own = 1 + (OTHER is not None)
+    expect_tails = {n: depth - m.shared_prefix_blocks for n, m in models.items()}
+    assert st.trunk_blocks == kmax and st.tail_blocks == expect_tails
+    assert st.blocks_run == kmax + sum(expect_tails.values())
+    assert st.blocks_independent == depth * len(models) and st.block_ratio > 1.5
+    assert (st.embeds_run, st.embeds_independent) == (1 + own, len(models))
+    assert pred.totals == {"calls": 1, "blocks_run": st.blocks_run, "blocks_independent": st.blocks_independent}
+
+
+def test_trunk_only_as_deep_as_requested_tasks(tiny_backbone8, models, images):
+    pred = MultiTaskPredictor(tiny_backbone8, models)
+    calls = Counter()
+    hooks = _count_calls(tiny_backbone8.blocks, calls, "trunk")
+    out = pred.predict(images, ["plus_m2", "dtl_m3", "dtl_m3"])
+    for h in hooks:
+        h.remove()
+    assert list(out) == ["plus_m2", "dtl_m3"]
+    assert sum(calls.values()) == 3 and pred.last_stats.trunk_blocks == 3
+    assert pred.last_stats.blocks_run == 3 + 6 + 5
+    out = pred.predict(images, ["full"])  # no sharing task: no trunk pass at all
+    assert pred.last_stats.trunk_blocks == 0 and pred.last_stats.blocks_run == 8
+    torch.testing.assert_close(out["full"], models["full"](images), rtol=0, atol=1e-5)
+
+
+def test_unknown_task_lists_valid(tiny_backbone8, models, images):
+    pred = MultiTaskPredictor(tiny_backbone8, models)
+    with pytest.raises(PetlError, match=r"unknown task 'nope'; valid tasks: dtl_m3, dtl_m6, full"):
+        pred.predict(images, ["dtl_m3", "nope"])
+    with pytest.raises(PetlError, match="no task requested"):
+        pred.predict(images, [])
+
+
+def test_mismatched_backbone_refused(tiny_backbone, tiny_backbone8, models):
+    other = build_model("dtl", tiny_backbone, 2, m=2)
+    assert other.backbone_fingerprint != tiny_backbone8.fingerprint
+    with pytest.raises(PetlError, match="fingerprint"):
+        MultiTaskPredictor(tiny_backbone8, {**models, "alien": other})
+    pred = MultiTaskPredictor(tiny_backbone8, models)
+    with pytest.raises(PetlError, match="rebuild or reload the adapter on this backbone"):
+        pred.add("alien", other)
+    assert "alien" not in pred.tasks
+
+
+def test_add_remove_and_default_all(tiny_backbone8, models, images):
+    pred = MultiTaskPredictor(tiny_backbone8)
+    for name in ("dtl_m3", "linear"):
+        pred.add(name, models[name])
+    assert set(pred.predict(images)) == {"dtl_m3", "linear"}
+    pred.remove("linear")
+    assert pred.tasks == ["dtl_m3"]
+    with pytest.raises(PetlError, match="unknown task 'linear'"):
+        pred.remove("linear")
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_registered_method_plugs_in(method, tiny_backbone8, images):
+    """Any method, through the PetlModel hooks only: predictor output == the model alone."""
+    model = _randomize(build_model(method, tiny_backbone8, 3), 11)
+    pred = MultiTaskPredictor(tiny_backbone8, {"t": model, "dtl": _randomize(build_model("dtl", tiny_backbone8, 2, m=4), 12)})
+    out = pred.predict(images, ["t", "dtl"])
+    with torch.no_grad():
+        torch.testing.assert_close(out["t"], model(images), rtol=0, atol=1e-5)
+    assert pred.last_stats.trunk_blocks == max(4, model.shared_prefix_blocks)
