@@ -48,6 +48,12 @@ def augment(x: torch.Tensor, flip: bool, pad: int = 3) -> torch.Tensor:
     return x
 
 
+def _save(model, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / f"{SHIPPED}.safetensors"), metadata={"format": "pt"})
+
+
 def pretrain(steps: int, batch: int, lr: float, seed: int, out: Path) -> None:
     torch.manual_seed(seed)
     model = timm.create_model(ARCH, pretrained=False, num_classes=0, **MODEL_ARGS)
@@ -81,12 +87,12 @@ def pretrain(steps: int, batch: int, lr: float, seed: int, out: Path) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if step % 100 == 99:  # a usable snapshot even if the run is cut short
+            _save(model, out)
         if step % 50 == 0:
             bar.set_postfix(task=name, loss=f"{loss.item():.3f}")
             print(f"step {step} {name} loss {loss.item():.3f} elapsed {time.time() - t0:.0f}s", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / f"{SHIPPED}.safetensors"), metadata={"format": "pt"})
+    _save(model, out)
     recipe = {"architecture": ARCH, "model_args": MODEL_ARGS, "pretrain_tasks": PRETRAIN_TASKS,
               "held_out_tasks": HELD_OUT, "steps": steps, "batch_size": batch, "lr": lr, "seed": seed,
               "optimizer": "AdamW wd 0.05, cosine, 5% warmup, label smoothing 0.1, grad clip 1.0",
@@ -98,13 +104,16 @@ def pretrain(steps: int, batch: int, lr: float, seed: int, out: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ASSETS)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--card", action="store_true", help="measure linear probes and write the model card")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.card:
         from jobs.model_card import write_card
         write_card(args.out)

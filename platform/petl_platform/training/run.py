@@ -7,7 +7,7 @@ import time
 from ..backbones import create_backbone
 from ..data import check_task_name, get_task, task_tensors
 from ..methods import build_model, get_method
-from .loop import TrainConfig, train
+from .loop import TrainConfig, seed_everything, train
 
 
 def train_config(method: str, overrides: dict) -> TrainConfig:
@@ -28,6 +28,7 @@ def run_finetune(task: str, method: str, backbone: str, hparams: dict | None = N
     bb = backbone_model if backbone_model is not None else create_backbone(backbone)
     data = get_task(task)
     tensors = task_tensors(data, bb)
+    seed_everything(cfg.seed)  # the method's own initialisation is part of the seeded run
     model = build_model(method, bb, len(data.classes), **hparams)
     result = train(model, tensors, cfg, callbacks=callbacks)
     if out:

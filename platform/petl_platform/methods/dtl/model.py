@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...errors import PetlError
@@ -101,8 +102,10 @@ class DtlModel(PetlModel):
         return list(range(self.shared_prefix_blocks + 1))  # the CSN reads z_1..z_M, the tail starts at z_{M+1}
 
     def add_back(self, h: torch.Tensor) -> torch.Tensor:
-        """theta(h) (Eq. 7/8) or g(theta(h)) (Eq. 9); theta(x) = x * sigmoid(beta x)."""
-        t = h * torch.sigmoid(self.config.beta * h)
+        """theta(h) (Eq. 7/8) or g(theta(h)) (Eq. 9); theta(x) = x * sigmoid(beta x), computed as
+        silu(beta x) / beta: the same function, but autograd keeps one tensor instead of two."""
+        beta = self.config.beta
+        t = F.silu(beta * h) / beta
         return self.fusion(t) if self.fusion is not None else t
 
     def _tail_blocks(self, states: list[torch.Tensor]) -> torch.Tensor:
@@ -125,7 +128,8 @@ class DtlModel(PetlModel):
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """Blocks 1..M without autograd (the memory saving), then the tail; the exact same ops as
-        ``forward_tail(prefix_states(x))``."""
+        ``forward_tail(prefix_states(x))``. Consequence: no gradient reaches the input image
+        through blocks 1..M (use another method for input saliency)."""
         states = [x]
         with torch.no_grad():
             for blk in self.vit.blocks[:self.shared_prefix_blocks]:

@@ -17,7 +17,8 @@ base's own ``head``). Choices the paper leaves open, fixed here:
   ``lambda_shallow(t) = ls0 + (b - ls0) c(t)`` and ``lambda_deep(t) = ld0 - (ld0 - b) c(t)``
   with ``b = lambda_bound = 0.5``, so ``sup lambda_shallow = inf lambda_deep = b``.
 - Bidirectional sparsification (Sec. 3.3): forward, ``branch_dropout.p`` of every
-  ``AdapterModule`` of a shallow-stage block is ``p_shallow``, of a deep-stage block ``p_deep``;
+  ``AdapterModule`` of a shallow-stage block is ``p_shallow``, of a deep-stage block ``p_deep``
+  (this supersedes the base method's own ``dropout`` hyperparameter in ``dyn_<base>``);
   backward, ``after_backward`` zeroes each trainable gradient entry with probability ``p_m``
   (Eq. 6, a fresh mask every step). Heads are masked too when ``mask_heads`` (default): Eq. 6 is
   stated for every updated weight. With AdamW a zeroed gradient still lets the moment estimates

@@ -100,7 +100,7 @@ class DyTBlock(nn.Module):
         idx = _flat_index(m)
         run.add(linear_macs(idx.numel(), self.mlp), dense)
         y = self._mlp_branch(x.reshape(b * n, c).index_select(0, idx))
-        return base.reshape(b * n, c).index_add(0, idx, y.to(base.dtype)).reshape(b, n, c)
+        return base.reshape(b * n, c).index_add_(0, idx, y.to(base.dtype)).reshape(b, n, c)
 
     def _attn_step(self, i: int, x: torch.Tensor, run: DispatchRun, layer: bool = False) -> torch.Tensor:
         """X + Adapter(X) + M * Block(LN(X)) with Block = Attn (or the whole layer), attention
@@ -117,15 +117,17 @@ class DyTBlock(nn.Module):
             return base + m.unsqueeze(-1) * branch(x, m.detach() > 0.5)
         order, valid = _padded_index(m)
         k = order.shape[1]
+        if k == 0:  # no active token at all (only possible without class/prefix tokens)
+            return base
         z = x.gather(1, order.unsqueeze(-1).expand(-1, -1, c))
-        a = self._attn_branch(z, valid)
+        a = self._attn_branch(z, None if k * b == int(m.sum()) else valid)  # no padding: no mask
         run.add(self._attn_macs(b, k), dense)
         flat = (order + torch.arange(b, device=x.device)[:, None] * n)[valid]
         y = a[valid]
         if layer:  # the MLP of the layer runs on the active tokens only, gathered flat
             run.add(linear_macs(y.shape[0], self.mlp), 0)
             y = y + self._mlp_branch(z[valid] + y)
-        return base.reshape(b * n, c).index_add(0, flat, y.to(base.dtype)).reshape(b, n, c)
+        return base.reshape(b * n, c).index_add_(0, flat, y.to(base.dtype)).reshape(b, n, c)
 
     def forward(self, x: torch.Tensor, run: DispatchRun) -> torch.Tensor:
         if self.dispatch == "mlp":

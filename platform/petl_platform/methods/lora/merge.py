@@ -3,7 +3,8 @@
 ``plain_merged`` turns a model whose injected modules all wrap a frozen ``nn.Linear`` into a plain
 linear-probe-shaped model: same ``model(x) -> logits`` contract, no ``AdapterModule`` left, the
 wrapped linears replaced by new ``nn.Linear``s carrying the folded weights. The shared frozen
-tensors are never written to: folded weights are always new tensors.
+tensors are never written to: folded weights are always new tensors. The merged model is for
+inference (its ``method`` reads ``<method>:merged``); save the unmerged model's adapter instead.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def plain_merged(model, folded: dict[str, nn.Module]) -> nn.Module:
     for name, module in folded.items():
         replace_module(vit, name, module)
     left = [n for n, m in vit.named_modules() if isinstance(m, AdapterModule)]
-    assert not left, f"merge left injected modules behind: {left[:3]}"
+    if left:  # a wrapper this method does not fold: a bug, never silently half-merged
+        raise RuntimeError(f"merging {model.method} left injected modules behind: {left[:3]}")
     merged = LinearProbe(vit, model.num_classes, LinearConfig(), f"{model.method}:merged")
     merged.head = copy.deepcopy(model.head)
     merged.backbone_name, merged.backbone_fingerprint = model.backbone_name, model.backbone_fingerprint
