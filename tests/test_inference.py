@@ -141,3 +141,25 @@ def test_every_registered_method_plugs_in(method, tiny_backbone8, images):
     with torch.no_grad():
         torch.testing.assert_close(out["t"], model(images), rtol=0, atol=1e-5)
     assert pred.last_stats.trunk_blocks == max(4, model.shared_prefix_blocks)
+
+
+def test_mixed_dynamic_tasks_each_with_own_knobs(tiny_backbone8, models):
+    """Dyn-* and DyT tasks in one call with the shared-trunk tasks, each with its own dynamics."""
+    torch.manual_seed(0)
+    dyn = _randomize(build_model("dyn_lora", tiny_backbone8, 3, rank=2), 11)
+    dyt = _randomize(build_model("dyt", tiny_backbone8, 3), 12)
+    pred = MultiTaskPredictor(tiny_backbone8, {"lin": models["linear"], "dyn": dyn, "dyt": dyt})
+    x = torch.randn(6, 3, 32, 32)
+    out, stats = pred.run(x, ["lin", "dyn", "dyt"], knobs={"dyn": {"thresholds": [0.0, 0.0, 0.0]}, "dyt": {"ratio": 0.25}})
+    assert stats.extra["dyn"]["exit_stage"] == [1] * 6  # threshold 0: everyone leaves at exit 1
+    assert stats.extra["dyn"]["flops"] < stats.extra["dyn"]["full_flops"]
+    assert abs(stats.extra["dyt"]["activation_rate"] - 0.25) < 0.05
+    with torch.no_grad():
+        assert torch.allclose(out["dyn"], dyn.predict_dynamic(x, [0.0, 0.0, 0.0])["logits"], atol=1e-5)
+        assert torch.allclose(out["dyt"], dyt(x, ratio=0.25), atol=1e-5)
+        assert torch.allclose(out["lin"], models["linear"](x), atol=1e-5)
+    # no knobs: the dynamic tasks use their stored settings (thresholds never reached = full depth)
+    out, stats = pred.run(x, ["dyn"])
+    assert stats.extra["dyn"]["exit_stage"] == [4] * 6
+    with pytest.raises(PetlError, match="takes no compute knobs"):
+        pred.run(x, ["lin"], knobs={"lin": {"ratio": 0.5}})

@@ -64,12 +64,19 @@ def cmd_train(args) -> None:
     from .training.run import run_finetune
 
     result = run_finetune(args.task, args.method, backbone=args.backbone, hparams=_parse_sets(args.set),
-                          train_overrides=_train_overrides(args), out=args.out)
+                          train_overrides=_train_overrides(args), out=args.out, budget=args.budget)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.task} / {args.method}: test accuracy {result['accuracy']:.4f} (val {result['val_accuracy']:.4f}), "
               f"{result['trainable_params']:,} trainable params, {result['wall_s']:.1f}s, peak {result['peak_mem_mb']:.0f} MB")
+        if "calibration" in result:
+            d = result["dynamic_test"]
+            print(f"early exit at budget {args.budget}: test accuracy {d['accuracy']:.4f} at {d['flops_fraction']:.0%} of "
+                  f"full-depth FLOPs, exits per stage {[round(f, 2) for f in d['exit_fractions']]}")
+        elif "dynamic_test" in result:
+            print(f"token dispatch: measured activation rate {result['dynamic_test']['activation_rate']:.2f}, "
+                  f"{result['dynamic_test']['flops_ratio']:.0%} of dense FLOPs")
         if args.out:
             print(f"adapter saved to {args.out}")
 
@@ -112,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int)
     tr.add_argument("--device")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="method hyperparameter (repeatable)")
+    tr.add_argument("--budget", type=float, help="dyn_* methods: calibrate exits to this fraction of full-depth FLOPs")
     tr.add_argument("--out", help="save the adapter artifact to this directory")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(fn=cmd_train)

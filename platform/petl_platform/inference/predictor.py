@@ -124,28 +124,45 @@ class MultiTaskPredictor:
         prefix = {t: self.models[t].shared_prefix_blocks for t in tasks}
         return TrunkPlan(tuple(tasks), prefix, max(prefix.values()))
 
-    def run(self, x: torch.Tensor, tasks: list[str] | None = None) -> tuple[dict[str, torch.Tensor], CallStats]:
-        """``({task: logits}, stats)`` for batch ``x``; thread-safe (no state written)."""
+    def run(self, x: torch.Tensor, tasks: list[str] | None = None,
+            knobs: dict[str, dict] | None = None) -> tuple[dict[str, torch.Tensor], CallStats]:
+        """``({task: logits}, stats)`` for batch ``x``. ``knobs`` maps a task to its per-call compute
+        knobs (``{"thresholds": [...]}`` for Dyn-*, ``{"ratio": 0.3}`` for DyT): each dynamic task runs
+        with its own dynamics, and what it spent is in ``stats.extra[task]``."""
         plan = self.plan(tasks)
+        knobs = knobs or {}
+        for t in knobs:
+            if t not in plan.tasks:
+                raise PetlError(f"knobs given for task {t!r}, which is not requested")
+            if plan.prefix[t] > 0 and knobs[t]:
+                raise PetlError(f"task {t!r} ({self.models[t].method}) shares the trunk and takes no compute knobs")
         out: dict[str, torch.Tensor] = {}
         tails: dict[str, int] = {}
+        extra: dict[str, dict] = {}
         with torch.inference_mode():
             states = run_trunk(self.backbone, x, plan.trunk_blocks) if plan.sharing else None
             for t in plan.tasks:
                 model, k = self.models[t], plan.prefix[t]
-                out[t] = model.forward_tail(states[:k + 1]) if k > 0 else model(x)
+                if k > 0:
+                    out[t] = model.forward_tail(states[:k + 1])
+                else:
+                    out[t], info = model.infer(x, **knobs.get(t, {}))
+                    if info:
+                        extra[t] = info
                 tails[t] = model.depth - k
         depth_sum = sum(self.models[t].depth for t in plan.tasks)
         own = sum(1 for t in plan.tasks if plan.prefix[t] == 0)
         trunk = plan.trunk_blocks if plan.sharing else 0
         stats = CallStats(tasks=list(plan.tasks), batch=int(x.shape[0]), trunk_blocks=trunk, tail_blocks=tails,
                           blocks_run=trunk + sum(tails.values()), blocks_independent=depth_sum,
-                          embeds_run=own + (1 if plan.sharing else 0), embeds_independent=len(plan.tasks))
+                          embeds_run=own + (1 if plan.sharing else 0), embeds_independent=len(plan.tasks),
+                          extra=extra)
         return out, stats
 
-    def predict(self, x: torch.Tensor, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def predict(self, x: torch.Tensor, tasks: list[str] | None = None,
+                knobs: dict[str, dict] | None = None) -> dict[str, torch.Tensor]:
         """``{task: logits}`` for ``tasks`` (default: all); records ``last_stats`` and ``totals``."""
-        out, stats = self.run(x, tasks)
+        out, stats = self.run(x, tasks, knobs)
         self.last_stats = stats
         self.totals["calls"] += 1
         self.totals["blocks_run"] += stats.blocks_run

@@ -144,6 +144,13 @@ class PetlModel(nn.Module):
     def after_backward(self) -> None:
         """Called between ``backward()`` and ``optimizer.step()`` (gradient masks go here)."""
 
+    def infer(self, x: torch.Tensor, **knobs) -> tuple[torch.Tensor, dict]:
+        """Eval-mode logits plus what this call spent; dynamic methods take per-call compute
+        knobs (Dyn-*: ``thresholds``; DyT: ``ratio``) and report exits / activation rates."""
+        if knobs:
+            raise PetlError(f"method {self.method!r} takes no inference knobs; got {', '.join(sorted(knobs))}")
+        return self(x), {}
+
     def merged(self) -> nn.Module:
         raise PetlError(f"method {self.method!r} is not mergeable: its modules cannot be folded into the frozen weights")
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from ..backbones import create_backbone
+from ..errors import PetlError
 from ..data import check_task_name, get_task, task_tensors
 from ..methods import build_model, get_method
 from .loop import TrainConfig, seed_everything, train
@@ -17,7 +20,10 @@ def train_config(method: str, overrides: dict) -> TrainConfig:
 
 def run_finetune(task: str, method: str, backbone: str, hparams: dict | None = None,
                  train_overrides: dict | None = None, out: str | None = None, callbacks=(),
-                 backbone_model=None) -> dict:
+                 backbone_model=None, budget: float | None = None) -> dict:
+    """Fine-tune ``method`` on ``task``; for Dyn-* methods, ``budget`` (fraction of full-depth
+    FLOPs) calibrates the exit thresholds on val, stores them in the adapter and reports the
+    calibrated model's measured test accuracy and FLOPs."""
     hparams = hparams or {}
     # Check every name and hyperparameter before any data or weights are loaded.
     check_task_name(task)
@@ -30,7 +36,21 @@ def run_finetune(task: str, method: str, backbone: str, hparams: dict | None = N
     tensors = task_tensors(data, bb)
     seed_everything(cfg.seed)  # the method's own initialisation is part of the seeded run
     model = build_model(method, bb, len(data.classes), **hparams)
+    if budget is not None and not hasattr(model, "predict_dynamic"):
+        raise PetlError(f"--budget applies to early-exit methods (dyn_*), not {method!r}")
     result = train(model, tensors, cfg, callbacks=callbacks)
+    extra = {}
+    if budget is not None:
+        from ..methods.dyn_exit import calibrate
+        from ..methods.dyn_exit.calibrate import evaluate_dynamic
+
+        extra["calibration"] = calibrate(model, *tensors["val"], budget)
+        extra["dynamic_test"] = evaluate_dynamic(model, *tensors["test"])
+    elif hasattr(model, "last_stats"):  # DyT: the measured activation rate on a test batch
+        model.eval()
+        with torch.no_grad():
+            _, info = model.infer(tensors["test"][0][:256].to(next(model.head.parameters()).device))
+        extra["dynamic_test"] = {k: info[k] for k in ("activation_rate", "activation_rate_per_layer", "flops_ratio")}
     if out:
         from ..tracking import save_adapter
         save_adapter(model, out, task=task, classes=data.classes,
@@ -38,4 +58,4 @@ def run_finetune(task: str, method: str, backbone: str, hparams: dict | None = N
     return {"task": task, "method": method, "backbone": bb.petl_name, "accuracy": result.accuracy,
             "val_accuracy": result.val_accuracy, "trainable_params": result.trainable_params,
             "wall_s": round(time.time() - t0, 2), "train_wall_s": round(result.wall_s, 2),
-            "peak_mem_mb": round(result.peak_mem_mb, 1), "epochs": cfg.epochs, "history": result.history}
+            "peak_mem_mb": round(result.peak_mem_mb, 1), "epochs": cfg.epochs, "history": result.history, **extra}

@@ -239,6 +239,10 @@ class DynExitMixin:
                 break
         return {"logits": out, "exit_stage": exit_stage, "flops": int(flops), "full_flops": int(prof["full"] * n)}
 
+    def infer(self, x: torch.Tensor, thresholds=None) -> tuple[torch.Tensor, dict]:
+        r = self.predict_dynamic(x, thresholds)
+        return r["logits"], {"exit_stage": r["exit_stage"].tolist(), "flops": r["flops"], "full_flops": r["full_flops"]}
+
     # ----------------------------------------------------------------- merging
     def merged(self) -> nn.Module:
         """Fold the base method's modules into the trunk (base ``merged()``), keep the exits:

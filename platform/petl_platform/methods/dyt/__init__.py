@@ -105,6 +105,9 @@ class DyTModel(PetlModel):
                 "activation_rate": sum(run.rates) / len(run.rates) if run.rates else 1.0,
                 "flops": flops, "dense_flops": dense, "flops_ratio": flops / dense}
 
+    def infer(self, x: torch.Tensor, ratio: float | None = None) -> tuple[torch.Tensor, dict]:
+        return self(x, ratio=ratio), self.last_stats()
+
     def last_stats(self) -> dict:
         """Stats of the last non-training forward: measured activation rate per layer (patch
         tokens; mean of the layer's dispatchers), ``flops`` that ran and ``dense_flops`` of the
