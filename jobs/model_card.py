@@ -51,7 +51,7 @@ def write_card(out: Path) -> None:
         f"Held out of pretraining: {', '.join(cfg['held_out_tasks'])}.", "",
         "## Recipe",
         f"{cfg['steps']} steps of batch {cfg['batch_size']}, lr {cfg['lr']}, {cfg['optimizer']}; {cfg['augmentation']};",
-        f"tasks sampled in proportion to sqrt(train size); seed {cfg['seed']}; {cfg['wall_s']} s on 2 CPU cores.",
+        f"tasks sampled in proportion to sqrt(train size); seed {cfg['seed']}; {cfg['wall_s']} s wall on a 2-core CPU machine (1 torch thread, other jobs running).",
         "Reproduce: `python -m jobs.pretrain && python -m jobs.pretrain --card`.", "",
         "## Linear-probe accuracy (VTAB-1k style: 800 train / 200 val, test <= 2000; `petl train --method linear`)", "",
         "| task | held out | shipped weights | random weights | gain (pts) |", "|---|---|---|---|---|",

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from .backbones import create_backbone
-from .data import check_task_name
+from .data import check_task_name, get_task, task_tensors
+from .inference import MultiTaskPredictor
 from .methods import get_method
-from .training.run import run_finetune
+from .training.run import finetune
 
 
 def run_demo(tasks: list[str], methods: list[str], backbone: str, epochs: int | None = None) -> list[dict]:
@@ -18,17 +21,32 @@ def run_demo(tasks: list[str], methods: list[str], backbone: str, epochs: int | 
     t0 = time.time()
     bb = create_backbone(backbone)
     print(f"backbone {backbone} (fingerprint {bb.fingerprint}); tasks {', '.join(tasks)}; methods {', '.join(methods)}")
-    rows = []
+    rows, models = [], {}
     for task in tasks:
         for method in methods:
             overrides = {"epochs": epochs} if epochs else {}
-            r = run_finetune(task, method, backbone, train_overrides=overrides, backbone_model=bb)
+            model, r = finetune(task, method, backbone, train_overrides=overrides, backbone_model=bb)
             rows.append(r)
+            models[f"{task}/{method}"] = model
             print(f"  {task:20} {method:12} test acc {r['accuracy']:.3f}  ({r['wall_s']:.0f}s)", flush=True)
     print()
     print(f"{'task':20} {'method':12} {'test acc':>8} {'val acc':>8} {'trainable':>10} {'epochs':>6} {'wall s':>7}")
     for r in rows:
         print(f"{r['task']:20} {r['method']:12} {r['accuracy']:>8.3f} {r['val_accuracy']:>8.3f} "
               f"{r['trainable_params']:>10,} {r['epochs']:>6} {r['wall_s']:>7.1f}")
+    _multi_task(bb, models, tasks[0])
     print(f"\ndemo finished in {time.time() - t0:.0f}s")
     return rows
+
+
+def _multi_task(bb, models: dict, image_task: str) -> None:
+    """Answer every trained task for a few images of one task, the frozen trunk computed once."""
+    x, _ = task_tensors(get_task(image_task), bb)["test"]
+    pred = MultiTaskPredictor(bb, models)
+    logits = pred.predict(x[:4])
+    stats = pred.last_stats
+    print(f"\none call, {len(models)} tasks on 4 test images of {image_task}: {stats.blocks_run} blocks run "
+          f"instead of {stats.blocks_independent} ({stats.block_ratio:.2f}x fewer)")
+    for name, out in logits.items():
+        classes = get_task(name.split("/")[0]).classes
+        print(f"  {name:32} -> {[classes[i] for i in torch.argmax(out, -1).tolist()]}")

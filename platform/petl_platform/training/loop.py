@@ -171,12 +171,13 @@ def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(start_epoch):  # replay the shuffles so a resumed run sees the same batches
         torch.randperm(len(y_train), generator=gen)
+    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, disable=not cfg.progress, unit="step",
+               mininterval=1.0, dynamic_ncols=True)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         losses, correct, seen = [], 0, 0
-        bar = tqdm(_batches(len(y_train), cfg.batch_size, gen), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False)
-        for i, idx in enumerate(bar):
+        bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+        for i, idx in enumerate(_batches(len(y_train), cfg.batch_size, gen)):
             y = y_train[idx].to(device)
             progress = (epoch * steps_per_epoch + i) / max(1, total)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -196,7 +197,8 @@ def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
             losses.append(loss.item())
             correct += (logits.argmax(-1) == y).sum().item()
             seen += len(idx)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_accuracy": correct / seen,
                    "lr": sched.get_last_lr()[0]}
         if "val" in data and len(data["val"][1]):
@@ -208,8 +210,11 @@ def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
             torch.save({"model": model.trainable_state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "epoch": epoch, "history": history}, tmp)
             os.replace(tmp, ckpt)
+        if "val_accuracy" in metrics:
+            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_accuracy']:.3f}")
         for cb in callbacks:
             cb(epoch, metrics)
+    bar.close()
     test_acc = evaluate(model, inputs["test"], data["test"][1], device, cfg.eval_batch_size) if "test" in data else float("nan")
     return TrainResult(accuracy=test_acc, val_accuracy=history[-1].get("val_accuracy", float("nan")) if history else float("nan"),
                        trainable_params=model.num_trainable(), wall_s=time.time() - t0,

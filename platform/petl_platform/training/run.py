@@ -18,12 +18,17 @@ def train_config(method: str, overrides: dict) -> TrainConfig:
     return TrainConfig.from_dict({**get_method(method).recipe, **overrides}, "training")
 
 
-def run_finetune(task: str, method: str, backbone: str, hparams: dict | None = None,
-                 train_overrides: dict | None = None, out: str | None = None, callbacks=(),
-                 backbone_model=None, budget: float | None = None) -> dict:
+def run_finetune(*args, **kwargs) -> dict:
+    """``finetune`` without the model: the JSON-able result."""
+    return finetune(*args, **kwargs)[1]
+
+
+def finetune(task: str, method: str, backbone: str, hparams: dict | None = None,
+             train_overrides: dict | None = None, out: str | None = None, callbacks=(),
+             backbone_model=None, budget: float | None = None):
     """Fine-tune ``method`` on ``task``; for Dyn-* methods, ``budget`` (fraction of full-depth
     FLOPs) calibrates the exit thresholds on val, stores them in the adapter and reports the
-    calibrated model's measured test accuracy and FLOPs."""
+    calibrated model's measured test accuracy and FLOPs. Returns ``(model, result)``."""
     hparams = hparams or {}
     # Check every name and hyperparameter before any data or weights are loaded.
     check_task_name(task)
@@ -55,7 +60,7 @@ def run_finetune(task: str, method: str, backbone: str, hparams: dict | None = N
         from ..tracking import save_adapter
         save_adapter(model, out, task=task, classes=data.classes,
                      extra={"metrics": {"accuracy": result.accuracy, "val_accuracy": result.val_accuracy}})
-    return {"task": task, "method": method, "backbone": bb.petl_name, "accuracy": result.accuracy,
+    return model, {"task": task, "method": method, "backbone": bb.petl_name, "accuracy": result.accuracy,
             "val_accuracy": result.val_accuracy, "trainable_params": result.trainable_params,
             "wall_s": round(time.time() - t0, 2), "train_wall_s": round(result.wall_s, 2),
             "peak_mem_mb": round(result.peak_mem_mb, 1), "epochs": cfg.epochs, "history": result.history, **extra}

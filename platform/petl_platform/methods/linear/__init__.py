@@ -21,5 +21,7 @@ class LinearProbe(PetlModel):
         return self  # nothing to fold: it already is the plain frozen model + head
 
 
+# The probe trains on cached trunk features (the loop computes the frozen trunk once), so many
+# epochs at a high learning rate cost seconds.
 register_method(MethodSpec("linear", LinearProbe, LinearConfig, mergeable=True, shares_trunk=True,
-                           description="linear probe: head only"))
+                           description="linear probe: head only", recipe={"epochs": 40, "lr": 3e-2}))
