@@ -84,7 +84,8 @@ def cmd_train(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(tasks=args.tasks.split(","), methods=args.methods.split(","), backbone=args.backbone, epochs=args.epochs)
+    run_demo(tasks=args.tasks.split(","), methods=args.methods.split(","), backbone=args.backbone, epochs=args.epochs,
+             petl=[m for m in args.petl.split(",") if m], budget=args.budget)
 
 
 def _train_overrides(args) -> dict:
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", default="linear")
     d.add_argument("--backbone", default=SHIPPED)
     d.add_argument("--epochs", type=int)
+    d.add_argument("--petl", default="dtl,dyn_lora", help="PETL methods fine-tuned on the first task ('' to skip)")
+    d.add_argument("--budget", type=float, default=0.5, help="FLOPs budget the dyn_* exits are calibrated to")
     d.set_defaults(fn=cmd_demo)
     return p
 

@@ -13,10 +13,13 @@ from .methods import get_method
 from .training.run import finetune
 
 
-def run_demo(tasks: list[str], methods: list[str], backbone: str, epochs: int | None = None) -> list[dict]:
+def run_demo(tasks: list[str], methods: list[str], backbone: str, epochs: int | None = None,
+             petl: list[str] = (), budget: float = 0.5) -> list[dict]:
+    """``methods`` on every task, then the ``petl`` methods on the first task (Dyn-* calibrated to
+    ``budget``), then one multi-task call over every trained model with the trunk shared."""
     for t in tasks:
         check_task_name(t)
-    for m in methods:
+    for m in [*methods, *petl]:
         get_method(m)
     t0 = time.time()
     bb = create_backbone(backbone)
@@ -29,6 +32,17 @@ def run_demo(tasks: list[str], methods: list[str], backbone: str, epochs: int | 
             rows.append(r)
             models[f"{task}/{method}"] = model
             print(f"  {task:20} {method:12} test acc {r['accuracy']:.3f}  ({r['wall_s']:.0f}s)", flush=True)
+    for method in petl:
+        dyn = method.startswith("dyn_")
+        model, r = finetune(tasks[0], method, backbone, train_overrides={"epochs": epochs} if epochs else {}, backbone_model=bb,
+                            budget=budget if dyn else None)
+        rows.append(r)
+        models[f"{tasks[0]}/{method}"] = model
+        note = ""
+        if dyn:
+            d = r["dynamic_test"]
+            note = f"; early exit at {budget:.0%} budget: acc {d['accuracy']:.3f} using {d['flops_fraction']:.0%} of the FLOPs"
+        print(f"  {tasks[0]:20} {method:12} test acc {r['accuracy']:.3f}  ({r['wall_s']:.0f}s){note}", flush=True)
     print()
     print(f"{'task':20} {'method':12} {'test acc':>8} {'val acc':>8} {'trainable':>10} {'epochs':>6} {'wall s':>7}")
     for r in rows:
@@ -46,7 +60,10 @@ def _multi_task(bb, models: dict, image_task: str) -> None:
     logits = pred.predict(x[:4])
     stats = pred.last_stats
     print(f"\none call, {len(models)} tasks on 4 test images of {image_task}: {stats.blocks_run} blocks run "
-          f"instead of {stats.blocks_independent} ({stats.block_ratio:.2f}x fewer)")
+          f"instead of {stats.blocks_independent} ({stats.block_ratio:.2f}x fewer; the trunk is shared by "
+          f"{sum(1 for k in stats.tail_blocks if models[k].shared_prefix_blocks)} tasks)")
     for name, out in logits.items():
         classes = get_task(name.split("/")[0]).classes
-        print(f"  {name:32} -> {[classes[i] for i in torch.argmax(out, -1).tolist()]}")
+        exits = stats.extra.get(name, {}).get("exit_stage")
+        note = f"  exit stages {exits}" if exits else ""
+        print(f"  {name:32} -> {[classes[i] for i in torch.argmax(out, -1).tolist()]}{note}")

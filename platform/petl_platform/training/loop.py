@@ -25,7 +25,7 @@ from ..methods.config import MethodConfig, check
 class TrainConfig(MethodConfig):
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 5e-3  # short CPU schedules; methods override via MethodSpec.recipe
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     seed: int = 0
