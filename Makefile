@@ -40,11 +40,19 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Each script prints its ratios and writes bench/results/<name>.json (+ PNGs); ViT-B runs take a while on a CPU.
 bench: venv
-	$(PY) bench/p1_fanout.py && $(PY) bench/p4_train_memory.py
+	$(PY) bench/param_table.py
+	$(PY) bench/p1_fanout.py --quick
+	$(PY) bench/p2_early_exit.py
+	$(PY) bench/p3_token_dispatch.py
+	$(PY) bench/p4_train_memory.py
+	$(PY) bench/dyt_curve.py
 
+# Rebuild the shipped backbone and its model card (about 25 min on 2 CPU cores).
 pretrain: venv
 	$(PY) -m jobs.pretrain
+	$(PY) -m jobs.pretrain --card
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "platform"))
 
 from petl_platform import build_model, create_backbone  # noqa: E402
 from petl_platform.inference import MultiTaskPredictor  # noqa: E402

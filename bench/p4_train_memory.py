@@ -41,7 +41,6 @@ def _rss_kb(field: str) -> int:
 
 def child(method: str, batch: int, steps: int, device: str) -> dict:
     """One method, one fresh process: the peak memory of ``steps`` training steps."""
-    sys.path.insert(0, str(ROOT / "platform"))
     import torch
 
     from petl_platform import build_model, create_backbone, list_methods

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -25,9 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # source checkout
-from petl_platform.backbones.factory import ASSETS, SHIPPED  # noqa: E402
-from petl_platform.data import get_task, make_transform, to_tensors  # noqa: E402
+from petl_platform.backbones.factory import ASSETS, SHIPPED
+from petl_platform.data import get_task, make_transform, to_tensors
 
 ARCH = "vit_tiny_patch16_224"
 MODEL_ARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 12, "num_heads": 4}

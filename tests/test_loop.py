@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from petl_platform import SHIPPED, build_model, create_backbone
+from petl_platform import SHIPPED, build_model
 from petl_platform.backbones.factory import ASSETS
 from petl_platform.training import TrainConfig, train
 from petl_platform.training.run import run_finetune
@@ -32,6 +32,7 @@ def test_checkpoint_holds_trainable_state_only_and_resumes(tiny_backbone, tmp_pa
     cfg = TrainConfig(epochs=2, lr=1e-2, progress=False, checkpoint_dir=str(tmp_path), cache_trunk=False)
     full = train(build_model("linear", tiny_backbone, 3), data, cfg)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert len(full.history) == 2
     assert set(state["model"]) == {"head.weight", "head.bias"} and state["epoch"] == 1
     # Resume from epoch 1's checkpoint: the second run only trains the remaining epoch.
     state["epoch"], state["history"] = 0, state["history"][:1]
