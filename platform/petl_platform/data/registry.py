@@ -176,13 +176,17 @@ def vtab1k(task: Task, n_train=800, n_val=200, max_test=2000) -> Task:
                 task.seed, splits)
 
 
+def _base_name(name: str) -> str:
+    return name[: -len(VTAB1K_SUFFIX)] if name.endswith(VTAB1K_SUFFIX) else name
+
+
 @functools.lru_cache(maxsize=16)
 def get_task(name: str) -> Task:
     """Load a task by registry name, ``<name>-1k`` variant, or ``folder:PATH``."""
     if name.startswith("folder:"):
         from .folder import load_folder_task
         return load_folder_task(name[len("folder:"):])
-    base = name[: -len(VTAB1K_SUFFIX)] if name.endswith(VTAB1K_SUFFIX) else name
+    base = _base_name(name)
     if base not in _REGISTRY:
         raise unknown("task", name, list_tasks() + ["folder:PATH"])
     spec = _REGISTRY[base]
@@ -197,6 +201,6 @@ def check_task_name(name: str) -> None:
         if not Path(name[len("folder:"):]).is_dir():
             raise PetlError(f"task folder {name[len('folder:'):]!r} does not exist")
         return
-    base = name[: -len(VTAB1K_SUFFIX)] if name.endswith(VTAB1K_SUFFIX) else name
+    base = _base_name(name)
     if base not in _REGISTRY:
         raise unknown("task", name, list_tasks() + ["folder:PATH"])

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import PetlError
+from ..methods.base import PetlModel
 from ..methods.config import MethodConfig, check
 
 
@@ -150,7 +151,10 @@ def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
     # Methods with a frozen prefix and no augmentation: compute the prefix once, not every epoch.
-    cached = cfg.cache_trunk and model.shared_prefix_blocks > 0
+    # The cached path trains with plain cross-entropy, so a method with its own training_step
+    # (auxiliary losses) always takes the full path.
+    cached = (cfg.cache_trunk and model.shared_prefix_blocks > 0
+              and type(model).training_step is PetlModel.training_step)
     inputs = {s: _Inputs(model, x, device, cached, cfg.eval_batch_size) for s, (x, _) in data.items()}
     y_train = data["train"][1]
     opt = _optimizer(model, cfg)
