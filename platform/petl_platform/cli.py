@@ -60,7 +60,41 @@ def cmd_methods(args) -> None:
         print(f"{r['name']:14} {r['trainable_params']:>10,} {str(r['mergeable']):>9} {str(r['shares_trunk']):>12}  {r['description']}")
 
 
+def _settings(args):
+    from .tracking.settings import TrackingSettings
+
+    return TrackingSettings.from_env(getattr(args, "tracking_uri", None), getattr(args, "artifact_root", None),
+                                     getattr(args, "storage_path", None))
+
+
 def cmd_train(args) -> None:
+    if args.local:
+        return _train_local(args)
+    from .training.distributed import run_train
+
+    result = run_train(args.task, args.method, args.backbone, _settings(args), hparams=_parse_sets(args.set),
+                       train=_train_overrides(args), workers=args.workers, use_gpu=args.gpu,
+                       cpus_per_worker=args.cpus_per_worker, budget=args.budget, experiment=args.experiment,
+                       name=args.name, address=args.address, max_failures=args.max_failures)
+    if args.out and result.get("checkpoint"):
+        import shutil
+        from pathlib import Path
+
+        shutil.copytree(Path(result["checkpoint"]) / "adapter", args.out, dirs_exist_ok=True)
+    if args.json:
+        print(json.dumps(result, default=str))
+        return
+    print(f"{args.task} / {args.method} on {args.workers} Ray Train worker(s): test accuracy "
+          f"{result.get('test_accuracy', float('nan')):.4f} (val {result.get('val_accuracy', float('nan')):.4f}), "
+          f"{result.get('gflops_per_image', 0):.3f} GFLOPs/img measured, MLflow run {result.get('mlflow_run_id')}")
+    if "budget_test_accuracy" in result:
+        print(f"early exit at budget {args.budget}: test accuracy {result['budget_test_accuracy']:.4f} at "
+              f"{result['budget_flops_fraction']:.0%} of full-depth FLOPs")
+    if args.out:
+        print(f"adapter saved to {args.out}")
+
+
+def _train_local(args) -> None:
     from .training.run import run_finetune
 
     result = run_finetune(args.task, args.method, backbone=args.backbone, hparams=_parse_sets(args.set),
@@ -81,6 +115,90 @@ def cmd_train(args) -> None:
             print(f"adapter saved to {args.out}")
 
 
+def cmd_sweep(args) -> None:
+    from .training.sweep import run_sweep
+
+    settings = _settings(args)
+    summaries = run_sweep([t for t in args.task.split(",") if t], args.method, args.backbone, settings,
+                          space=args.space, samples=args.samples, epochs=args.epochs or 10,
+                          train={k: v for k, v in _train_overrides(args).items() if k != "epochs"},
+                          hparams=_parse_sets(args.set), scheduler=args.scheduler, grace_period=args.grace_period,
+                          reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent,
+                          cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                          max_failures=args.max_failures, name=args.name, resume=args.resume,
+                          experiment=args.experiment, register=args.register, model_name=args.model_name,
+                          alias=args.alias, budget=args.budget, address=args.address)
+    if args.json:
+        print(json.dumps(summaries, default=str))
+        return
+    for s in summaries:
+        b = s["best"]
+        print(f"{s['task']} / {s['method']}: {len(s['trials'])} trials, {s['trial_epochs']} trial-epochs "
+              f"(full grid: {s['grid_epochs']}), best val accuracy {b['val_accuracy']:.4f} with {b['params']}")
+        if "registered" in s:
+            r = s["registered"]
+            print(f"  registered models:/{r['name']}@{r['alias']} (version {r['version']})")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {settings.tracking_uri}")
+
+
+def cmd_submit(args) -> None:
+    from .jobs_client import submit
+
+    p = _Parser(prog="petl submit", add_help=False)
+    p.add_argument("--address")
+    p.add_argument("--no-wait", action="store_true")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    own, rest = p.parse_known_args(args.args)
+    build_parser().parse_args([args.kind, *rest])  # bad arguments fail here, before anything is submitted
+    env = _parse_sets(own.env)
+    result = submit(args.kind, rest, address=own.address, env=env, wait=not own.no_wait)
+    print(f"job {result['job_id']}: {result['status']}")
+
+
+def cmd_jobs(args) -> None:
+    from . import jobs_client as jc
+
+    if args.action == "list":
+        rows = jc.list_jobs(args.address)
+        if args.json:
+            print(json.dumps(rows, default=str))
+        for r in rows if not args.json else []:
+            print(f"{r['job_id']:40} {r['status']:10} {r['entrypoint'][:80]}")
+        return
+    if not args.job_id:
+        raise PetlError(f"petl jobs {args.action} needs a job id")
+    if args.action == "logs":
+        text = jc.job_logs(args.address, args.job_id, follow_logs=args.follow)
+        if not args.follow:
+            print(text, end="")
+    else:
+        print(f"stop requested: {jc.stop_job(args.address, args.job_id)}")
+
+
+def cmd_registry(args) -> None:
+    from .tracking import runs
+
+    settings = _settings(args)
+    if args.action == "list":
+        out = runs.list_models(settings)
+    elif args.action == "show":
+        if not args.ref:
+            raise PetlError("petl registry show needs NAME[@ALIAS|/VERSION]")
+        out = runs.show_model(settings, args.ref)
+    else:
+        if not args.ref or args.version is None:
+            raise PetlError("petl registry promote needs NAME VERSION")
+        out = runs.promote(settings, args.ref, args.version, args.alias)
+    if args.json:
+        print(json.dumps(out, default=str))
+    elif args.action == "list":
+        for r in out:
+            aliases = ", ".join(f"{a}→v{v}" for a, v in r["aliases"].items()) or "-"
+            print(f"{r['name']:24} versions {r['versions']}  aliases {aliases}")
+    else:
+        print(f"{out['name']} v{out['version']} aliases {out['aliases'] or '-'} run {out['run_id']}\n  {out['source']}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -91,6 +209,29 @@ def cmd_demo(args) -> None:
 def _train_overrides(args) -> dict:
     keys = ("epochs", "batch_size", "lr", "seed", "device")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _job_args(p, tasks: bool = False) -> None:
+    from .backbones import SHIPPED
+
+    p.add_argument("--task", required=True, help="registry name, NAME-1k or folder:PATH" + (" (comma-separated: one trial set per task)" if tasks else ""))
+    p.add_argument("--method", default="linear")
+    p.add_argument("--backbone", default=SHIPPED, help="shipped name, timm ViT name, weights file, or ARCH@FILE")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="fixed method hyperparameter (repeatable)")
+    p.add_argument("--budget", type=float, help="dyn_* methods: calibrate exits to this fraction of full-depth FLOPs")
+    p.add_argument("--address", help="Ray cluster: HOST:6379, auto or ray://HOST:10001 (default: a local cluster)")
+    p.add_argument("--name", help="Ray experiment name (sweeps: resume with the same --name --resume)")
+    p.add_argument("--experiment", default="petl", help="MLflow experiment")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite under $PETL_HOME)")
+    p.add_argument("--artifact-root", help="artifact root of new experiments, e.g. s3://bucket/prefix ($PETL_ARTIFACT_ROOT)")
+    p.add_argument("--storage-path", help="Ray storage for checkpoints, a directory or s3:// ($PETL_STORAGE_PATH)")
+    p.add_argument("--max-failures", type=int, default=1, help="restarts from the last checkpoint when a worker dies")
+    p.add_argument("--json", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,20 +251,56 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=cmd_methods)
 
-    tr = sub.add_parser("train", help="fine-tune one task with one method (local, plain torch)")
-    tr.add_argument("--task", required=True, help="registry name, NAME-1k, or folder:PATH")
-    tr.add_argument("--method", default="linear")
-    tr.add_argument("--backbone", default=SHIPPED, help="shipped name, timm ViT name, weights file, or ARCH@FILE")
-    tr.add_argument("--epochs", type=int)
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--device")
-    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="method hyperparameter (repeatable)")
-    tr.add_argument("--budget", type=float, help="dyn_* methods: calibrate exits to this fraction of full-depth FLOPs")
-    tr.add_argument("--out", help="save the adapter artifact to this directory")
-    tr.add_argument("--json", action="store_true")
+    tr = sub.add_parser("train", help="fine-tune one task with one method (Ray Train; --local: plain torch)")
+    _job_args(tr)
+    tr.add_argument("--workers", type=int, default=1, help="Ray Train data-parallel workers")
+    tr.add_argument("--cpus-per-worker", type=float, default=1)
+    tr.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    tr.add_argument("--local", action="store_true", help="run the plain-torch loop in this process, no Ray/MLflow")
+    tr.add_argument("--out", help="also copy the adapter artifact to this directory")
     tr.set_defaults(fn=cmd_train)
+
+    sw = sub.add_parser("sweep", help="Ray Tune search (ASHA) over a method's hyperparameters; registers the champion")
+    _job_args(sw, tasks=True)
+    sw.add_argument("--space", action="append", metavar="NAME=DIST(ARGS)",
+                    help="uniform(a,b) loguniform(a,b) quniform(a,b,q) randint(a,b) choice(...) grid(...); "
+                         "repeatable (default: the method's space)")
+    sw.add_argument("--samples", type=int, default=8, help="trials per task (x the grid size for grid(...))")
+    sw.add_argument("--scheduler", default="asha", choices=["asha", "fifo"])
+    sw.add_argument("--grace-period", type=int, default=1)
+    sw.add_argument("--reduction-factor", type=float, default=3)
+    sw.add_argument("--max-concurrent", type=int)
+    sw.add_argument("--cpus-per-trial", type=float, default=1)
+    sw.add_argument("--gpus-per-trial", type=float, help="fractional GPUs per trial (default 0.5 where there are GPUs)")
+    sw.add_argument("--resume", action="store_true", help="continue the sweep --name from its Ray storage")
+    sw.add_argument("--no-register", dest="register", action="store_false")
+    sw.add_argument("--model-name", default="{task}", help="registered model name; {task} and {method} expand")
+    sw.add_argument("--alias", default="champion")
+    sw.set_defaults(fn=cmd_sweep)
+
+    su = sub.add_parser("submit", help="submit `petl train|sweep ARGS` as a Ray job and follow its logs")
+    su.add_argument("kind", choices=["train", "sweep"])
+    su.add_argument("args", nargs=argparse.REMAINDER,
+                    help="the train/sweep arguments, plus --address http://HEAD:8265 (default: a local cluster), "
+                         "--no-wait, --env KEY=VALUE (repeatable)")
+    su.set_defaults(fn=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="list, read or stop Ray jobs")
+    jb.add_argument("action", choices=["list", "logs", "stop"])
+    jb.add_argument("job_id", nargs="?")
+    jb.add_argument("--address", help="Ray Jobs API (default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)")
+    jb.add_argument("--follow", action="store_true")
+    jb.add_argument("--json", action="store_true")
+    jb.set_defaults(fn=cmd_jobs)
+
+    rg = sub.add_parser("registry", help="registered adapters and their aliases (MLflow model registry)")
+    rg.add_argument("action", choices=["list", "show", "promote"])
+    rg.add_argument("ref", nargs="?", help="NAME, NAME@ALIAS or NAME/VERSION")
+    rg.add_argument("version", nargs="?", help="promote: the version to point the alias at")
+    rg.add_argument("--alias", default="champion")
+    rg.add_argument("--tracking-uri")
+    rg.add_argument("--json", action="store_true")
+    rg.set_defaults(fn=cmd_registry)
 
     d = sub.add_parser("demo", help="fine-tune a few offline tasks on the shipped backbone and print a table")
     d.add_argument("--tasks", default="digits-1k,dsprites_loc-1k,clevr_count-1k")

@@ -138,11 +138,26 @@ def _optimizer(model, cfg: TrainConfig):
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
+def _sync_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Data parallelism over the trainable parameters only (the frozen backbone has no gradients,
+    so there is nothing else to reduce): average gradients across the process group. Each rank
+    applies its own gradient mask first, so the averaged update is identical everywhere."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:  # every rank must join every all_reduce
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
 def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
-          callbacks: list[Callable[[int, dict], None]] = ()) -> TrainResult:
+          callbacks: list[Callable[[int, dict], None]] = (), rank: int = 0, world: int = 1) -> TrainResult:
     """Train ``model`` on ``data`` (``{split: (x, y)}`` tensors); returns test/val accuracy and costs.
 
     ``callbacks`` get ``(epoch, metrics)`` after each epoch (MLflow / Ray Tune report there).
+    With ``world > 1`` (an initialised ``torch.distributed`` group, e.g. a Ray Train worker),
+    each rank trains on its shard of every batch and gradients are averaged; rank 0 evaluates.
     """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -158,6 +173,7 @@ def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
     inputs = {s: _Inputs(model, x, device, cached, cfg.eval_batch_size) for s, (x, _) in data.items()}
     y_train = data["train"][1]
     opt = _optimizer(model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
     total, warm = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / max(1, warm) if s < warm else
@@ -182,6 +198,10 @@ def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
         losses, correct, seen = [], 0, 0
         bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
         for i, idx in enumerate(_batches(len(y_train), cfg.batch_size, gen)):
+            if world > 1:
+                if len(idx) < world:
+                    continue  # a tail smaller than the group: every rank skips it alike
+                idx = idx.tensor_split(world)[rank]
             y = y_train[idx].to(device)
             progress = (epoch * steps_per_epoch + i) / max(1, total)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -195,6 +215,8 @@ def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             model.after_backward()
+            if world > 1:
+                _sync_grads(trainable, world)
             scaler.step(opt)
             scaler.update()
             sched.step()
@@ -205,7 +227,7 @@ def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
             bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_accuracy": correct / seen,
                    "lr": sched.get_last_lr()[0]}
-        if "val" in data and len(data["val"][1]):
+        if rank == 0 and "val" in data and len(data["val"][1]):
             metrics["val_accuracy"] = evaluate(model, inputs["val"], data["val"][1], device, cfg.eval_batch_size)
         history.append(metrics)
         if ckpt:
@@ -219,7 +241,8 @@ def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
         for cb in callbacks:
             cb(epoch, metrics)
     bar.close()
-    test_acc = evaluate(model, inputs["test"], data["test"][1], device, cfg.eval_batch_size) if "test" in data else float("nan")
+    test_acc = (evaluate(model, inputs["test"], data["test"][1], device, cfg.eval_batch_size)
+                if rank == 0 and "test" in data else float("nan"))
     return TrainResult(accuracy=test_acc, val_accuracy=history[-1].get("val_accuracy", float("nan")) if history else float("nan"),
                        trainable_params=model.num_trainable(), wall_s=time.time() - t0,
                        peak_mem_mb=peak_memory_mb(device), history=history)

@@ -23,44 +23,59 @@ def run_finetune(*args, **kwargs) -> dict:
     return finetune(*args, **kwargs)[1]
 
 
+def prepare_finetune(task: str, method: str, backbone: str, hparams: dict | None = None,
+                     train_overrides: dict | None = None, backbone_model=None):
+    """Check every name and hyperparameter before any data or weights are loaded, then build the
+    seeded model and the task tensors. Returns ``(model, tensors, task_data, train_config)``."""
+    hparams = hparams or {}
+    check_task_name(task)
+    spec = get_method(method)
+    spec.config_cls.from_dict(hparams, method)
+    cfg = train_config(method, train_overrides or {})
+    bb = backbone_model if backbone_model is not None else create_backbone(backbone)
+    data = get_task(task)
+    tensors = task_tensors(data, bb)
+    seed_everything(cfg.seed)  # the method's own initialisation is part of the seeded run
+    model = build_model(method, bb, len(data.classes), **hparams)
+    return model, tensors, data, cfg
+
+
+def dynamic_summary(model, tensors: dict, budget: float | None) -> dict:
+    """After training: calibrated early exits (dyn_*, when ``budget`` is given) or DyT's measured
+    activation on a test batch; ``{}`` for static methods."""
+    if budget is not None:
+        if not hasattr(model, "predict_dynamic"):
+            raise PetlError(f"--budget applies to early-exit methods (dyn_*), not {model.method!r}")
+        from ..methods.dyn_exit import calibrate
+        from ..methods.dyn_exit.calibrate import evaluate_dynamic
+
+        return {"calibration": calibrate(model, *tensors["val"], budget),
+                "dynamic_test": evaluate_dynamic(model, *tensors["test"])}
+    if hasattr(model, "last_stats"):
+        model.eval()
+        with torch.no_grad():
+            _, info = model.infer(tensors["test"][0][:256].to(next(model.head.parameters()).device))
+        return {"dynamic_test": {k: info[k] for k in ("activation_rate", "activation_rate_per_layer", "flops_ratio")}}
+    return {}
+
+
 def finetune(task: str, method: str, backbone: str, hparams: dict | None = None,
              train_overrides: dict | None = None, out: str | None = None, callbacks=(),
              backbone_model=None, budget: float | None = None):
     """Fine-tune ``method`` on ``task``; for Dyn-* methods, ``budget`` (fraction of full-depth
     FLOPs) calibrates the exit thresholds on val, stores them in the adapter and reports the
     calibrated model's measured test accuracy and FLOPs. Returns ``(model, result)``."""
-    hparams = hparams or {}
-    # Check every name and hyperparameter before any data or weights are loaded.
-    check_task_name(task)
-    spec = get_method(method)
-    spec.config_cls.from_dict(hparams, method)
-    cfg = train_config(method, train_overrides or {})
     t0 = time.time()
-    bb = backbone_model if backbone_model is not None else create_backbone(backbone)
-    data = get_task(task)
-    tensors = task_tensors(data, bb)
-    seed_everything(cfg.seed)  # the method's own initialisation is part of the seeded run
-    model = build_model(method, bb, len(data.classes), **hparams)
+    model, tensors, data, cfg = prepare_finetune(task, method, backbone, hparams, train_overrides, backbone_model)
     if budget is not None and not hasattr(model, "predict_dynamic"):
         raise PetlError(f"--budget applies to early-exit methods (dyn_*), not {method!r}")
     result = train(model, tensors, cfg, callbacks=callbacks)
-    extra = {}
-    if budget is not None:
-        from ..methods.dyn_exit import calibrate
-        from ..methods.dyn_exit.calibrate import evaluate_dynamic
-
-        extra["calibration"] = calibrate(model, *tensors["val"], budget)
-        extra["dynamic_test"] = evaluate_dynamic(model, *tensors["test"])
-    elif hasattr(model, "last_stats"):  # DyT: the measured activation rate on a test batch
-        model.eval()
-        with torch.no_grad():
-            _, info = model.infer(tensors["test"][0][:256].to(next(model.head.parameters()).device))
-        extra["dynamic_test"] = {k: info[k] for k in ("activation_rate", "activation_rate_per_layer", "flops_ratio")}
+    extra = dynamic_summary(model, tensors, budget)
     if out:
         from ..tracking import save_adapter
         save_adapter(model, out, task=task, classes=data.classes,
                      extra={"metrics": {"accuracy": result.accuracy, "val_accuracy": result.val_accuracy}})
-    return model, {"task": task, "method": method, "backbone": bb.petl_name, "accuracy": result.accuracy,
+    return model, {"task": task, "method": method, "backbone": model.backbone_name, "accuracy": result.accuracy,
             "val_accuracy": result.val_accuracy, "trainable_params": result.trainable_params,
             "wall_s": round(time.time() - t0, 2), "train_wall_s": round(result.wall_s, 2),
             "peak_mem_mb": round(result.peak_mem_mb, 1), "epochs": cfg.epochs, "history": result.history, **extra}

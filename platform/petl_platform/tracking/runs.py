@@ -1,0 +1,184 @@
+"""MLflow runs and the model registry, through ``MlflowClient`` with an explicit tracking URI.
+
+Trials never rely on a process-global ``mlflow.set_tracking_uri`` or an active run (the tracking
+URI is passed in the trial config, so it reaches every Ray worker), and a restored trial reopens
+the run id stored in its checkpoint, so a resumed trial continues one run instead of starting
+another."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ..errors import PetlError
+from .settings import CHAMPION, TrackingSettings
+
+ADAPTER_PATH = "adapter"  # artifact directory of every run that trained an adapter
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def client(settings: TrackingSettings):
+    import mlflow
+
+    return mlflow.MlflowClient(settings.tracking_uri)
+
+
+class RunLogger:
+    """One MLflow run: params, step metrics, tags, artifacts. As a context manager the run ends
+    FINISHED, or FAILED with the reason (``petl.failure`` tag) on an exception, keeping everything
+    logged so far."""
+
+    def __init__(self, settings: TrackingSettings, experiment: str, run_id: str | None = None,
+                 run_name: str | None = None, tags: dict | None = None):
+        self.client = client(settings)
+        if run_id:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            exp = settings.experiment(experiment)
+            self.run_id = self.client.create_run(exp, run_name=run_name, tags=tags or {}).info.run_id
+        if run_id and tags:
+            self.set_tags(tags)
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        rows = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        self.client.log_batch(self.run_id, metrics=rows)
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, local_dir, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_figure(self, fig_path, artifact_path: str = "plots") -> None:
+        self.client.log_artifact(self.run_id, str(fig_path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    def fail(self, reason: str) -> None:
+        mark_failed(self.client, self.run_id, reason)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None:
+            self.fail(f"{exc_type.__name__}: {exc}")
+        else:
+            self.finish()
+        return False
+
+
+def mark_failed(mlflow_client, run_id: str, reason: str) -> None:
+    mlflow_client.set_tag(run_id, "petl.failure", reason[:5000])
+    mlflow_client.set_terminated(run_id, "FAILED")
+
+
+# ------------------------------------------------------------------------------------- registry
+def register_adapter(settings: TrackingSettings, run_id: str, name: str, alias: str | None = CHAMPION,
+                     tags: dict | None = None):
+    """Register run ``run_id``'s adapter artifact as a new version of model ``name`` and point
+    ``alias`` at it. Returns the ``ModelVersion``."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(settings)
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description="PETL adapter + head for one task (petl-platform)")
+    source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/{ADAPTER_PATH}"
+    mv = c.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()})
+    if alias:
+        c.set_registered_model_alias(name, alias, mv.version)
+    return mv
+
+
+def _version(c, name: str, ref: str | None):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if ref is None or ref == "":
+            ref = CHAMPION
+        if ref.isdigit():
+            return c.get_model_version(name, ref)
+        return c.get_model_version_by_alias(name, ref)
+    except MlflowException as e:
+        raise PetlError(f"registered model {name!r} has no version or alias {ref!r} ({e.error_code})") from None
+
+
+def split_model_ref(ref: str) -> tuple[str, str | None]:
+    """``task@alias`` / ``task/3`` / ``models:/task@alias`` → ``(name, alias-or-version)``."""
+    ref = ref.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, alias
+    if "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        return name, version
+    return ref, None
+
+
+def list_models(settings: TrackingSettings) -> list[dict]:
+    c = client(settings)
+    rows = []
+    for rm in c.search_registered_models():
+        versions = c.search_model_versions(f"name='{rm.name}'")
+        rows.append({"name": rm.name, "aliases": dict(rm.aliases or {}),
+                     "versions": sorted(int(v.version) for v in versions)})
+    return sorted(rows, key=lambda r: r["name"])
+
+
+def show_model(settings: TrackingSettings, ref: str) -> dict:
+    c = client(settings)
+    name, ver = split_model_ref(ref)
+    mv = _version(c, name, ver)
+    rm = c.get_registered_model(name)
+    return {"name": name, "version": int(mv.version), "aliases": [a for a, v in (rm.aliases or {}).items() if v == mv.version],
+            "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags or {}), "status": mv.status}
+
+
+def promote(settings: TrackingSettings, name: str, version: str, alias: str = CHAMPION) -> dict:
+    c = client(settings)
+    mv = _version(c, name, str(version))
+    c.set_registered_model_alias(name, alias, mv.version)
+    return show_model(settings, f"{name}/{mv.version}")
+
+
+def fetch_adapter(settings: TrackingSettings, ref: str, dst: str | None = None) -> tuple[Path, dict]:
+    """Download the adapter of ``models:/name@alias`` (or ``name/version``) to a local directory;
+    returns ``(path, version_info)``. Works for every artifact store MLflow can read (S3 included)."""
+    import mlflow.artifacts
+
+    info = show_model(settings, ref)
+    dst = dst or tempfile.mkdtemp(prefix=f"petl-{info['name']}-v{info['version']}-")
+    os.makedirs(dst, exist_ok=True)
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=info["source"], dst_path=dst,
+                                                   tracking_uri=settings.tracking_uri)
+    except Exception as e:  # noqa: BLE001 - S3 / filesystem errors of many kinds
+        raise PetlError(f"cannot download {info['name']} v{info['version']} from {info['source']}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    return Path(path), info

@@ -1,0 +1,127 @@
+"""Ray glue for training: connect to (or start) a cluster, resolve Ray storage, and run one
+fine-tune as a Ray Train ``TorchTrainer`` with N data-parallel workers."""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+from ..errors import PetlError
+from ..tracking.settings import TrackingSettings, forwarded_env
+
+
+def check_address(address: str) -> None:
+    """``petl train/sweep --address``: a GCS address (``HOST:6379``), ``auto`` or ``ray://``; fail
+    fast when nothing listens there instead of letting ``ray.init`` retry for a minute."""
+    if address.startswith(("http://", "https://")):
+        raise PetlError(f"{address} is a dashboard (Jobs API) address: use `petl submit ... --address {address}`; "
+                        "`--address` here takes HOST:6379, auto or ray://HOST:10001")
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port or (10001 if address.startswith("ray://") else 6379)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as e:
+        raise PetlError(f"cannot reach Ray cluster at {host}:{port} ({e.strerror or e}); is `ray start --head` running?") from None
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None):
+    """Connect to ``address``, to the cluster of the Ray job this runs in, or start a local
+    cluster. Returns the ``RayContext`` when this call initialised Ray (the caller then shuts it
+    down), else None."""
+    import ray
+
+    if ray.is_initialized():
+        return None
+    if address:
+        check_address(address)
+    in_job = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
+    kwargs = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    if not in_job:  # inside a Ray job the job's runtime_env already carries the env vars
+        kwargs["runtime_env"] = {"env_vars": forwarded_env()}
+    if not address and not in_job:
+        # The dashboard serves the State API Ray Train's controller polls, and the Jobs API.
+        kwargs.update(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    try:
+        return ray.init(address=address or None, **kwargs)
+    except ConnectionError as e:
+        raise PetlError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: {e}") from None
+
+
+def storage(path: str):
+    """``(storage_path, storage_filesystem)`` for Ray: an ``s3://`` path uses the same endpoint
+    and credentials as MLflow (``MLFLOW_S3_ENDPOINT_URL``, ``AWS_*``)."""
+    if not path.startswith("s3://"):
+        os.makedirs(path, exist_ok=True)
+        return path, None
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    if not endpoint:
+        return path, None
+    import pyarrow.fs
+
+    ep = urlparse(endpoint)
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=ep.netloc, scheme=ep.scheme or "http",
+                                 region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return path[len("s3://"):], fs
+
+
+def ray_error(e: Exception) -> PetlError:
+    """A Ray training failure as one line: the user's error if it was one, else the root cause."""
+    text = str(e)
+    for line in text.splitlines():
+        if "PetlError" in line:
+            return PetlError(line.split("PetlError:", 1)[-1].strip())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return PetlError(f"training failed: {lines[-1][:300] if lines else type(e).__name__}")
+
+
+def run_train(task: str, method: str, backbone: str, settings: TrackingSettings, hparams: dict | None = None,
+              train: dict | None = None, workers: int = 2, use_gpu: bool = False, cpus_per_worker: float = 1,
+              budget: float | None = None, experiment: str = "petl", name: str | None = None,
+              address: str | None = None, max_failures: int = 1, tags: dict | None = None) -> dict:
+    """Fine-tune through Ray Train: ``workers`` data-parallel ranks, checkpoints in Ray storage,
+    metrics and the adapter in MLflow. Returns the last reported metrics + run id + checkpoint."""
+    import time
+
+    from ..data import check_task_name
+    from ..methods import get_method
+    from ..tracking.runs import git_commit
+    from .run import train_config
+    from .trial import ray_train_worker, trial_config
+
+    check_task_name(task)
+    get_method(method).config_cls.from_dict(hparams or {}, method)
+    train_config(method, train or {})
+    if workers < 1:
+        raise PetlError("--workers must be >= 1")
+    settings.prepare()
+    started = ensure_ray(address, num_cpus=None)
+    try:
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        name = name or f"train-{task}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path, fs = storage(settings.storage_path)
+        res = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        config = trial_config(task, method, backbone, settings, experiment, hparams, train, budget,
+                              tags={"mlflow.source.git.commit": git_commit(), "petl.job": name, **(tags or {})},
+                              run_name=name)
+        trainer = TorchTrainer(
+            ray_train_worker, train_loop_config=config,
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=res),
+            run_config=ray.train.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                           failure_config=ray.train.FailureConfig(max_failures=max_failures)))
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the worker's exception
+            raise ray_error(e) from None
+        out = dict(result.metrics or {})
+        out.update(task=task, method=method, workers=workers, name=name,
+                   checkpoint=result.checkpoint.path if result.checkpoint else None)
+        return out
+    finally:
+        if started is not None:
+            import ray
+            ray.shutdown()

@@ -1,0 +1,55 @@
+"""Measured (never counted) inference costs of a task model, logged after every epoch: FLOPs from
+``torch.utils.flop_counter`` over the ops that really ran, throughput in images per second, and
+for dynamic methods the exit distribution (Dyn-*) or the token activation rate (DyT)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+EXIT_BUDGET = 0.5  # per-epoch exit statistics: thresholds calibrated on val to this FLOPs fraction
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    model.eval()
+    dev = _device(model)
+    correct = sum((model(x[i:i + batch_size].to(dev)).argmax(-1).cpu() == y[i:i + batch_size]).sum().item()
+                  for i in range(0, len(x), batch_size))
+    return correct / max(1, len(x))
+
+
+@torch.no_grad()
+def inference_metrics(model, x: torch.Tensor, y: torch.Tensor, max_images: int = 256) -> dict:
+    """``gflops_per_image`` (full forward, measured), ``img_per_s`` over up to ``max_images`` of
+    ``x``, and per method: ``exit_frac_s{k}`` / ``exit_flops_fraction`` / ``exit_accuracy`` at a
+    val-calibrated 50 % budget (Dyn-*), ``activation_rate`` / ``flops_ratio`` (DyT)."""
+    model.eval()
+    dev = _device(model)
+    x, y = x[:max_images], y[:max_images]
+    probe = x[:8].to(dev)
+    with FlopCounterMode(display=False) as counter:
+        model(probe)
+    out = {"gflops_per_image": counter.get_total_flops() / len(probe) / 1e9}
+    t0 = time.perf_counter()
+    for i in range(0, len(x), 64):
+        model(x[i:i + 64].to(dev))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    out["img_per_s"] = len(x) / max(1e-9, time.perf_counter() - t0)
+    if hasattr(model, "predict_dynamic"):
+        from ..methods.dyn_exit.calibrate import accuracy_flops_curve
+
+        point = accuracy_flops_curve(model, x, y, [EXIT_BUDGET])["points"][0]
+        out.update({"exit_accuracy": point["accuracy"], "exit_flops_fraction": point["flops_fraction"]})
+        out.update({f"exit_frac_s{k + 1}": f for k, f in enumerate(point["exit_fractions"])})
+    elif hasattr(model, "last_stats"):
+        _, info = model.infer(x[:64].to(dev))
+        out.update({"activation_rate": info["activation_rate"], "flops_ratio": info["flops_ratio"]})
+    return out

@@ -1,0 +1,313 @@
+"""Ray Tune sweeps over a method's hyperparameters (dropout rates, gradient-mask rate, rank, ...):
+ASHA early stopping on validation accuracy, one trial set per task, per-trial resources, a
+concurrency limit, resumable experiments; every trial an MLflow run under one parent run per task;
+the best trial's adapter registered as model ``<task>`` with alias ``champion``."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import time
+from pathlib import Path
+
+from ..errors import PetlError
+from ..tracking.runs import ADAPTER_PATH, RunLogger, client, git_commit, mark_failed, register_adapter
+from ..tracking.settings import CHAMPION, TrackingSettings
+from .trial import TRAIN_KEYS
+
+DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
+SEARCHABLE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "warmup_epochs", "seed")
+_DYN = {"p_shallow": "uniform(0.1,0.7)", "p_deep": "uniform(0.0,0.3)", "p_m": "choice(0.0,0.1,0.2)"}
+_RANK = {"rank": "choice(4,8,16)"}
+
+
+def default_space(method: str, depth: int = 12) -> dict[str, str]:
+    """The space searched when ``--space`` is not given: Dyn-*: dropout rates p_shallow, p_deep and
+    gradient-mask rate p_m (+ the base method's rank); DyT: r; DTL: M and d' (rank); LoRA/ARC: rank."""
+    base = method.removeprefix("dyn_")
+    space = dict(_DYN) if method.startswith("dyn_") else {}
+    if base in ("lora", "arc", "arc_att"):
+        space.update(_RANK)
+    elif base in ("dtl", "dtl_plus"):
+        space.update(m=f"choice({depth // 3},{depth // 2},{2 * depth // 3})", rank="choice(1,2,4)")
+    elif base == "dyt":
+        space.update(target_rate="uniform(0.3,0.9)")
+    elif base in ("adapter", "repadapter") and not space:
+        space.update(bottleneck="choice(4,8,16)", dropout="uniform(0.0,0.3)")
+    elif base == "linear" and not space:
+        space.update(lr="loguniform(0.003,0.1)")
+    return space
+
+
+def parse_space(items: list[str] | dict[str, str], method: str) -> dict[str, tuple[str, list]]:
+    """``["p_m=choice(0,0.1)", ...]`` → ``{"p_m": ("choice", [0, 0.1])}``, checked against the
+    method's hyperparameters (every value tried through its config) before any trial starts."""
+    from ..methods import get_method
+
+    pairs = items.items() if isinstance(items, dict) else [i.partition("=")[::2] for i in items]
+    cfg_cls = get_method(method).config_cls
+    valid = set(cfg_cls.field_names()) | set(SEARCHABLE_TRAIN_KEYS)
+    out = {}
+    for key, expr in pairs:
+        key, expr = key.strip(), expr.strip()
+        m = re.fullmatch(r"(\w+)\((.*)\)", expr)
+        if not key or not m or m.group(1) not in DISTRIBUTIONS:
+            raise PetlError(f"bad --space {key}={expr!r}: expected NAME=DIST(ARGS) with DIST one of "
+                            f"{', '.join(DISTRIBUTIONS)}, e.g. p_m=choice(0.0,0.1,0.2)")
+        if key not in valid:
+            raise PetlError(f"method {method!r} has no hyperparameter {key!r} to search; valid: {', '.join(sorted(valid))}")
+        dist = m.group(1)
+        try:
+            args = list(ast.literal_eval(f"({m.group(2)},)")) if m.group(2).strip() else []
+        except (ValueError, SyntaxError):
+            raise PetlError(f"bad --space {key}={expr!r}: arguments must be literals") from None
+        if not args or (dist in ("uniform", "loguniform", "randint") and len(args) != 2) or \
+                (dist == "quniform" and len(args) != 3):
+            raise PetlError(f"bad --space {key}={expr!r}: wrong number of arguments for {dist}")
+        if dist in ("uniform", "loguniform", "quniform", "randint") and not args[0] < args[1]:
+            raise PetlError(f"bad --space {key}={expr!r}: low must be below high")
+        probe = args if dist in ("choice", "grid") else args[:2]
+        for v in probe:
+            if key in TRAIN_KEYS:
+                from .loop import TrainConfig
+                TrainConfig.from_dict({key: v}, "training")
+            else:
+                cfg_cls.from_dict({key: v}, method)
+        out[key] = (dist, args)
+    return out
+
+
+def to_tune(space: dict[str, tuple[str, list]]) -> dict:
+    from ray import tune
+
+    fns = {"uniform": tune.uniform, "loguniform": tune.loguniform, "quniform": tune.quniform,
+           "randint": tune.randint}
+    out = {}
+    for key, (dist, args) in space.items():
+        if dist == "choice":
+            out[key] = tune.choice(args)
+        elif dist == "grid":
+            out[key] = tune.grid_search(args)
+        else:
+            out[key] = fns[dist](*args)
+    return out
+
+
+def _tune_trial(config: dict) -> None:
+    """The Tune trainable: tag the trial's MLflow run with its Ray trial id and name."""
+    from ray import tune
+
+    from .trial import ray_tune_trial
+
+    ctx = tune.get_context()
+    config = {**config, "run_name": ctx.get_trial_name(),
+              "tags": {**config["tags"], "ray.trial_id": ctx.get_trial_id()}}
+    ray_tune_trial(config)
+
+
+def run_sweep(tasks: list[str], method: str, backbone: str, settings: TrackingSettings,
+              space: list[str] | None = None, samples: int = 8, epochs: int = 10, train: dict | None = None,
+              hparams: dict | None = None, scheduler: str = "asha", grace_period: int = 1,
+              reduction_factor: float = 3, max_concurrent: int | None = None, cpus_per_trial: float = 1,
+              gpus_per_trial: float | None = None, max_failures: int = 1, name: str | None = None,
+              resume: bool = False, experiment: str = "petl", register: bool = True,
+              model_name: str = "{task}", alias: str = CHAMPION, budget: float | None = None,
+              address: str | None = None, progress: bool = True) -> list[dict]:
+    """Sweep ``method`` on each task; returns one summary per task (trials, best, registered version)."""
+    from ..backbones import create_backbone
+    from ..data import check_task_name
+    from ..methods import get_method
+    from .distributed import ensure_ray, storage
+    from .run import train_config
+
+    # Everything that can be checked is checked before Ray or any trial starts.
+    if not tasks:
+        raise PetlError("--task needs at least one task")
+    for t in tasks:
+        check_task_name(t)
+    get_method(method).config_cls.from_dict(hparams or {}, method)
+    if scheduler not in ("asha", "fifo"):
+        raise PetlError(f"unknown scheduler {scheduler!r}; use asha or fifo")
+    if samples < 1 or epochs < 1:
+        raise PetlError("--samples and --epochs must be >= 1")
+    train = {**(train or {}), "epochs": epochs}
+    train_config(method, train)
+    depth = len(create_backbone(backbone).blocks)
+    parsed = parse_space(space if space else default_space(method, depth), method)
+    if not parsed:
+        raise PetlError(f"nothing to search for {method!r}: give --space NAME=DIST(ARGS)")
+    settings.prepare()
+    path, fs = storage(settings.storage_path)
+    name = name or method
+    # One checkpoint per trial-epoch is the point here; Tune's sync-frequency warning is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started = ensure_ray(address)
+    try:
+        import torch
+        gpus = gpus_per_trial if gpus_per_trial is not None else (0.5 if torch.cuda.is_available() else 0)
+        return [_sweep_task(t, method, backbone, settings, parsed, samples, epochs, train, hparams or {}, scheduler,
+                            grace_period, reduction_factor, max_concurrent, cpus_per_trial, gpus, max_failures,
+                            f"{name}-{t}", path, fs, resume, experiment, register, model_name, alias, budget, progress)
+                for t in tasks]
+    finally:
+        if started is not None:
+            import ray
+            ray.shutdown()
+
+
+def _parent_run(settings, experiment, sweep_name, task, method, parsed, resume) -> RunLogger:
+    c = client(settings)
+    if resume:
+        exp = c.get_experiment_by_name(experiment)
+        found = c.search_runs([exp.experiment_id], f"tags.`petl.sweep` = '{sweep_name}' and tags.`petl.role` = 'sweep'",
+                              max_results=1) if exp else []
+        if found:
+            return RunLogger(settings, experiment, run_id=found[0].info.run_id)
+    parent = RunLogger(settings, experiment, run_name=f"sweep {sweep_name}",
+                       tags={"petl.role": "sweep", "petl.sweep": sweep_name, "petl.task": task, "petl.method": method,
+                             "mlflow.source.git.commit": git_commit()})
+    parent.log_params({f"space.{k}": f"{d}{tuple(a)}" for k, (d, a) in parsed.items()})
+    return parent
+
+
+def _sweep_task(task, method, backbone, settings, parsed, samples, epochs, train, hparams, scheduler, grace,
+                rf, max_concurrent, cpus, gpus, max_failures, sweep_name, path, fs, resume, experiment, register,
+                model_name, alias, budget, progress) -> dict:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from .trial import trial_config
+
+    exp_path = f"{path.rstrip('/')}/{sweep_name}"
+    exists = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+    if resume and not exists:
+        raise PetlError(f"nothing to resume: no sweep {sweep_name!r} under {settings.storage_path}")
+    if exists and not resume:
+        raise PetlError(f"sweep {sweep_name!r} already exists under {settings.storage_path}; "
+                        "pass --resume to continue it or --name to start another")
+    parent = _parent_run(settings, experiment, sweep_name, task, method, parsed, resume)
+    with parent:
+        trainable = tune.with_resources(_tune_trial, {"cpu": cpus, "gpu": gpus})
+        if resume:
+            tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
+        else:
+            config = trial_config(task, method, backbone, settings, experiment, hparams, {**train, "progress": False},
+                                  budget, tags={"mlflow.parentRunId": parent.run_id, "petl.sweep": sweep_name,
+                                                "mlflow.source.git.commit": git_commit()})
+            config["search"] = to_tune(parsed)
+            sched = (ASHAScheduler(max_t=epochs, grace_period=grace, reduction_factor=rf) if scheduler == "asha"
+                     else FIFOScheduler())
+            tuner = tune.Tuner(
+                trainable, param_space=config,
+                tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=sched, num_samples=samples,
+                                            max_concurrent_trials=max_concurrent),
+                run_config=tune.RunConfig(name=sweep_name, storage_path=path, storage_filesystem=fs,
+                                          failure_config=tune.FailureConfig(max_failures=max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                          verbose=1 if progress else 0))
+        t0 = time.time()
+        grid = tuner.fit()
+        summary = _finalize(grid, settings, task, method, backbone, parsed, epochs, parent)
+        summary.update(sweep=sweep_name, wall_s=round(time.time() - t0, 1), parent_run_id=parent.run_id)
+        parent.log_metrics({"best_val_accuracy": summary["best"]["val_accuracy"] if summary["best"] else float("nan"),
+                            "trial_epochs": summary["trial_epochs"], "trials": len(summary["trials"]),
+                            "trials_stopped_early": sum(t["stopped_early"] for t in summary["trials"])}, step=0)
+        if register and summary["best"]:
+            b = summary["best"]
+            mv = register_adapter(settings, b["run_id"], model_name.format(task=task, method=method), alias,
+                                  tags={"task": task, "method": method, "val_accuracy": b["val_accuracy"],
+                                        "sweep": sweep_name})
+            summary["registered"] = {"name": mv.name, "version": int(mv.version), "alias": alias}
+            parent.set_tags({"petl.registered": f"{mv.name}/{mv.version}"})
+        if not summary["best"]:
+            raise PetlError(f"every trial of sweep {sweep_name!r} failed; first error: {summary['trials'][0]['error']}")
+    return summary
+
+
+def _finalize(grid, settings, task, method, backbone, parsed, epochs, parent) -> dict:
+    """Close every trial's MLflow run (ASHA-stopped trials are killed mid-run: their adapter is
+    logged here from their last checkpoint), pick the best, log the sweep's plots."""
+    c = client(settings)
+    trials = []
+    for r in grid:
+        m = r.metrics or {}
+        run_id = m.get("mlflow_run_id")
+        done = int(m.get("training_iteration", 0) or 0)
+        row = {"run_id": run_id, "params": {k: r.config["search"][k] for k in parsed}, "epochs": done,
+               "val_accuracy": m.get("val_accuracy"), "stopped_early": bool(not r.error and done < epochs),
+               "error": str(r.error).strip().splitlines()[-1][:300] if r.error else None,
+               "checkpoint": r.checkpoint.path if r.checkpoint else None}
+        if run_id and c.get_run(run_id).info.status == "RUNNING":
+            if r.error:
+                mark_failed(c, run_id, row["error"] or "trial failed")
+            else:
+                if r.checkpoint:
+                    with r.checkpoint.as_directory() as d:
+                        c.log_artifacts(run_id, str(Path(d) / ADAPTER_PATH), ADAPTER_PATH)
+                c.set_tag(run_id, "petl.stopped_early", str(row["stopped_early"]).lower())
+                c.set_terminated(run_id, "FINISHED")
+        trials.append(row)
+    ok = [t for t in trials if t["error"] is None and t["val_accuracy"] is not None]
+    best = max(ok, key=lambda t: (t["val_accuracy"], t["epochs"]), default=None)
+    summary = {"task": task, "method": method, "trials": trials, "best": best,
+               "trial_epochs": sum(t["epochs"] for t in trials), "grid_epochs": len(trials) * epochs}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in parsed:
+            parent.log_figure(_scatter(trials, key, Path(tmp) / f"val_accuracy_vs_{key}.png"))
+        if best and method.startswith("dyn_"):
+            best_ckpt = next(r.checkpoint for r in grid if (r.metrics or {}).get("mlflow_run_id") == best["run_id"])
+            for png in _exit_plots(best_ckpt, backbone, task, Path(tmp)):
+                parent.log_figure(png)
+                c.log_artifact(best["run_id"], str(png), "plots")
+    return summary
+
+
+def _scatter(trials: list[dict], key: str, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(t["params"][key], t["val_accuracy"], t["epochs"]) for t in trials if t["val_accuracy"] is not None]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
+    if pts:
+        sc = ax.scatter([p[0] for p in pts], [100 * p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis")
+        fig.colorbar(sc, ax=ax, label="epochs trained")
+    ax.set_xlabel(key)
+    ax.set_ylabel("val accuracy (%) at the trial's last epoch")
+    ax.set_title(f"sweep: val accuracy vs {key}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _exit_plots(checkpoint, backbone: str, task: str, tmp: Path) -> list[Path]:
+    """The best trial's accuracy-vs-FLOPs curve and exit-stage histogram (val, measured)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..backbones import create_backbone
+    from ..data import get_task, task_tensors
+    from ..methods.dyn_exit.calibrate import accuracy_flops_curve, save_curve_png
+    from ..tracking.artifacts import load_adapter
+
+    bb = create_backbone(backbone)
+    with checkpoint.as_directory() as d:
+        model = load_adapter(Path(d) / ADAPTER_PATH, bb)
+    x_val, y_val = task_tensors(get_task(task), bb)["val"]
+    curve = accuracy_flops_curve(model, x_val, y_val, [0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0])
+    out = [Path(save_curve_png(curve, tmp / "accuracy_vs_flops.png", f"{task}: best trial, accuracy vs FLOPs"))]
+    point = min(curve["points"], key=lambda p: abs(p["budget"] - 0.5))
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
+    ax.bar([f"exit {k + 1}" for k in range(len(point["exit_fractions"]))], [100 * f for f in point["exit_fractions"]])
+    ax.set_ylabel("% of val images")
+    ax.set_title(f"{task}: exit stages at a 50 % FLOPs budget")
+    fig.tight_layout()
+    fig.savefig(tmp / "exit_histogram.png")
+    plt.close(fig)
+    return out + [tmp / "exit_histogram.png"]

@@ -1,0 +1,118 @@
+"""One fine-tune as a Ray Train worker or a Ray Tune trial: the plain-torch loop, reporting to Ray
+after every epoch with a checkpoint (trainable state + the adapter so far + the MLflow run id),
+resuming from Ray's checkpoint after a failure, logging to one MLflow run throughout.
+
+The same function serves both: ``ray_train_worker`` passes ``ray.train``'s report/checkpoint
+functions and the worker's rank; ``ray_tune_trial`` passes ``ray.tune``'s and runs one worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+from ..tracking.artifacts import save_adapter
+from ..tracking.runs import ADAPTER_PATH, RunLogger
+from ..tracking.settings import TrackingSettings
+from .loop import TrainConfig, train
+from .measure import accuracy, inference_metrics
+from .run import dynamic_summary, prepare_finetune
+
+TRAIN_KEYS = frozenset(f.name for f in fields(TrainConfig))
+META = "trial.json"  # in every checkpoint: {"run_id", "epoch"}
+
+
+def trial_config(task: str, method: str, backbone: str, settings: TrackingSettings, experiment: str,
+                 hparams: dict | None = None, train: dict | None = None, budget: float | None = None,
+                 tags: dict | None = None, run_name: str | None = None) -> dict:
+    return {"task": task, "method": method, "backbone": backbone, "tracking": settings.to_dict(),
+            "experiment": experiment, "hparams": dict(hparams or {}), "train": dict(train or {}),
+            "budget": budget, "tags": dict(tags or {}), "run_name": run_name, "search": {}}
+
+
+def split_hparams(values: dict) -> tuple[dict, dict]:
+    """Search-space values → (method hyperparameters, training-config overrides)."""
+    method = {k: v for k, v in values.items() if k not in TRAIN_KEYS}
+    return method, {k: v for k, v in values.items() if k in TRAIN_KEYS}
+
+
+def run_trial(config: dict, *, report, get_checkpoint, checkpoint_cls, rank: int = 0, world: int = 1) -> None:
+    task, method = config["task"], config["method"]
+    searched_hp, searched_train = split_hparams(config.get("search", {}))
+    hparams = {**config["hparams"], **searched_hp}
+    overrides = {**config["train"], **searched_train}
+    settings = TrackingSettings(**config["tracking"])
+    ckdir = Path(tempfile.mkdtemp(prefix="petl-trial-"))
+    run_id, resumed_at = None, 0
+    ckpt = get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            shutil.copytree(d, ckdir, dirs_exist_ok=True)
+        meta = json.loads((ckdir / META).read_text())
+        run_id, resumed_at = meta["run_id"], meta["epoch"]
+    overrides.update(checkpoint_dir=str(ckdir), resume=ckpt is not None,
+                     progress=rank == 0 and bool(overrides.get("progress", False)))
+
+    logger = None
+    if rank == 0:
+        tags = {**config["tags"], "petl.task": task, "petl.method": method, "petl.worker_pid": os.getpid(),
+                "petl.world_size": world}
+        if ckpt is not None:
+            tags["petl.resumed_from_epoch"] = resumed_at
+        logger = RunLogger(settings, config["experiment"], run_id=run_id, run_name=config.get("run_name"), tags=tags)
+    try:
+        model, tensors, data, cfg = prepare_finetune(task, method, config["backbone"], hparams, overrides)
+        if logger is not None and ckpt is None:
+            logger.set_tags({"petl.backbone": model.backbone_name, "petl.backbone_fingerprint": model.backbone_fingerprint})
+            logger.log_params({**model.config.to_dict(), **{f"train.{k}": v for k, v in cfg.to_dict().items()
+                                                            if k not in ("checkpoint_dir", "resume", "progress")},
+                               "task": task, "method": method, "trainable_params": model.num_trainable(),
+                               "budget": config.get("budget")})
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            if rank != 0:
+                report(metrics)
+                return
+            final = epoch + 1 == cfg.epochs
+            metrics.update(inference_metrics(model, *tensors["val"]))
+            if final:
+                metrics["test_accuracy"] = accuracy(model, *tensors["test"])
+                summary = dynamic_summary(model, tensors, config.get("budget"))
+                if "calibration" in summary:
+                    metrics["budget_test_accuracy"] = summary["dynamic_test"]["accuracy"]
+                    metrics["budget_flops_fraction"] = summary["dynamic_test"]["flops_fraction"]
+            save_adapter(model, ckdir / ADAPTER_PATH, task=task, classes=data.classes,
+                         extra={"metrics": {k: metrics[k] for k in ("val_accuracy", "test_accuracy") if k in metrics}})
+            (ckdir / META).write_text(json.dumps({"run_id": logger.run_id, "epoch": epoch + 1}))
+            logger.log_metrics(metrics, step=epoch + 1)
+            if final:
+                logger.log_artifacts(ckdir / ADAPTER_PATH, ADAPTER_PATH)
+                logger.finish()
+            report({**metrics, "mlflow_run_id": logger.run_id}, checkpoint=checkpoint_cls.from_directory(str(ckdir)))
+
+        train(model, {s: tensors[s] for s in ("train", "val")}, cfg, callbacks=[on_epoch], rank=rank, world=world)
+    except Exception as e:  # SystemExit is Tune stopping the trial: not a failure
+        if logger is not None:
+            logger.fail(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        shutil.rmtree(ckdir, ignore_errors=True)
+
+
+def ray_train_worker(config: dict) -> None:
+    """``TorchTrainer`` ``train_loop_per_worker``: one data-parallel rank."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    run_trial(config, report=ray.train.report, get_checkpoint=ray.train.get_checkpoint,
+              checkpoint_cls=ray.train.Checkpoint, rank=ctx.get_world_rank(), world=ctx.get_world_size())
+
+
+def ray_tune_trial(config: dict) -> None:
+    """Ray Tune function trainable: one trial, one worker."""
+    from ray import tune
+
+    run_trial(config, report=tune.report, get_checkpoint=tune.get_checkpoint, checkpoint_cls=tune.Checkpoint)
