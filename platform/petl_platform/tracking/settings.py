@@ -83,10 +83,12 @@ class TrackingSettings:
         return client.create_experiment(name, artifact_location=location)
 
 
-def s3_client():
+def s3_client(fail_fast: bool = False):
     import boto3
+    from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None)
+    config = Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}) if fail_fast else None
+    return boto3.client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None, config=config)
 
 
 def check_s3(url: str) -> None:
@@ -96,7 +98,7 @@ def check_s3(url: str) -> None:
     bucket = urlparse(url).netloc
     endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or "AWS S3"
     try:
-        s3_client().head_bucket(Bucket=bucket)
+        s3_client(fail_fast=True).head_bucket(Bucket=bucket)
     except bx.EndpointConnectionError:
         raise PetlError(f"S3 endpoint {endpoint} is unreachable (MLFLOW_S3_ENDPOINT_URL); is the store running?") from None
     except bx.NoCredentialsError:
