@@ -149,10 +149,23 @@ def cmd_submit(args) -> None:
     p.add_argument("--no-wait", action="store_true")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     own, rest = p.parse_known_args(args.args)
-    build_parser().parse_args([args.kind, *rest])  # bad arguments fail here, before anything is submitted
+    _precheck(build_parser().parse_args([args.kind, *rest]))  # bad input fails here, before submitting
     env = _parse_sets(own.env)
     result = submit(args.kind, rest, address=own.address, env=env, wait=not own.no_wait)
     print(f"job {result['job_id']}: {result['status']}")
+
+
+def _precheck(ns) -> None:
+    """The checks that need no data or cluster: task and method names, hyperparameters, space."""
+    from .data import check_task_name
+    from .methods import get_method
+
+    for task in ns.task.split(","):
+        check_task_name(task)
+    get_method(ns.method).config_cls.from_dict(_parse_sets(ns.set), ns.method)
+    if getattr(ns, "space", None):
+        from .training.sweep import parse_space
+        parse_space(ns.space, ns.method)
 
 
 def cmd_jobs(args) -> None:

@@ -116,6 +116,14 @@ def check_tracking(uri: str) -> None:
     """An MLflow server must answer; a database URL must open."""
     import mlflow
 
+    if uri.startswith(("http://", "https://")):  # MLflow's client would retry for minutes
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).close()
+        except OSError as e:
+            raise PetlError(f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); "
+                            "is `mlflow server` running? (MLFLOW_TRACKING_URI)") from None
     try:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable

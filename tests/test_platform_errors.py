@@ -1,0 +1,94 @@
+"""Bad input to the training platform fails up front, in one line, before Ray or a trial starts;
+a run that fails later is marked FAILED in MLflow and keeps what it logged."""
+
+import time
+
+import mlflow
+import pytest
+
+from petl_platform.cli import main
+from petl_platform.errors import PetlError
+from petl_platform.methods import list_methods
+from petl_platform.tracking.runs import RunLogger
+from petl_platform.tracking.settings import TrackingSettings
+from petl_platform.training.distributed import check_address
+from petl_platform.training.sweep import default_space, parse_space, to_tune
+from platform_stack import free_port, platform_stack
+
+
+@pytest.mark.parametrize("items, message", [
+    (["p_m=chice(0.1)"], r"expected NAME=DIST\(ARGS\)"),
+    (["p_m choice(0.1)"], r"expected NAME=DIST\(ARGS\)"),
+    (["p_m=uniform(0.5)"], "wrong number of arguments"),
+    (["p_m=uniform(0.5,0.1)"], "low must be below high"),
+    (["p_m=choice(a b)"], "arguments must be literals"),
+    (["depth=choice(1,2)"], "has no hyperparameter 'depth'"),
+    (["p_m=choice(0.1,1.5)"], "p_m"),  # the method's own config rejects a rate above 1
+])
+def test_bad_search_space_is_one_clear_error(items, message):
+    with pytest.raises(PetlError, match=message):
+        parse_space(items, "dyn_lora")
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_default_space_is_valid_for_its_method(method):
+    space = parse_space(default_space(method, depth=12), method)
+    assert space, method
+    if method.startswith("dyn_"):
+        assert {"p_shallow", "p_deep", "p_m"} <= set(space)
+    assert set(to_tune(space)) == set(space)
+
+
+def test_space_values_parse_to_tune_domains():
+    space = parse_space(["p_shallow=uniform(0.1,0.7)", "p_m=grid(0.0,0.1)", "lr=loguniform(1e-4,1e-2)"], "dyn_lora")
+    assert space["p_m"] == ("grid", [0.0, 0.1]) and space["lr"] == ("loguniform", [1e-4, 1e-2])
+    tuned = to_tune(space)
+    assert tuned["p_m"] == {"grid_search": [0.0, 0.1]} and 0.1 <= tuned["p_shallow"].sample() <= 0.7
+
+
+def test_unreachable_cluster_fails_fast():
+    t0 = time.time()
+    with pytest.raises(PetlError, match="cannot reach Ray cluster"):
+        check_address(f"127.0.0.1:{free_port()}")
+    with pytest.raises(PetlError, match="petl submit"):
+        check_address("http://127.0.0.1:8265")
+    assert time.time() - t0 < 10
+
+
+def test_cli_errors_are_one_line(capsys):
+    port = free_port()
+    assert main(["jobs", "list", "--address", f"http://127.0.0.1:{port}"]) == 2
+    assert main(["sweep", "--task", "digits-1k", "--method", "dyn_lora", "--space", "p_m=oops"]) == 2
+    assert main(["train", "--task", "digits-1k", "--address", f"127.0.0.1:{port}"]) == 2
+    assert main(["sweep", "--task", "nope", "--method", "lora"]) == 2
+    text = capsys.readouterr().err
+    err = [line for line in text.splitlines() if line.startswith("petl: error: ")]
+    assert len(err) == 4 and "Traceback" not in text, text
+    assert "Jobs API" in err[0] and "unknown task 'nope'" in err[3]
+
+
+def test_s3_store_problems_are_caught_up_front(tmp_path, monkeypatch):
+    with platform_stack(tmp_path) as st:
+        settings = st["settings"]
+        settings.prepare()  # the bucket exists: fine
+        with pytest.raises(PetlError, match="bucket 'missing' does not exist"):
+            TrackingSettings(settings.tracking_uri, "s3://missing/mlflow", settings.storage_path).prepare()
+        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+        t0 = time.time()
+        with pytest.raises(PetlError, match="unreachable"):
+            settings.prepare()
+        assert time.time() - t0 < 30
+    with pytest.raises(PetlError, match="tracking server .* is unreachable"):
+        TrackingSettings(f"http://127.0.0.1:{free_port()}", None, str(tmp_path)).prepare()
+
+
+def test_failed_run_is_marked_failed_and_keeps_its_metrics(tmp_path):
+    settings = TrackingSettings(f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "art"), str(tmp_path / "ray"))
+    settings.prepare()
+    with pytest.raises(ValueError):
+        with RunLogger(settings, "petl", run_name="boom") as run:
+            run.log_metrics({"val_accuracy": 0.5}, step=1)
+            raise ValueError("disk full")
+    got = mlflow.MlflowClient(settings.tracking_uri).get_run(run.run_id)
+    assert got.info.status == "FAILED" and got.data.tags["petl.failure"] == "ValueError: disk full"
+    assert got.data.metrics["val_accuracy"] == 0.5

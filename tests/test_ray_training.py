@@ -1,0 +1,131 @@
+"""Integration: a local Ray cluster (2 CPUs), a real S3-compatible server on 127.0.0.1 (moto),
+MLflow on SQLite with artifacts in the bucket. Ray Train with 2 workers, an ASHA sweep that
+registers its champion, a trial whose worker is killed and resumes from its checkpoint."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from platform_stack import BUCKET, platform_stack, s3_keys
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    import ray
+
+    from petl_platform.training.distributed import ensure_ray
+
+    with platform_stack(tmp_path_factory.mktemp("stack")) as st:
+        ensure_ray(num_cpus=2)
+        try:
+            yield st
+        finally:
+            ray.shutdown()
+
+
+def _client(st):
+    return mlflow.MlflowClient(st["settings"].tracking_uri)
+
+
+def _artifact_keys(st, run_id: str) -> list[str]:
+    return [k for k in s3_keys(st["s3"], "mlflow/") if f"/{run_id}/artifacts/" in k]
+
+
+def test_two_worker_ray_train_logs_to_mlflow_and_s3(stack):
+    from petl_platform.training.distributed import run_train
+
+    out = run_train("digits-1k", "lora", stack["backbone"], stack["settings"], hparams={"rank": 2},
+                    train={"epochs": 2, "batch_size": 32}, workers=2, name="train-2w")
+    assert out["workers"] == 2 and 0.0 <= out["test_accuracy"] <= 1.0
+    run = _client(stack).get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["petl.world_size"] == "2" and run.data.tags["petl.method"] == "lora"
+    assert len(run.data.tags["petl.backbone_fingerprint"]) == 16  # sha256 prefix
+    assert {"val_accuracy", "train_loss", "gflops_per_image", "img_per_s", "test_accuracy"} <= set(run.data.metrics)
+    assert [m.step for m in _client(stack).get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    keys = _artifact_keys(stack, run.info.run_id)
+    assert any(k.endswith("adapter/adapter.safetensors") for k in keys), keys
+    assert Path(out["checkpoint"], "checkpoint.pt").exists()  # trainable state in Ray storage
+
+
+def test_asha_sweep_registers_champion_with_artifacts_in_s3(stack, tmp_path):
+    from petl_platform import create_backbone
+    from petl_platform.cli import main
+    from petl_platform.tracking.artifacts import load_adapter
+    from petl_platform.tracking.runs import fetch_adapter, register_adapter
+    from petl_platform.training.sweep import run_sweep
+
+    # One good learning rate first, then three that cannot learn: ASHA must cut the three at rung 1.
+    [s] = run_sweep(["digits-1k"], "dyn_linear", stack["backbone"], stack["settings"],
+                    space=["lr=grid(0.05,1e-6,1e-6,1e-6)", "p_m=choice(0.0,0.2)"], samples=1, epochs=4,
+                    train={"batch_size": 32, "warmup_epochs": 0}, max_concurrent=2, name="asha", progress=False)
+    assert len(s["trials"]) == 4 and all(t["error"] is None for t in s["trials"])
+    assert any(t["stopped_early"] for t in s["trials"]) and s["trial_epochs"] < s["grid_epochs"]
+    best = s["best"]
+    assert best["val_accuracy"] == max(t["val_accuracy"] for t in s["trials"])
+    c = _client(stack)
+    for t in s["trials"]:
+        run = c.get_run(t["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == s["parent_run_id"]
+        assert len(c.get_metric_history(t["run_id"], "val_accuracy")) == t["epochs"]
+        assert "exit_frac_s1" in run.data.metrics and "exit_flops_fraction" in run.data.metrics
+        assert any(k.endswith("adapter/adapter.safetensors") for k in _artifact_keys(stack, t["run_id"]))
+    parent_keys = _artifact_keys(stack, s["parent_run_id"])
+    assert any(k.endswith("plots/val_accuracy_vs_lr.png") for k in parent_keys)
+    assert any(k.endswith("plots/accuracy_vs_flops.png") for k in parent_keys)
+    assert c.get_run(s["parent_run_id"]).info.status == "FINISHED"
+
+    # The registry: alias champion on the best trial, downloadable from S3 and loadable.
+    champion = c.get_model_version_by_alias("digits-1k", "champion")
+    assert champion.run_id == best["run_id"] and s["registered"]["version"] == int(champion.version)
+    path, info = fetch_adapter(stack["settings"], "models:/digits-1k@champion", str(tmp_path / "dl"))
+    model = load_adapter(path, create_backbone(stack["backbone"]))
+    assert model.method == "dyn_linear" and info["run_id"] == best["run_id"]
+
+    # A second version, then `petl registry promote` moves the alias back and forth.
+    other = next(t for t in s["trials"] if t["run_id"] != best["run_id"])
+    v2 = register_adapter(stack["settings"], other["run_id"], "digits-1k", alias=None)
+    assert main(["registry", "promote", "digits-1k", str(v2.version), "--json"]) == 0
+    assert c.get_model_version_by_alias("digits-1k", "champion").version == v2.version
+    assert main(["registry", "promote", "digits-1k", "99"]) == 2  # no such version: one line, exit 2
+
+
+def test_killed_worker_trial_resumes_from_checkpoint(stack):
+    from petl_platform.training.sweep import run_sweep
+
+    c, seen = _client(stack), {}
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and "pid" not in seen:
+            exp = c.get_experiment_by_name("petl")
+            runs = c.search_runs([exp.experiment_id], "tags.`petl.sweep` = 'kill-digits-1k' and metrics.val_accuracy >= 0") if exp else []
+            ckpts = list(Path(stack["settings"].storage_path, "kill-digits-1k").glob("*/checkpoint_0000*"))
+            trial_runs = [r for r in runs if "petl.worker_pid" in r.data.tags]
+            if trial_runs and ckpts:
+                seen["pid"] = int(trial_runs[0].data.tags["petl.worker_pid"])
+                seen["run_id"] = trial_runs[0].info.run_id
+                os.kill(seen["pid"], signal.SIGKILL)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    [s] = run_sweep(["digits-1k"], "linear", stack["backbone"], stack["settings"], space=["lr=choice(0.01)"],
+                    samples=1, epochs=6, scheduler="fifo", train={"batch_size": 16}, max_failures=1, name="kill",
+                    register=False, progress=False)
+    killer.join(5)
+    assert "pid" in seen, "the trial never checkpointed"
+    [t] = s["trials"]
+    assert t["error"] is None and t["epochs"] == 6 and t["run_id"] == seen["run_id"]
+    run = c.get_run(t["run_id"])
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["petl.resumed_from_epoch"]) >= 1  # resumed, not restarted from scratch
+    assert int(run.data.tags["petl.worker_pid"]) != seen["pid"]
+    assert {m.step for m in c.get_metric_history(t["run_id"], "val_accuracy")} == set(range(1, 7))
