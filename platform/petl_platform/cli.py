@@ -216,7 +216,7 @@ def cmd_demo(args) -> None:
     from .demo import run_demo
 
     run_demo(tasks=args.tasks.split(","), methods=args.methods.split(","), backbone=args.backbone, epochs=args.epochs,
-             petl=[m for m in args.petl.split(",") if m], budget=args.budget)
+             petl=[m for m in args.petl.split(",") if m], budget=args.budget, sweep=args.sweep or None)
 
 
 def _train_overrides(args) -> dict:
@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int)
     d.add_argument("--petl", default="dtl,dyn_lora", help="PETL methods fine-tuned on the first task ('' to skip)")
     d.add_argument("--budget", type=float, default=0.5, help="FLOPs budget the dyn_* exits are calibrated to")
+    d.add_argument("--sweep", default="dyn_lora", help="method of the closing Ray Tune sweep on the first task ('' to skip)")
     d.set_defaults(fn=cmd_demo)
     return p
 

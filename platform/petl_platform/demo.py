@@ -14,9 +14,11 @@ from .training.run import finetune
 
 
 def run_demo(tasks: list[str], methods: list[str], backbone: str, epochs: int | None = None,
-             petl: list[str] = (), budget: float = 0.5) -> list[dict]:
+             petl: list[str] = (), budget: float = 0.5, sweep: str | None = "dyn_lora", sweep_samples: int = 4,
+             sweep_epochs: int = 3) -> list[dict]:
     """``methods`` on every task, then the ``petl`` methods on the first task (Dyn-* calibrated to
-    ``budget``), then one multi-task call over every trained model with the trunk shared."""
+    ``budget``), then one multi-task call over every trained model with the trunk shared, then a
+    small Ray Tune sweep of ``sweep`` on the first task, tracked in MLflow, champion registered."""
     for t in tasks:
         check_task_name(t)
     for m in [*methods, *petl]:
@@ -49,6 +51,8 @@ def run_demo(tasks: list[str], methods: list[str], backbone: str, epochs: int | 
         print(f"{r['task']:20} {r['method']:12} {r['accuracy']:>8.3f} {r['val_accuracy']:>8.3f} "
               f"{r['trainable_params']:>10,} {r['epochs']:>6} {r['wall_s']:>7.1f}")
     _multi_task(bb, models, tasks[0])
+    if sweep:
+        _sweep(tasks[0], sweep, backbone, sweep_samples, sweep_epochs)
     print(f"\ndemo finished in {time.time() - t0:.0f}s")
     return rows
 
@@ -67,3 +71,25 @@ def _multi_task(bb, models: dict, image_task: str) -> None:
         exits = stats.extra.get(name, {}).get("exit_stage")
         note = f"  exit stages {exits}" if exits else ""
         print(f"  {name:32} -> {[classes[i] for i in torch.argmax(out, -1).tolist()]}{note}")
+
+
+def _sweep(task: str, method: str, backbone: str, samples: int, epochs: int) -> None:
+    """A small ASHA sweep through Ray Tune on a local cluster, every trial an MLflow run."""
+    from .tracking.runs import list_models
+    from .tracking.settings import TrackingSettings
+    from .training.sweep import run_sweep
+
+    settings = TrackingSettings.from_env()
+    print(f"\nRay Tune: {samples} trials of {method} on {task} (ASHA over p_shallow, p_deep, p_m, rank; "
+          f"{epochs} epochs max), 2 at a time", flush=True)
+    [s] = run_sweep([task], method, backbone, settings, samples=samples, epochs=epochs, max_concurrent=2,
+                    name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", progress=False)
+    for t in s["trials"]:
+        params = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
+        status = "stopped by ASHA" if t["stopped_early"] else ("FAILED" if t["error"] else "completed")
+        print(f"  {params:48} val acc {t['val_accuracy'] or float('nan'):.3f} after {t['epochs']} epoch(s), {status}")
+    print(f"  {s['trial_epochs']} trial-epochs used of the {s['grid_epochs']} a full run of every trial would take")
+    r = s["registered"]
+    print(f"  best val acc {s['best']['val_accuracy']:.3f}: registered as models:/{r['name']}@{r['alias']} (version {r['version']})")
+    print(f"  registry: {[(m['name'], m['aliases']) for m in list_models(settings)]}")
+    print(f"  MLflow UI: mlflow ui --backend-store-uri {settings.tracking_uri}")
