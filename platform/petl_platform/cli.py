@@ -168,6 +168,36 @@ def _precheck(ns) -> None:
         parse_space(ns.space, ns.method)
 
 
+def cmd_serve(args) -> None:
+    import os
+    import subprocess
+    import time
+
+    import serve_apps
+
+    config = args.config or os.path.join(os.path.dirname(serve_apps.__file__), "configs", "local.yaml")
+    if not os.path.exists(config):
+        raise PetlError(f"no Serve config at {config}")
+    if args.deploy:  # `serve deploy` semantics: the cluster's controller takes the config
+        if not args.address:
+            raise PetlError("--deploy needs --address http://HEAD:8265")
+        serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
+        raise SystemExit(subprocess.call([serve_cli, "deploy", config, "--address", args.address]))
+    from ray import serve
+    from serve_apps.petl_app import run_local
+
+    url = run_local(config, [t for t in (args.tasks or "").split(",") if t] or None, args.port)
+    print(f"serving on {url}  (docs {url}/docs; Ctrl-C stops)", flush=True)
+    try:
+        deadline = time.time() + args.duration if args.duration else None
+        while deadline is None or time.time() < deadline:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+
+
 def cmd_jobs(args) -> None:
     from . import jobs_client as jc
 
@@ -297,6 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the train/sweep arguments, plus --address http://HEAD:8265 (default: a local cluster), "
                          "--no-wait, --env KEY=VALUE (repeatable)")
     su.set_defaults(fn=cmd_submit)
+
+    sv = sub.add_parser("serve", help="serve registered adapters with Ray Serve (serve run / serve deploy semantics)")
+    sv.add_argument("--config", help="Serve YAML (default serve_apps/configs/local.yaml)")
+    sv.add_argument("--tasks", help="override the config's served tasks (comma-separated registered models)")
+    sv.add_argument("--port", type=int)
+    sv.add_argument("--deploy", action="store_true", help="deploy the config to --address instead of running it here")
+    sv.add_argument("--address", help="Ray dashboard for --deploy, e.g. http://HEAD:8265")
+    sv.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    sv.set_defaults(fn=cmd_serve)
 
     jb = sub.add_parser("jobs", help="list, read or stop Ray jobs")
     jb.add_argument("action", choices=["list", "logs", "stop"])

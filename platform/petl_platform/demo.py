@@ -53,6 +53,9 @@ def run_demo(tasks: list[str], methods: list[str], backbone: str, epochs: int | 
     _multi_task(bb, models, tasks[0])
     if sweep:
         _sweep(tasks[0], sweep, backbone, sweep_samples, sweep_epochs)
+        for task in tasks[1:]:  # the linear probes join the sweep's champion in the registry
+            _register(models[f"{task}/linear"], task)
+        _serve(tasks, backbone, budget=0.3)
     print(f"\ndemo finished in {time.time() - t0:.0f}s")
     return rows
 
@@ -93,3 +96,67 @@ def _sweep(task: str, method: str, backbone: str, samples: int, epochs: int) -> 
     print(f"  best val acc {s['best']['val_accuracy']:.3f}: registered as models:/{r['name']}@{r['alias']} (version {r['version']})")
     print(f"  registry: {[(m['name'], m['aliases']) for m in list_models(settings)]}")
     print(f"  MLflow UI: mlflow ui --backend-store-uri {settings.tracking_uri}")
+
+
+def _register(model, task: str) -> None:
+    import tempfile
+
+    from .tracking.artifacts import save_adapter
+    from .tracking.runs import RunLogger, register_adapter
+    from .tracking.settings import TrackingSettings
+
+    settings = TrackingSettings.from_env()
+    with tempfile.TemporaryDirectory() as d, RunLogger(settings, "petl", run_name=f"demo {task} linear",
+                                                       tags={"petl.task": task, "petl.method": model.method}) as run:
+        save_adapter(model, d, task=task, classes=get_task(task).classes)
+        run.log_artifacts(d, "adapter")
+    mv = register_adapter(settings, run.run_id, task, tags={"task": task, "method": model.method})
+    print(f"  registered {task} ({model.method}) as models:/{task}@champion (version {mv.version})")
+
+
+def _serve(tasks: list[str], backbone: str, budget: float) -> None:
+    """Serve the registered champions with Ray Serve, send real requests over HTTP, shut down."""
+    import base64
+    import io
+    import os
+    import secrets
+
+    import httpx
+    import ray
+    from PIL import Image
+    from ray import serve
+
+    import serve_apps
+    from serve_apps.petl_app import build_app, load_config
+
+    from .training.distributed import ensure_ray
+
+    key = f"demo-{secrets.token_hex(8)}"
+    os.environ["PETL_API_KEYS"] = f"{key}=*"
+    cfg = load_config(os.path.join(os.path.dirname(serve_apps.__file__), "configs", "local.yaml"), tasks)
+    print(f"\nRay Serve: serving {', '.join(tasks)} from the registry (alias champion) on one shared backbone")
+    started = ensure_ray()
+    try:
+        serve.start(http_options={**cfg["http_options"], "host": "127.0.0.1"})
+        serve.run(build_app({**cfg["args"], "backbone": backbone}), name=cfg["name"], route_prefix="/")
+        url = f"http://127.0.0.1:{cfg['http_options'].get('port', 8000)}"
+        image = get_task(tasks[0]).splits["test"][0][0]
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        body = {"image": base64.b64encode(buf.getvalue()).decode(), "tasks": tasks}
+        with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
+            for label, extra in (("full depth", {}), (f"budget {budget:.0%}", {"budget": budget})):
+                r = c.post("/v1/predict", json={**body, **extra}).raise_for_status().json()
+                print(f"  POST {url}/v1/predict, one {tasks[0]} test image, {len(tasks)} tasks, {label}: "
+                      f"{r['latency_ms']:.0f} ms")
+                for t, a in r["results"].items():
+                    stage = f"exit stage {a['exit_stage']}, " if a["exit_stage"] else ""
+                    print(f"    {t:18} {a['method']:9} v{a['version']}: {a['label']:>6} "
+                          f"(p={a['top_k'][0]['probability']:.2f}; {stage}{a['compute']['gflops'] * 1e3:.1f} MFLOPs)")
+            bad = c.post("/v1/predict", json={**body, "tasks": ["no-such-task"]})
+            print(f"  an unknown task -> HTTP {bad.status_code}: {bad.json()['detail'][:70]}...")
+    finally:
+        serve.shutdown()
+        if started is not None:
+            ray.shutdown()
+    print("  Serve shut down")

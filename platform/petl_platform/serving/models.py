@@ -1,0 +1,144 @@
+"""Per-replica cache of task models: adapters loaded from the MLflow registry alias
+(``models:/<task>@champion``) onto the replica's one frozen backbone, LRU-evicted, refreshed when
+the alias moves (the new version is loaded before the old one is dropped, so no request is lost).
+An adapter for another backbone fingerprint, or holding NaN/inf, is refused: the task is reported
+unavailable (503) and the other tasks are unaffected."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import PetlError
+from ..tracking.artifacts import load_adapter, read_adapter_config
+from ..tracking.runs import fetch_adapter, show_model
+from ..tracking.settings import CHAMPION, TrackingSettings
+from .request import ServeError
+
+log = logging.getLogger(__name__)
+BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclass
+class TaskEntry:
+    task: str
+    model: torch.nn.Module
+    version: int
+    method: str
+    classes: list[str]
+    gflops: float  # measured full-forward GFLOPs per image
+    budget_thresholds: dict[float, list[float]] = field(default_factory=dict)  # Dyn-*: val-calibrated
+    checked_at: float = 0.0
+
+    def info(self) -> dict:
+        return {"task": self.task, "method": self.method, "version": self.version, "classes": self.classes,
+                "gflops_per_image": round(self.gflops, 6), "budgets": sorted(self.budget_thresholds)}
+
+    def thresholds_for(self, budget: float) -> list[float]:
+        if not self.budget_thresholds:
+            raise ServeError(400, f"task {self.task!r} has no calibration data on this server for a budget; "
+                                  "send an explicit threshold instead")
+        fitting = [b for b in self.budget_thresholds if b <= budget + 1e-9]
+        return self.budget_thresholds[max(fitting) if fitting else min(self.budget_thresholds)]
+
+
+def measured_gflops(model, image_size) -> float:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, *image_size, device=next(model.parameters()).device))
+    return counter.get_total_flops() / 1e9
+
+
+def budget_thresholds(model, task: str, backbone) -> dict[float, list[float]]:
+    """Exit thresholds per FLOPs budget, calibrated on the task's val split when this server has
+    the task offline; ``{}`` otherwise (requests then give explicit thresholds)."""
+    from ..data import get_task, make_transform, to_tensors
+    from ..methods.dyn_exit.calibrate import accuracy_flops_curve
+
+    try:
+        data = get_task(task)
+    except PetlError:
+        return {}
+    x, y = to_tensors(*data.splits["val"], make_transform(backbone))
+    curve = accuracy_flops_curve(model, x, y, BUDGETS)
+    return {p["budget"]: p["thresholds"] for p in curve["points"]}
+
+
+class TaskModelCache:
+    def __init__(self, backbone, settings: TrackingSettings, alias: str = CHAMPION, capacity: int = 16,
+                 refresh_s: float = 10.0):
+        self.backbone, self.settings, self.alias = backbone, settings, alias
+        self.capacity, self.refresh_s = capacity, refresh_s
+        self.entries: OrderedDict[str, TaskEntry] = OrderedDict()
+        self.unavailable: dict[str, tuple[ServeError, float]] = {}
+        self.stats = {"hits": 0, "misses": 0, "loads": 0, "refused": 0, "evictions": 0, "refreshes": 0}
+        self._lock = threading.RLock()
+
+    def get(self, task: str) -> TaskEntry:
+        now = time.monotonic()
+        with self._lock:
+            entry = self.entries.get(task)
+            if entry is not None:
+                self.stats["hits"] += 1
+                self.entries.move_to_end(task)
+                if now - entry.checked_at >= self.refresh_s:
+                    entry = self._refresh(entry, now)
+                return entry
+            self.stats["misses"] += 1
+            failed = self.unavailable.get(task)
+            if failed and now - failed[1] < self.refresh_s:
+                raise failed[0]
+            entry = self._load(task)
+            self.entries[task] = entry
+            while len(self.entries) > self.capacity:
+                self.entries.popitem(last=False)
+                self.stats["evictions"] += 1
+            return entry
+
+    def _refresh(self, entry: TaskEntry, now: float) -> TaskEntry:
+        entry.checked_at = now
+        try:
+            version = show_model(self.settings, f"{entry.task}@{self.alias}")["version"]
+        except PetlError as e:  # registry unreachable or alias removed: keep serving what we have
+            log.warning("alias check for %s failed, serving v%s: %s", entry.task, entry.version, e)
+            return entry
+        if version == entry.version:
+            return entry
+        try:
+            new = self._load(entry.task)
+        except ServeError as e:  # the new version is refused: keep the old one, report it
+            log.error("task %s: version %s refused, still serving v%s: %s", entry.task, version, entry.version, e)
+            return entry
+        self.stats["refreshes"] += 1
+        self.entries[entry.task] = new
+        return new
+
+    def _load(self, task: str) -> TaskEntry:
+        ref = f"{task}@{self.alias}"
+        try:
+            path, info = fetch_adapter(self.settings, ref)
+        except PetlError as e:
+            status = 404 if "has no version or alias" in str(e) else 503
+            raise ServeError(status, f"task {task!r}: {e}") from None
+        try:
+            model = load_adapter(path, self.backbone)
+        except PetlError as e:
+            self.stats["refused"] += 1
+            err = ServeError(503, f"task {task!r} is unavailable: version {info['version']} refused: {e}")
+            self.unavailable[task] = (err, time.monotonic())
+            raise err from None
+        self.unavailable.pop(task, None)
+        cfg = read_adapter_config(path)
+        self.stats["loads"] += 1
+        size = self.backbone.patch_embed.img_size
+        entry = TaskEntry(task, model, info["version"], cfg["method"], list(cfg.get("classes") or
+                          [str(i) for i in range(cfg["num_classes"])]), measured_gflops(model, size),
+                          checked_at=time.monotonic())
+        if hasattr(model, "predict_dynamic"):
+            entry.budget_thresholds = budget_thresholds(model, task, self.backbone)
+        return entry

@@ -1,0 +1,196 @@
+"""Integration: the Ray Serve graph on a local cluster, adapters loaded from a real MLflow registry
+over a real S3-compatible server (moto on 127.0.0.1). HTTP answers equal in-process predictions;
+multi-task equals single-task; a moved alias is served; every bad input gets its status."""
+
+import base64
+import io
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from platform_stack import free_port, platform_stack
+
+pytestmark = pytest.mark.slow
+
+KEY, LIMITED = "test-key", "digits-only"
+SERVED = {"digits-1k": "linear", "dsprites_loc-1k": "lora", "dsprites_ori-1k": "dtl", "norb_azimuth-1k": "dyn_lora",
+          "clevr_count-1k": "dyt"}
+HPARAMS = {"dtl": {"m": 2}, "lora": {"rank": 2}}
+BROKEN = {"fashion_mnist-1k": "nan", "letters-1k": "fingerprint"}
+
+
+def _register(settings, backbone, task, method, seed=0, hparams=None, poison=None):
+    """Train ``method`` on ``task`` for an epoch, log the adapter to an MLflow run, register it."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from petl_platform.tracking.artifacts import save_adapter
+    from petl_platform.tracking.runs import RunLogger, register_adapter
+    from petl_platform.training.run import finetune
+
+    model, _ = finetune(task, method, backbone, hparams=hparams or HPARAMS.get(method, {}), backbone_model=backbone,
+                        train_overrides={"epochs": 1, "seed": seed, "progress": False, "batch_size": 64})
+    with tempfile.TemporaryDirectory() as d:
+        save_adapter(model, d, task=task, classes=[str(c) for c in range(model.num_classes)])
+        if poison == "nan":
+            state = load_file(f"{d}/adapter.safetensors")
+            state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+            save_file(state, f"{d}/adapter.safetensors")
+        with RunLogger(settings, "serving-tests", run_name=f"{task}-{method}") as run:
+            run.log_artifacts(d, "adapter")
+        return model, register_adapter(settings, run.run_id, task)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import httpx
+    import ray
+    from ray import serve
+
+    from petl_platform import create_backbone
+    from petl_platform.training.distributed import ensure_ray
+    from platform_stack import TINY
+
+    with platform_stack(tmp_path_factory.mktemp("serve")) as st:
+        import os
+
+        os.environ["PETL_API_KEYS"] = f"{KEY}=*;{LIMITED}=digits-1k"
+        bb = create_backbone(st["backbone"])
+        models = {t: _register(st["settings"], bb, t, m)[0] for t, m in SERVED.items()}
+        _register(st["settings"], bb, "fashion_mnist-1k", "linear", poison="nan")
+        torch.manual_seed(123)
+        other = create_backbone("vit_tiny_patch16_224", **TINY)  # another fingerprint
+        _register(st["settings"], other, "letters-1k", "linear")
+        ensure_ray(num_cpus=2)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        from serve_apps.petl_app import build_app
+
+        serve.run(build_app({"tasks": [*SERVED, *BROKEN], "backbone": st["backbone"], "refresh_s": 1,
+                             "max_body_mb": 0.25}), name="petl", route_prefix="/")
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                              headers={"Authorization": f"Bearer {KEY}"})
+        try:
+            yield {**st, "client": client, "models": models, "bb": bb}
+        finally:
+            client.close()
+            serve.shutdown()
+            ray.shutdown()
+
+
+def _png(seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _predict(client, tasks, image=None, **knobs):
+    image = image if image is not None else _png()
+    body = {"image": base64.b64encode(image).decode(), "tasks": tasks, **knobs}
+    return client.post("/v1/predict", json=body)
+
+
+def _local(served, task, image, **knobs):
+    from petl_platform.data import make_transform
+
+    x = make_transform(served["bb"])(Image.open(io.BytesIO(image)).convert("RGB"))[None]
+    model = served["models"][task].eval()
+    with torch.inference_mode():
+        if hasattr(model, "predict_dynamic"):
+            out = model.predict_dynamic(x)
+            return out["logits"][0], int(out["exit_stage"][0])
+        if hasattr(model, "last_stats"):
+            return model.infer(x)[0][0], None
+        return model(x)[0], None
+
+
+def test_http_answers_equal_in_process_predictions(served):
+    for seed in range(2):
+        image = _png(seed)
+        for task in SERVED:
+            r = _predict(served["client"], [task], image, top_k=3)
+            assert r.status_code == 200, r.text
+            got = r.json()["results"][task]
+            logits, stage = _local(served, task, image)
+            probs = logits.float().softmax(-1)
+            assert got["label"] == str(int(probs.argmax())), task
+            assert abs(got["top_k"][0]["probability"] - float(probs.max())) < 1e-4, task
+            assert got["method"] == SERVED[task] and got["version"] == 1
+            assert got["exit_stage"] == stage
+            assert got["compute"]["gflops"] > 0
+
+
+def test_multi_task_request_equals_single_task_requests(served):
+    image = _png(7)
+    tasks = list(SERVED)
+    multi = _predict(served["client"], tasks, image)
+    assert multi.status_code == 200, multi.text
+    for t in tasks:
+        single = _predict(served["client"], [t], image).json()["results"][t]
+        assert multi.json()["results"][t]["top_k"] == single["top_k"], t
+    # an early-exit task honours a per-request budget / threshold and reports what it spent
+    low = _predict(served["client"], ["norb_azimuth-1k"], image, threshold=0.01).json()["results"]["norb_azimuth-1k"]
+    high = _predict(served["client"], ["norb_azimuth-1k"], image, threshold=1.0).json()["results"]["norb_azimuth-1k"]
+    assert low["exit_stage"] == 1 and high["exit_stage"] == 4
+    assert low["compute"]["gflops"] < high["compute"]["gflops"]
+    assert _predict(served["client"], ["norb_azimuth-1k"], image, budget=0.5).status_code == 200
+    dense = _predict(served["client"], ["clevr_count-1k"], image, ratio=1.0).json()["results"]["clevr_count-1k"]
+    sparse = _predict(served["client"], ["clevr_count-1k"], image, ratio=0.25).json()["results"]["clevr_count-1k"]
+    assert sparse["compute"]["gflops"] < dense["compute"]["gflops"]
+
+
+def test_moved_alias_is_served(served):
+    _, mv = _register(served["settings"], served["bb"], "digits-1k", "linear", seed=5)
+    assert int(mv.version) == 2
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        got = _predict(served["client"], ["digits-1k"]).json()["results"]["digits-1k"]
+        if got["version"] == 2:
+            break
+        time.sleep(0.5)
+    assert got["version"] == 2
+
+
+def test_bad_inputs_get_their_status_codes(served):
+    c = served["client"]
+    png = _png()
+    assert c.post("/v1/predict", json={}, headers={"Authorization": ""}).status_code == 401
+    assert c.post("/v1/predict", json={}, headers={"Authorization": "Bearer nope"}).status_code == 401
+    limited = _predict(c, ["dsprites_loc-1k"]).request.headers.copy()
+    r = c.post("/v1/predict", json={"image": base64.b64encode(png).decode(), "tasks": ["dsprites_loc-1k"]},
+               headers={"Authorization": f"Bearer {LIMITED}"})
+    assert r.status_code == 403 and "dsprites_loc-1k" in r.json()["detail"]
+    assert limited  # the unrestricted key's request went through above
+    assert c.post("/v1/predict", content=b"hello", headers={"content-type": "text/plain"}).status_code == 415
+    r = c.post("/v1/predict", files={"image": ("x.png", b"\0" * 300_000, "image/png")}, data={"tasks": "digits-1k"})
+    assert r.status_code == 413
+    r = _predict(c, ["digits-1k"], b"not an image at all")
+    assert r.status_code == 400 and "not a readable image" in r.json()["detail"]
+    r = _predict(c, ["digits-1k"], png[: len(png) // 2])
+    assert r.status_code == 400
+    r = _predict(c, ["nope"])
+    assert r.status_code == 404 and "digits-1k" in r.json()["detail"]
+    r = _predict(c, ["digits-1k"], budget=2)
+    assert r.status_code == 400 and "budget" in r.json()["detail"]
+    r = c.post("/v1/predict", files={"image": ("x.png", png, "image/png")}, data={"tasks": "digits-1k"})
+    assert r.status_code == 200  # multipart works too
+    for task, why in (("fashion_mnist-1k", "NaN"), ("letters-1k", "fingerprint")):
+        r = _predict(c, [task])
+        assert r.status_code == 503 and why in r.json()["detail"], r.text
+    r = _predict(c, ["digits-1k", "fashion_mnist-1k"])
+    assert r.status_code == 503 and r.json()["results"]["digits-1k"]["label"]  # others unaffected
+    assert _predict(c, ["digits-1k"]).status_code == 200
+
+
+def test_task_listing_health_and_docs(served):
+    c = served["client"]
+    assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+    tasks = {t["task"]: t for t in c.get("/v1/tasks").json()["tasks"]}
+    assert tasks["norb_azimuth-1k"]["method"] == "dyn_lora" and tasks["digits-1k"]["alias"] == "champion"
+    assert c.get("/v1/tasks", headers={"Authorization": ""}).status_code == 401
+    assert "/v1/predict" in c.get("/openapi.json").json()["paths"]
