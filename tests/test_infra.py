@@ -17,7 +17,8 @@ DOTENV = dict(line.split("=", 1) for line in (COMPOSE.parent / ".env.example").r
               if line.strip() and not line.startswith("#"))
 VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 SERVICES = yaml.safe_load(COMPOSE.read_text())["services"]
-K8S = {d["kind"]: d for f in (ROOT / "infra" / "k8s").glob("*.yaml") for d in yaml.safe_load_all(f.read_text()) if d}
+K8S = {d["kind"]: d for f in (ROOT / "infra" / "k8s").glob("*.yaml") for d in yaml.safe_load_all(f.read_text())
+       if d and d["metadata"]["name"] != "petl-api-keys"}  # the MLflow/S3 Secret, not the API keys
 CLUSTERS = {"RayCluster": K8S["RayCluster"]["spec"], "RayJob": K8S["RayJob"]["spec"]["rayClusterSpec"]}
 
 

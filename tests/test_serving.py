@@ -194,3 +194,48 @@ def test_task_listing_health_and_docs(served):
     assert tasks["norb_azimuth-1k"]["method"] == "dyn_lora" and tasks["digits-1k"]["alias"] == "champion"
     assert c.get("/v1/tasks", headers={"Authorization": ""}).status_code == 401
     assert "/v1/predict" in c.get("/openapi.json").json()["paths"]
+
+
+def test_busy_deployment_scales_up_under_load_and_back_down(served):
+    """TrunkBackbone with a small autoscaling target: sustained load adds a replica, idleness removes it."""
+    import threading
+
+    from ray import serve
+
+    from serve_apps.petl_app import build_app
+
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+               "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 1}
+    serve.run(build_app({"tasks": list(SERVED), "backbone": served["backbone"], "refresh_s": 1,
+                         "deployment_options": [{"name": "TrunkBackbone", "autoscaling_config": scaling,
+                                                 "max_ongoing_requests": 4}]}), name="petl", route_prefix="/")
+
+    def running() -> int:
+        states = serve.status().applications["petl"].deployments["TrunkBackbone"].replica_states
+        return states.get("RUNNING", 0)
+
+    stop, seen = threading.Event(), []
+
+    def load():
+        import httpx
+
+        with httpx.Client(base_url=str(served["client"].base_url), timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as c:
+            while not stop.is_set():
+                _predict(c, ["digits-1k", "dsprites_ori-1k"])
+
+    workers = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+    for w in workers:
+        w.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and max(seen, default=0) < 2:
+        seen.append(running())
+        time.sleep(0.5)
+    stop.set()
+    for w in workers:
+        w.join(30)
+    assert max(seen) == 2, f"never scaled up: {seen}"
+    deadline = time.time() + 60
+    while time.time() < deadline and running() != 1:
+        time.sleep(0.5)
+    assert running() == 1, "did not scale back down after the load"

@@ -1,0 +1,119 @@
+"""infra/k8s/rayservice.yaml agrees with serve_apps (config, app module), the Dockerfile and the manifests."""
+
+import importlib
+import inspect
+import json
+import re
+from pathlib import Path, PurePosixPath
+
+import yaml
+from ray.serve import Deployment
+
+import serve_apps.petl_app as petl_app
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [d for f in sorted((ROOT / "infra" / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+SECRETS = {d["metadata"]["name"]: d for d in DOCS if d["kind"] == "Secret"}
+SERVICE = next(d["spec"] for d in DOCS if d["kind"] == "RayService" and d["metadata"]["name"] == "petl-serve")
+CLUSTER = SERVICE["rayClusterConfig"]
+IN_CLUSTER = yaml.safe_load(SERVICE["serveConfigV2"])
+LOCAL = yaml.safe_load((ROOT / "serve_apps" / "configs" / "local.yaml").read_text())
+CONFIGS = {"rayservice.yaml": IN_CLUSTER, "local.yaml": LOCAL}
+DOCKERFILE = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
+GROUPS = (CLUSTER["headGroupSpec"], *CLUSTER["workerGroupSpecs"])
+CONTAINERS = [(g, c) for g in GROUPS for c in g["template"]["spec"]["containers"]]  # (group, container), head first
+
+
+def apps(cfg: dict) -> dict[str, dict]:
+    return {a["name"]: a for a in cfg["applications"]}
+
+
+def deployments(cfg: dict) -> dict[tuple[str, str], dict]:  # (app, deployment) -> options
+    return {(a, d["name"]): d for a, app in apps(cfg).items() for d in app["deployments"]}
+
+
+def walk(node):  # every dict in a parsed YAML tree
+    if isinstance(node, dict):
+        yield node
+    for v in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
+        yield from walk(v)
+
+
+def test_same_applications_whose_import_paths_resolve():
+    assert set(apps(IN_CLUSTER)) == set(apps(LOCAL))
+    assert {a["import_path"] for a in IN_CLUSTER["applications"]} == {a["import_path"] for a in LOCAL["applications"]}
+    for name, app in apps(IN_CLUSTER).items():
+        module, attr = app["import_path"].split(":")
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
+        assert callable(getattr(importlib.import_module(module), attr, None)), app["import_path"]
+        args, local_args = dict(app["args"]), dict(apps(LOCAL)[name]["args"])
+        assert args.pop("tasks") and local_args.pop("tasks"), name  # both serve some task
+        assert args == local_args, name  # only `tasks` may differ
+
+
+def test_deployment_names_are_the_deployments_of_the_module():
+    defined = {v.name for v in vars(petl_app).values() if isinstance(v, Deployment)}
+    for name in defined:
+        assert getattr(petl_app, name).name == name  # Ingress = serve.deployment(name="Ingress")(...)
+    for file, cfg in CONFIGS.items():
+        for app in cfg["applications"]:
+            assert {d["name"] for d in app["deployments"]} == defined, (file, app["name"])
+
+
+def test_autoscaling_is_sane_and_identical():
+    assert set(deployments(IN_CLUSTER)) == set(deployments(LOCAL))
+    for file, cfg in CONFIGS.items():
+        for key, d in deployments(cfg).items():
+            auto = d.get("autoscaling_config") or {}
+            assert 0 <= auto.get("min_replicas", -1) <= auto.get("max_replicas", -2), (file, key)
+            assert auto.get("target_ongoing_requests", 0) > 0, (file, key)
+    for key, d in deployments(IN_CLUSTER).items():
+        assert d["autoscaling_config"] == deployments(LOCAL)[key]["autoscaling_config"], key
+
+
+def test_user_config_keys_are_read_by_reconfigure():
+    source = inspect.getsource(petl_app._Replica.reconfigure)
+    for file, cfg in CONFIGS.items():  # local.yaml, and the copy in rayservice.yaml
+        keys = {k for d in deployments(cfg).values() for k in d.get("user_config") or {}}
+        assert keys, file
+        for k in keys:
+            assert re.search(rf"""["']{re.escape(k)}["']""", source), (file, k)
+
+
+def test_http_options_runtime_env_and_image():
+    http = IN_CLUSTER["http_options"]
+    assert http["host"] == "0.0.0.0"  # reachable through the serve Service, not only from the pod
+    assert any(p["containerPort"] == http.get("port", 8000) == 8000 for p in CONTAINERS[0][1]["ports"])  # head
+    assert re.search(r"^WORKDIR /app$", DOCKERFILE, re.M) and re.search(r"^COPY \. \.$", DOCKERFILE, re.M)
+    for app in IN_CLUSTER["applications"]:
+        assert app["runtime_env"]["env_vars"]["PYTHONPATH"] == "/app", app["name"]  # the repo root in the image
+    assert CLUSTER["rayVersion"] == re.search(r"^ARG RAY_VERSION=(\S+)", DOCKERFILE, re.M)[1]
+    gpus = [c["resources"]["limits"].get("nvidia.com/gpu", 0) for _, c in CONTAINERS[1:]]
+    assert max(gpus) >= 1 and min(gpus) == 0  # a GPU group and a CPU group
+
+
+def test_secret_refs_and_api_keys_mount():
+    for group, c in CONTAINERS:
+        volumes = {v["name"]: v for v in group["template"]["spec"].get("volumes", [])}
+        refs = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
+        refs += [e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+        refs += [v["secret"]["secretName"] for v in volumes.values() if "secret" in v]
+        assert "petl-mlflow-s3" in refs and set(refs) <= set(SECRETS), (c["name"], refs)
+        path = PurePosixPath(next(e["value"] for e in c["env"] if e["name"] == "PETL_API_KEYS_FILE"))
+        mount = next((m for m in c.get("volumeMounts", []) if path.is_relative_to(m["mountPath"])), None)
+        assert mount is not None, (c["name"], str(path))
+        secret = SECRETS[volumes[mount["name"]]["secret"]["secretName"]]
+        file = str(path.relative_to(mount["mountPath"]))  # the key of the Secret that becomes the file
+        assert secret["metadata"]["name"] == "petl-api-keys" and file in secret["stringData"], (c["name"], file)
+        keys = json.loads(secret["stringData"][file])
+        assert keys and all(v == "*" or isinstance(v, list) for v in keys.values())
+
+
+def test_token_auth_stays_on():
+    assert CLUSTER["authOptions"]["mode"] == "token"
+    for node in walk([*DOCS, IN_CLUSTER]):
+        assert str(node.get("RAY_AUTH_MODE", "")).lower() != "disabled", node
+        assert not (node.get("name") == "RAY_AUTH_MODE" and str(node.get("value")).lower() == "disabled"), node
+        assert str((node.get("authOptions") or {}).get("mode", "")).lower() != "disabled", node
+    for f in (p for p in (ROOT / "infra").rglob("*") if p.is_file()):
+        assert not re.search(r"RAY_AUTH_MODE\W+(?:value\W+)?disabled", f.read_text(errors="ignore"), re.I), f
