@@ -239,3 +239,31 @@ def test_busy_deployment_scales_up_under_load_and_back_down(served):
     while time.time() < deadline and running() != 1:
         time.sleep(0.5)
     assert running() == 1, "did not scale back down after the load"
+
+
+def test_overload_is_refused_fast_not_hung(served):
+    """Beyond max_ongoing_requests + max_queued_requests the ingress answers 503 at once; every
+    request gets an answer (200 or 503), none hangs or vanishes."""
+    import concurrent.futures as cf
+
+    import httpx
+    from ray import serve
+
+    from serve_apps.petl_app import build_app
+
+    serve.run(build_app({"tasks": list(SERVED), "backbone": served["backbone"],
+                         "deployment_options": [{"name": "Ingress", "max_ongoing_requests": 1,
+                                                 "max_queued_requests": 1}]}), name="petl", route_prefix="/")
+    body = {"image": base64.b64encode(_png()).decode(), "tasks": list(SERVED)}
+
+    def call(_):
+        with httpx.Client(base_url=str(served["client"].base_url), timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"}) as c:
+            t0 = time.time()
+            return c.post("/v1/predict", json=body).status_code, time.time() - t0
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(call, range(24)))
+    codes = [c for c, _ in results]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 1, codes
+    assert max(t for c, t in results if c == 503) < 10  # refused quickly
