@@ -11,7 +11,8 @@ every deployment's replicas, autoscaling, queue limits and batch settings).
              ├─► EarlyExitRouter     Dyn-* tasks: stage by stage, exited samples leave the batch;
              │                       per-request budget / threshold
              ├─► TokenDispatchRouter DyT tasks: only the dispatcher's active tokens reach the frozen
-             │                       MLP (one gathered call per layer per batch); per-request ratio
+             │                       MLP, those of every task in the batch in ONE call per layer;
+             │                       per-request ratio
              └─► TaskAdapters        LoRA / Adapter / RepAdapter / ARC: @serve.multiplexed by task
 Every replica holds the frozen weights once and loads task adapters from the MLflow registry alias
 (``models:/<task>@champion``) on demand: LRU-cached, refreshed when the alias moves, refused (503
@@ -38,6 +39,7 @@ from petl_platform.data import make_transform
 from petl_platform.errors import PetlError
 from petl_platform.methods import get_method
 from petl_platform.methods.base import run_trunk
+from petl_platform.methods.dyt.mixed import infer_mixed
 from petl_platform.serving import ApiKeys, ServeError, TaskModelCache, answer, decode_image, parse_knobs
 from petl_platform.serving.request import parse_tasks
 from petl_platform.tracking.settings import CHAMPION, TrackingSettings
@@ -225,14 +227,20 @@ class _TokenDispatchRouter(_Replica):
             except ServeError as err:
                 out[i] = _error(err)
                 ok.append(None)
-        for (t, ratio), rows in _group(ok, [k.get("ratio") for k in knobs]).items():
-            if t is None:
-                continue
-            e = self.entry(t)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                logits, info = e.model.infer(torch.stack([xs[i] for i in rows]), ratio=ratio)
-            self.m_latency.observe(1000 * (time.perf_counter() - t0), tags={"task": t})
+        groups = [(t, ratio, rows) for (t, ratio), rows in _group(ok, [k.get("ratio") for k in knobs]).items()
+                  if t is not None]
+        entries = [self.entry(t) for t, _, _ in groups]
+        batches = [torch.stack([xs[i] for i in rows]) for _, _, rows in groups]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if all(e.model.config.dispatch == "mlp" for e in entries):
+                # every task's active tokens of a layer through ONE frozen MLP call
+                answers = infer_mixed([e.model for e in entries], batches, [r for _, r, _ in groups])
+            else:
+                answers = [e.model.infer(x, ratio=r) for e, x, (_, r, _) in zip(entries, batches, groups)]
+        ms = 1000 * (time.perf_counter() - t0)
+        for e, (t, _, rows), (logits, info) in zip(entries, groups, answers):
+            self.m_latency.observe(ms, tags={"task": t})
             self.m_rate.observe(info["activation_rate"], tags={"task": t})
             per_image = 2 * info["flops"] / len(rows) / 1e9  # multiply-accumulates -> FLOPs
             for j, i in enumerate(rows):

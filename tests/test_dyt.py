@@ -243,3 +243,27 @@ def test_save_load_round_trip_keeps_dispatcher_and_moe(tiny_backbone, images, tm
         for ratio in (None, 0.4):
             assert torch.equal(loaded(images, ratio=ratio), model(images, ratio=ratio))
             assert loaded.last_stats() == model.last_stats()
+
+
+def test_cross_task_dispatch_equals_each_task_alone(tiny_backbone, images):
+    """Three DyT tasks (different dispatchers, adapters, ratios) in one pass: every layer's frozen MLP
+    runs once on the active tokens of all tasks, and each task's answer equals its own infer."""
+    from petl_platform.methods.dyt.mixed import infer_mixed
+
+    models = [make(tiny_backbone, seed=s).eval() for s in (0, 1, 2)]
+    xs = [images, images[:2], torch.flip(images, dims=[0])]
+    ratios = [None, 0.25, 0.75]
+    calls = []
+    hook = models[0].vit.blocks[0].mlp.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    try:
+        mixed = infer_mixed(models, xs, ratios)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # block 0's frozen MLP: one call for the three tasks
+    for m, x, r, (logits, stats) in zip(models, xs, ratios, mixed):
+        alone, info = m.infer(x, ratio=r)
+        assert torch.allclose(logits, alone, atol=1e-5)
+        assert stats["flops"] == info["flops"] and stats["activation_rate"] == info["activation_rate"]
+    patches = 64  # 32 px / patch 4: 8 x 8, plus one class token per image
+    active = sum(len(x) * (1 + patches * st["activation_rate_per_layer"][0]) for x, (_, st) in zip(xs, mixed))
+    assert calls[0] == round(active) < sum(len(x) for x in xs) * (patches + 1)  # only active tokens ran

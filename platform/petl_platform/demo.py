@@ -145,7 +145,7 @@ def _serve(tasks: list[str], backbone: str, budget: float) -> None:
         Image.fromarray(image).save(buf, format="PNG")
         body = {"image": base64.b64encode(buf.getvalue()).decode(), "tasks": tasks}
         with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
-            for label, extra in (("full depth", {}), (f"budget {budget:.0%}", {"budget": budget})):
+            for label, extra in (("exits as trained", {}), (f"budget {budget:.0%}", {"budget": budget})):
                 r = c.post("/v1/predict", json={**body, **extra}).raise_for_status().json()
                 print(f"  POST {url}/v1/predict, one {tasks[0]} test image, {len(tasks)} tasks, {label}: "
                       f"{r['latency_ms']:.0f} ms")

@@ -172,6 +172,7 @@ def fetch_adapter(settings: TrackingSettings, ref: str, dst: str | None = None) 
     returns ``(path, version_info)``. Works for every artifact store MLflow can read (S3 included)."""
     import mlflow.artifacts
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # adapters are small; no bars in logs
     info = show_model(settings, ref)
     dst = dst or tempfile.mkdtemp(prefix=f"petl-{info['name']}-v{info['version']}-")
     os.makedirs(dst, exist_ok=True)
