@@ -78,7 +78,8 @@ def test_cli_bad_input_one_line_nonzero(args, message):
 
 
 def test_cli_train_json(tmp_path):
-    r = _petl("train", "--task", "digits-1k", "--method", "linear", "--epochs", "2", "--json", "--out", str(tmp_path / "a"))
+    r = _petl("train", "--local", "--task", "digits-1k", "--method", "linear", "--epochs", "2", "--json",
+              "--out", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"accuracy", "trainable_params", "wall_s", "peak_mem_mb"} <= set(out)

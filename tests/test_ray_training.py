@@ -43,7 +43,8 @@ def test_two_worker_ray_train_logs_to_mlflow_and_s3(stack):
 
     out = run_train("digits-1k", "lora", stack["backbone"], stack["settings"], hparams={"rank": 2},
                     train={"epochs": 2, "batch_size": 32}, workers=2, name="train-2w")
-    assert out["workers"] == 2 and 0.0 <= out["test_accuracy"] <= 1.0
+    assert out["workers"] == 2 and 0.0 <= out["test_accuracy"] == out["accuracy"] <= 1.0
+    assert out["trainable_params"] > 0 and out["peak_mem_mb"] > 0 and out["wall_s"] > 0
     run = _client(stack).get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["petl.world_size"] == "2" and run.data.tags["petl.method"] == "lora"

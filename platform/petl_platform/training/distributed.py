@@ -91,12 +91,16 @@ def run_train(task: str, method: str, backbone: str, settings: TrackingSettings,
     from .run import train_config
     from .trial import ray_train_worker, trial_config
 
+    from ..backbones import create_backbone
+
     check_task_name(task)
     get_method(method).config_cls.from_dict(hparams or {}, method)
     train_config(method, train or {})
+    create_backbone(backbone)  # an unknown name or a bad weights file fails here, not on a worker
     if workers < 1:
         raise PetlError("--workers must be >= 1")
     settings.prepare()
+    t0 = time.time()
     started = ensure_ray(address, num_cpus=None)
     try:
         import ray.train
@@ -118,7 +122,8 @@ def run_train(task: str, method: str, backbone: str, settings: TrackingSettings,
         except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the worker's exception
             raise ray_error(e) from None
         out = dict(result.metrics or {})
-        out.update(task=task, method=method, workers=workers, name=name,
+        out.update(accuracy=out.get("test_accuracy"), wall_s=round(time.time() - t0, 2), task=task, method=method,
+                   workers=workers, name=name,
                    checkpoint=result.checkpoint.path if result.checkpoint else None)
         return out
     finally:

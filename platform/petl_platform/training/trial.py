@@ -17,7 +17,7 @@ from pathlib import Path
 from ..tracking.artifacts import save_adapter
 from ..tracking.runs import ADAPTER_PATH, RunLogger
 from ..tracking.settings import TrackingSettings
-from .loop import TrainConfig, train
+from .loop import TrainConfig, peak_memory_mb, train
 from .measure import accuracy, inference_metrics
 from .run import dynamic_summary, prepare_finetune
 
@@ -80,6 +80,8 @@ def run_trial(config: dict, *, report, get_checkpoint, checkpoint_cls, rank: int
             metrics.update(inference_metrics(model, *tensors["val"]))
             if final:
                 metrics["test_accuracy"] = accuracy(model, *tensors["test"])
+                metrics["trainable_params"] = model.num_trainable()
+                metrics["peak_mem_mb"] = peak_memory_mb(next(model.parameters()).device)
                 summary = dynamic_summary(model, tensors, config.get("budget"))
                 if "calibration" in summary:
                     metrics["budget_test_accuracy"] = summary["dynamic_test"]["accuracy"]
