@@ -384,15 +384,18 @@ class _Ingress:
             elif role in ("early_exit", "token_dispatch"):
                 calls[t] = self.handles[role].run.remote(x, t, knobs)
         keys = [k for k, c in calls.items() if c is not None]
-        done = dict(zip(keys, await asyncio.gather(*(calls[k] for k in keys))))
+        done = dict(zip(keys, await asyncio.gather(*(calls[k] for k in keys), return_exceptions=True)))
         results = {}
         for t in tasks:
+            got = done.get("__trunk__" if roles[t] == "trunk" else t)
             if roles[t] is None:
                 results[t] = {"error": 503, "detail": f"task {t!r} is unavailable: {self.catalog[t]['error']}"}
-            elif roles[t] == "trunk":
-                results[t] = done["__trunk__"][t]
+            elif isinstance(got, BaseException):  # e.g. the replica died mid-request: retryable
+                log.warning("task %s failed downstream: %s", t, got)
+                results[t] = {"error": 503, "detail": f"task {t!r}: the serving replica failed; retry "
+                                                      f"({type(got).__name__})"}
             else:
-                results[t] = done[t]
+                results[t] = dict(got[t]) if roles[t] == "trunk" else got
             results[t]["task"] = t
         return results
 
