@@ -48,6 +48,9 @@ bench: venv
 	$(PY) bench/p3_token_dispatch.py
 	$(PY) bench/p4_train_memory.py
 	$(PY) bench/dyt_curve.py
+	$(PY) bench/p7_asha_vs_grid.py
+	$(PY) bench/serve_load.py
+	$(PY) bench/colocation_hop.py
 
 # Rebuild the shipped backbone and its model card (about 25 min on 2 CPU cores).
 pretrain: venv
