@@ -66,14 +66,12 @@ class _Replica:
     def __init__(self, backbone: str = SHIPPED, alias: str = CHAMPION, capacity: int = 16, refresh_s: float = 10.0):
         self.backbone = create_backbone(backbone)
         self.cache = TaskModelCache(self.backbone, TrackingSettings.from_env(), alias, capacity, refresh_s)
-        name = type(self).__name__
         self.m_cache = Gauge("petl_adapter_cache", description="adapter cache hits/misses/loads/refused per replica",
                              tag_keys=("kind",))
         self.m_latency = Histogram("petl_task_latency_ms", description="per-task compute latency in the replica",
                                    boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000], tag_keys=("task",))
         self.m_batch = Histogram("petl_batch_size", description="batch sizes formed by the batcher "
                                  "(Serve adds the deployment tag)", boundaries=[1, 2, 4, 8, 16, 32, 64])
-        self.name = name
 
     def reconfigure(self, config: dict) -> None:
         """Serve YAML ``user_config``: the batch size and wait timeout of this deployment's batcher."""

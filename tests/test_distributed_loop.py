@@ -3,7 +3,6 @@ with the same weights on both ranks and the same weights as one process on the w
 
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

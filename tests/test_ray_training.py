@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from platform_stack import BUCKET, platform_stack, s3_keys
+from platform_stack import platform_stack, s3_keys
 
 pytestmark = pytest.mark.slow
 
