@@ -40,8 +40,7 @@ def _register_many(settings, bb, n_linear: int, dyn_task: str):
     import torch
 
     from petl_platform.data import get_task
-    from petl_platform.tracking.artifacts import save_adapter
-    from petl_platform.tracking.runs import RunLogger, register_adapter
+    from petl_platform.tracking.runs import log_and_register
     from petl_platform.training.run import finetune
 
     probe, _ = finetune("digits-1k", "linear", bb.petl_name, backbone_model=bb,
@@ -54,10 +53,7 @@ def _register_many(settings, bb, n_linear: int, dyn_task: str):
         if i < n_linear:
             torch.manual_seed(i)
             torch.nn.init.normal_(probe.head.weight, std=0.02)
-        with tempfile.TemporaryDirectory() as d, RunLogger(settings, "bench", run_name=task) as run:
-            save_adapter(model, d, task=task, classes=get_task("digits-1k" if i < n_linear else dyn_task).classes)
-            run.log_artifacts(d, "adapter")
-        register_adapter(settings, run.run_id, task)
+        log_and_register(settings, model, task, get_task("digits-1k" if i < n_linear else dyn_task).classes, "bench")
         names.append(task)
     return names[:-1]
 

@@ -87,25 +87,23 @@ class _Replica:
             for kind, v in self.cache.stats.items():
                 self.m_cache.set(v, tags={"kind": kind})
 
-    def task_info(self, task: str) -> dict:
-        try:
-            return self.entry(task).info()
-        except ServeError as e:
-            return _error(e)
+    def entries(self, tasks) -> tuple[dict, dict]:
+        """The cached entry of each distinct task of a batch, and the error of each unavailable one."""
+        good, bad = {}, {}
+        for t in dict.fromkeys(tasks):
+            try:
+                good[t] = self.entry(t)
+            except ServeError as e:
+                bad[t] = _error(e)
+        return good, bad
 
 
 class _TrunkBackbone(_Replica):
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def run(self, xs: list[torch.Tensor], tasks: list[list[str]], top_ks: list[int]) -> list[dict]:
         self.m_batch.observe(len(xs))
-        entries, out = {}, [dict() for _ in xs]
-        for t in {t for ts in tasks for t in ts}:
-            try:
-                entries[t] = self.entry(t)
-            except ServeError as e:
-                for i, ts in enumerate(tasks):
-                    if t in ts:
-                        out[i][t] = _error(e)
+        entries, bad = self.entries(t for ts in tasks for t in ts)
+        out = [{t: bad[t] for t in ts if t in bad} for ts in tasks]
         if not entries:
             return out
         t0 = time.perf_counter()
@@ -150,13 +148,6 @@ class _TaskAdapters(_Replica):
                       compute={"gflops": e.gflops, "flops_fraction": 1.0})
 
 
-def _group(tasks, keys) -> dict:
-    groups = defaultdict(list)
-    for i, key in enumerate(zip(tasks, keys)):
-        groups[key].append(i)
-    return groups
-
-
 class _EarlyExitRouter(_Replica):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -180,18 +171,18 @@ class _EarlyExitRouter(_Replica):
 
         self.m_batch.observe(len(xs))
         out: list[dict] = [{} for _ in xs]
-        keyed = []
+        entries, bad = self.entries(tasks)
+        groups = defaultdict(list)  # (task, thresholds) -> rows: one predict_dynamic call each
         for i, (t, k) in enumerate(zip(tasks, knobs)):
             try:
-                e = self.entry(t)
-                keyed.append((t, self._thresholds(e, k)))
+                if t in bad:
+                    out[i] = bad[t]
+                else:
+                    groups[(t, self._thresholds(entries[t], k))].append(i)
             except ServeError as err:
                 out[i] = _error(err)
-                keyed.append(None)
-        for (t, thr), rows in _group([k and k[0] for k in keyed], [k and k[1] for k in keyed]).items():
-            if t is None:
-                continue
-            e = self.entry(t)
+        for (t, thr), rows in groups.items():
+            e = entries[t]
             t0 = time.perf_counter()
             with torch.inference_mode():
                 res = e.model.predict_dynamic(torch.stack([xs[i] for i in rows]), list(thr) if thr else None)
@@ -217,17 +208,15 @@ class _TokenDispatchRouter(_Replica):
     async def run(self, xs: list[torch.Tensor], tasks: list[str], knobs: list[dict]) -> list[dict]:
         self.m_batch.observe(len(xs))
         out: list[dict] = [{} for _ in xs]
-        ok = []
-        for i, t in enumerate(tasks):
-            try:
-                self.entry(t)
-                ok.append(t)
-            except ServeError as err:
-                out[i] = _error(err)
-                ok.append(None)
-        groups = [(t, ratio, rows) for (t, ratio), rows in _group(ok, [k.get("ratio") for k in knobs]).items()
-                  if t is not None]
-        entries = [self.entry(t) for t, _, _ in groups]
+        cached, bad = self.entries(tasks)
+        by_key = defaultdict(list)  # (task, ratio) -> rows
+        for i, (t, k) in enumerate(zip(tasks, knobs)):
+            if t in bad:
+                out[i] = bad[t]
+            else:
+                by_key[(t, k.get("ratio"))].append(i)
+        groups = [(t, ratio, rows) for (t, ratio), rows in by_key.items()]
+        entries = [cached[t] for t, _, _ in groups]
         batches = [torch.stack([xs[i] for i in rows]) for _, _, rows in groups]
         t0 = time.perf_counter()
         with torch.inference_mode():

@@ -92,3 +92,10 @@ def test_failed_run_is_marked_failed_and_keeps_its_metrics(tmp_path):
     got = mlflow.MlflowClient(settings.tracking_uri).get_run(run.run_id)
     assert got.info.status == "FAILED" and got.data.tags["petl.failure"] == "ValueError: disk full"
     assert got.data.metrics["val_accuracy"] == 0.5
+
+
+def test_budget_for_a_static_method_fails_before_training(capsys):
+    for cmd in ("train", "sweep"):
+        assert main([cmd, "--task", "digits-1k", "--method", "lora", "--budget", "0.5"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("petl: error: ")]
+    assert len(err) == 2 and all("--budget applies to early-exit methods" in line for line in err)

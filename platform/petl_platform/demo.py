@@ -99,18 +99,11 @@ def _sweep(task: str, method: str, backbone: str, samples: int, epochs: int) -> 
 
 
 def _register(model, task: str) -> None:
-    import tempfile
-
-    from .tracking.artifacts import save_adapter
-    from .tracking.runs import RunLogger, register_adapter
+    from .tracking.runs import log_and_register
     from .tracking.settings import TrackingSettings
 
-    settings = TrackingSettings.from_env()
-    with tempfile.TemporaryDirectory() as d, RunLogger(settings, "petl", run_name=f"demo {task} linear",
-                                                       tags={"petl.task": task, "petl.method": model.method}) as run:
-        save_adapter(model, d, task=task, classes=get_task(task).classes)
-        run.log_artifacts(d, "adapter")
-    mv = register_adapter(settings, run.run_id, task, tags={"task": task, "method": model.method})
+    mv = log_and_register(TrackingSettings.from_env(), model, task, get_task(task).classes,
+                          run_name=f"demo {task} {model.method}")
     print(f"  registered {task} ({model.method}) as models:/{task}@champion (version {mv.version})")
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import PetlError
-from ..tracking.artifacts import load_adapter, read_adapter_config
+from ..tracking.artifacts import load_adapter
 from ..tracking.runs import fetch_adapter, show_model
 from ..tracking.settings import CHAMPION, TrackingSettings
 from .request import ServeError
@@ -133,12 +133,10 @@ class TaskModelCache:
             self.unavailable[task] = (err, time.monotonic())
             raise err from None
         self.unavailable.pop(task, None)
-        cfg = read_adapter_config(path)
         self.stats["loads"] += 1
-        size = self.backbone.patch_embed.img_size
-        entry = TaskEntry(task, model, info["version"], cfg["method"], list(cfg.get("classes") or
-                          [str(i) for i in range(cfg["num_classes"])]), measured_gflops(model, size),
-                          checked_at=time.monotonic())
+        classes = list(model.classes or [str(i) for i in range(model.num_classes)])  # set by load_adapter
+        entry = TaskEntry(task, model, info["version"], model.method, classes,
+                          measured_gflops(model, self.backbone.patch_embed.img_size), checked_at=time.monotonic())
         if hasattr(model, "predict_dynamic"):
             entry.budget_thresholds = budget_thresholds(model, task, self.backbone)
         return entry

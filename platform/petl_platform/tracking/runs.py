@@ -116,6 +116,19 @@ def register_adapter(settings: TrackingSettings, run_id: str, name: str, alias: 
     return mv
 
 
+def log_and_register(settings: TrackingSettings, model, name: str, classes: list[str], experiment: str = "petl",
+                     run_name: str | None = None, alias: str | None = CHAMPION):
+    """Log ``model``'s adapter as a new MLflow run and register it as the next version of ``name``
+    (alias ``alias`` moved to it), for models trained outside a sweep. Returns the ``ModelVersion``."""
+    from .artifacts import save_adapter
+
+    with tempfile.TemporaryDirectory() as d, RunLogger(settings, experiment, run_name=run_name or name,
+                                                       tags={"petl.task": name, "petl.method": model.method}) as run:
+        save_adapter(model, d, task=name, classes=classes)
+        run.log_artifacts(d, ADAPTER_PATH)
+    return register_adapter(settings, run.run_id, name, alias, tags={"task": name, "method": model.method})
+
+
 def _version(c, name: str, ref: str | None):
     from mlflow.exceptions import MlflowException
 

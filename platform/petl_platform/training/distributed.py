@@ -88,7 +88,7 @@ def run_train(task: str, method: str, backbone: str, settings: TrackingSettings,
     from ..data import check_task_name
     from ..methods import get_method
     from ..tracking.runs import git_commit
-    from .run import train_config
+    from .run import check_budget, train_config
     from .trial import ray_train_worker, trial_config
 
     from ..backbones import create_backbone
@@ -96,6 +96,7 @@ def run_train(task: str, method: str, backbone: str, settings: TrackingSettings,
     check_task_name(task)
     get_method(method).config_cls.from_dict(hparams or {}, method)
     train_config(method, train or {})
+    check_budget(method, budget)
     create_backbone(backbone)  # an unknown name or a bad weights file fails here, not on a worker
     if workers < 1:
         raise PetlError("--workers must be >= 1")

@@ -40,12 +40,16 @@ def prepare_finetune(task: str, method: str, backbone: str, hparams: dict | None
     return model, tensors, data, cfg
 
 
+def check_budget(method: str, budget: float | None) -> None:
+    """``--budget`` calibrates early exits: only Dyn-* methods have them (checked before training)."""
+    if budget is not None and not hasattr(get_method(method).model_cls, "predict_dynamic"):
+        raise PetlError(f"--budget applies to early-exit methods (dyn_*), not {method!r}")
+
+
 def dynamic_summary(model, tensors: dict, budget: float | None) -> dict:
     """After training: calibrated early exits (dyn_*, when ``budget`` is given) or DyT's measured
     activation on a test batch; ``{}`` for static methods."""
     if budget is not None:
-        if not hasattr(model, "predict_dynamic"):
-            raise PetlError(f"--budget applies to early-exit methods (dyn_*), not {model.method!r}")
         from ..methods.dyn_exit import calibrate
         from ..methods.dyn_exit.calibrate import evaluate_dynamic
 
@@ -66,9 +70,8 @@ def finetune(task: str, method: str, backbone: str, hparams: dict | None = None,
     FLOPs) calibrates the exit thresholds on val, stores them in the adapter and reports the
     calibrated model's measured test accuracy and FLOPs. Returns ``(model, result)``."""
     t0 = time.time()
+    check_budget(method, budget)
     model, tensors, data, cfg = prepare_finetune(task, method, backbone, hparams, train_overrides, backbone_model)
-    if budget is not None and not hasattr(model, "predict_dynamic"):
-        raise PetlError(f"--budget applies to early-exit methods (dyn_*), not {method!r}")
     result = train(model, tensors, cfg, callbacks=callbacks)
     extra = dynamic_summary(model, tensors, budget)
     if out:

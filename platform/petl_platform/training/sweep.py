@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def run_sweep(tasks: list[str], method: str, backbone: str, settings: TrackingSe
     from ..data import check_task_name
     from ..methods import get_method
     from .distributed import ensure_ray, storage
-    from .run import train_config
+    from .run import check_budget, train_config
 
     # Everything that can be checked is checked before Ray or any trial starts.
     if not tasks:
@@ -133,6 +134,7 @@ def run_sweep(tasks: list[str], method: str, backbone: str, settings: TrackingSe
         raise PetlError("--samples and --epochs must be >= 1")
     train = {**(train or {}), "epochs": epochs}
     train_config(method, train)
+    check_budget(method, budget)
     depth = len(create_backbone(backbone).blocks)
     parsed = parse_space(space if space else default_space(method, depth), method)
     if not parsed:
@@ -252,8 +254,6 @@ def _finalize(grid, settings, task, method, backbone, parsed, epochs, parent) ->
     best = max(ok, key=lambda t: (t["val_accuracy"], t["epochs"]), default=None)
     summary = {"task": task, "method": method, "trials": trials, "best": best,
                "trial_epochs": sum(t["epochs"] for t in trials), "grid_epochs": len(trials) * epochs}
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         for key in parsed:
             parent.log_figure(_scatter(trials, key, Path(tmp) / f"val_accuracy_vs_{key}.png"))

@@ -82,8 +82,8 @@ def run_trial(config: dict, *, report, get_checkpoint, checkpoint_cls, rank: int
                 metrics["test_accuracy"] = accuracy(model, *tensors["test"])
                 metrics["trainable_params"] = model.num_trainable()
                 metrics["peak_mem_mb"] = peak_memory_mb(next(model.parameters()).device)
-                summary = dynamic_summary(model, tensors, config.get("budget"))
-                if "calibration" in summary:
+                if config.get("budget") is not None:  # DyT's activation is already in inference_metrics
+                    summary = dynamic_summary(model, tensors, config["budget"])
                     metrics["budget_test_accuracy"] = summary["dynamic_test"]["accuracy"]
                     metrics["budget_flops_fraction"] = summary["dynamic_test"]["flops_fraction"]
             save_adapter(model, ckdir / ADAPTER_PATH, task=task, classes=data.classes,
