@@ -10,7 +10,7 @@ DEBS   := dataset-fashion-mnist openclipart-png fonts-dejavu-core fonts-dejavu-e
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench pretrain venv debs clean
+.PHONY: demo test test-fast bench bench-quick pretrain venv debs clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,17 +40,13 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# Each script prints its ratios and writes bench/results/<name>.json (+ PNGs); ViT-B runs take a while on a CPU.
+# One report of every benchmark and the fidelity table: bench/results/<date>/report.md (+ JSON, PNGs).
+# `make bench` is the full run (hours on 2 CPU cores, ViT-B/16 included); `make bench-quick` < 15 min.
 bench: venv
-	$(PY) bench/param_table.py
-	$(PY) bench/p1_fanout.py --quick
-	$(PY) bench/p2_early_exit.py
-	$(PY) bench/p3_token_dispatch.py
-	$(PY) bench/p4_train_memory.py
-	$(PY) bench/dyt_curve.py
-	$(PY) bench/p7_asha_vs_grid.py
-	$(PY) bench/serve_load.py
-	$(PY) bench/colocation_hop.py
+	$(VENV)/bin/petl bench
+
+bench-quick: venv
+	$(VENV)/bin/petl bench --quick
 
 # Rebuild the shipped backbone and its model card (about 25 min on 2 CPU cores).
 pretrain: venv

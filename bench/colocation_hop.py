@@ -11,6 +11,7 @@ latencies (median of repeats). Writes bench/results/colocation_hop.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -31,6 +32,10 @@ def _models(bb, n_linear: int, n_dtl: int):
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--out-dir", default=str(RESULTS), help="where the JSON goes")
+    args = ap.parse_args()
     import ray
 
     from petl_platform import create_backbone
@@ -65,7 +70,7 @@ def main() -> None:
         ray.get(actor.run.remote(states))  # warm-up
         shipped = sum(s.numel() * s.element_size() for s in states)
         local, hop = [], []
-        for _ in range(15):
+        for _ in range(args.repeats):
             t0 = time.perf_counter()
             with torch.inference_mode():
                 st = run_trunk(bb, x, depth)
@@ -80,10 +85,11 @@ def main() -> None:
     finally:
         ray.shutdown()
     out = {"batch": 32, "tasks": len(models), "trunk_blocks": depth, "states_shipped_mb": shipped / 2**20,
-           "colocated_ms": 1e3 * statistics.median(local), "with_hop_ms": 1e3 * statistics.median(hop)}
+           "colocated_ms": 1e3 * statistics.median(local), "with_hop_ms": 1e3 * statistics.median(hop),
+           "repeats": args.repeats, "ratio_range": [min(h / lo for h, lo in zip(hop, local)), max(h / lo for h, lo in zip(hop, local))]}
     out["hop_overhead"] = out["with_hop_ms"] / out["colocated_ms"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "colocation_hop.json").write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.out_dir) / "colocation_hop.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"batch 32, {len(models)} trunk tasks: {out['states_shipped_mb']:.1f} MB of trunk states per batch; "
           f"co-located {out['colocated_ms']:.1f} ms vs with a hop {out['with_hop_ms']:.1f} ms "
           f"({out['hop_overhead']:.2f}x)")

@@ -48,7 +48,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--target-rate", type=float, default=0.5)
+    ap.add_argument("--out-dir", default=str(RESULTS), help="where the JSON (and PNGs) go")
     args = ap.parse_args()
+    out_dir = Path(args.out_dir)
     bb = create_backbone(SHIPPED)
     task = get_task(args.task)
     data = task_tensors(task, bb)
@@ -60,8 +62,8 @@ def main() -> None:
     sweep = [measure(model, x, y, r) for r in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)]
     out = {"task": args.task, "backbone": SHIPPED, "epochs": args.epochs, "target_rate": args.target_rate,
            "train_test_accuracy": res.accuracy, "threshold_0.5": trained, "ratio_sweep": sweep}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dyt_curve.json").write_text(json.dumps(out, indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "dyt_curve.json").write_text(json.dumps(out, indent=2))
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     ax.plot([100 * p["flops_fraction"] for p in sweep], [100 * p["accuracy"] for p in sweep], "o-", label="ratio knob")
     ax.plot([100 * trained["flops_fraction"]], [100 * trained["accuracy"]], "r*", ms=12, label="trained threshold 0.5")
@@ -71,7 +73,7 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "dyt_accuracy_vs_flops.png")
+    fig.savefig(out_dir / "dyt_accuracy_vs_flops.png")
     fig, ax = plt.subplots(figsize=(5, 3), dpi=120)
     ax.bar(range(1, len(trained["activation_rate_per_layer"]) + 1), trained["activation_rate_per_layer"])
     ax.axhline(args.target_rate, color="gray", ls="--", label=f"target r = {args.target_rate}")
@@ -80,7 +82,7 @@ def main() -> None:
     ax.set_title(f"DyT token activation per layer ({args.task}, test)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "dyt_activation_rate.png")
+    fig.savefig(out_dir / "dyt_activation_rate.png")
     print(f"DyT on {args.task}: test acc {trained['accuracy']:.3f} at threshold 0.5, measured activation "
           f"{trained['activation_rate']:.2f}, {trained['flops_fraction']:.0%} of dense FLOPs")
     for p in sweep:

@@ -93,8 +93,8 @@ def _write(args, load0, results) -> None:
               "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
               "loadavg_start": load0, "loadavg_end": os.getloadavg(), "quick": args.quick, "results": results,
               "goal_met": all(r["speedup_median"] >= GOAL for r in results)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.out_dir) / "p1_fanout.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv=None) -> int:
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (3 at batch 1, 1 at larger batches)")
     ap.add_argument("--repeats", type=int, default=0, help="override the repeats of every batch size")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "p1_fanout.json"))
+    ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     repeats = {1: 3 if args.quick else 7}
     torch.manual_seed(0)
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
               f"speedup {r['speedup_median']:.2f}x (per-repeat {r['speedup_min']:.2f}-{r['speedup_max']:.2f}; "
               f"block ratio {r['block_ratio']:.2f}; goal >= {GOAL}x)", flush=True)
         _write(args, load0, results)  # after every batch size, so a cut-short run keeps its figures
-    print(f"wrote {args.out}")
+    print(f"wrote {Path(args.out_dir) / 'p1_fanout.json'}")
     return 0
 
 

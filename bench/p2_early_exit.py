@@ -72,9 +72,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--b1-images", type=int, default=128, help="test images timed one by one")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the 2 shared cores are busy)")
+    ap.add_argument("--quick", action="store_true", help="3 epochs, 3 repeats, 64 images at batch 1")
+    ap.add_argument("--out-dir", default=str(RESULTS), help="where the JSON (and PNGs) go")
     args = ap.parse_args()
+    if args.quick:
+        args.epochs, args.repeats, args.b1_images = 3, 3, 64
+    out_dir = Path(args.out_dir)
     torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
     bb, bb_name = backbone()
@@ -95,7 +100,7 @@ def main() -> None:
         full_acc = (model(x_test).argmax(-1) == y_test).float().mean().item()
     dyn = evaluate_dynamic(model, x_test, y_test)
     curve = accuracy_flops_curve(model, *data["val"], [0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0], x_test, y_test)
-    png = save_curve_png(curve, RESULTS / "p2_accuracy_vs_flops.png",
+    png = save_curve_png(curve, out_dir / "p2_accuracy_vs_flops.png",
                          title=f"{args.method} on {args.task}: accuracy vs measured FLOPs")
     thr = model.exit_thresholds.tolist()
     b1 = timed(model, thr, x_test[:args.b1_images], 1, args.repeats)
@@ -110,10 +115,10 @@ def main() -> None:
                     "exit_fractions": dyn["exit_fractions"]},
         "accuracy_drop_pt": 100 * (full_acc - dyn["accuracy"]),
         "throughput_b1": b1, "throughput_b64": b64, "curve": curve, "curve_png": str(png),
-        "goal": ">= 1.8x img/s at <= 0.5 pt accuracy loss", "wall_s": time.time() - t0,
+        "goal": ">= 1.8x img/s at <= 0.5 pt accuracy loss", "quick": args.quick, "repeats": args.repeats, "wall_s": time.time() - t0,
     }
     out["goal_met"] = bool(min(b1["speedup"], b64["speedup"]) >= 1.8 and out["accuracy_drop_pt"] <= 0.5)
-    (RESULTS / "p2_early_exit.json").write_text(json.dumps(out, indent=2) + "\n")
+    (out_dir / "p2_early_exit.json").write_text(json.dumps(out, indent=2) + "\n")
 
     print(f"calibrated thresholds {[round(t, 4) for t in thr]} (val acc {cal['val_accuracy']:.4f}, "
           f"val FLOPs {cal['flops_fraction']:.3f})")
@@ -123,7 +128,7 @@ def main() -> None:
         print(f"batch {r['batch']:>2}: full {r['full_img_s']:.1f} img/s, dynamic {r['dyn_img_s']:.1f} img/s -> "
               f"speedup {r['speedup']:.2f}x (range {r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f})")
     print(f"goal (>= 1.8x at <= 0.5 pt loss) met: {out['goal_met']}; wall {out['wall_s']:.0f}s; "
-          f"wrote {RESULTS / 'p2_early_exit.json'}, {png}")
+          f"wrote {out_dir / 'p2_early_exit.json'}, {png}")
 
 
 if __name__ == "__main__":

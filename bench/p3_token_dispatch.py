@@ -136,8 +136,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for a NAME without @THREADS "
                     "(1: on the shared 2-core box, 2 threads mostly measure contention with other jobs)")
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out-dir", default=str(OUT.parent))
+    ap.add_argument("--quick", action="store_true", help="no ViT-B/16 config, 9 repeats")
     args = ap.parse_args()
+    if args.quick:
+        args.configs, args.repeats = "tiny12@1,tiny12@2", args.repeats or 9
     device = torch.device(args.device)
     results = {"device": str(device), "cpu_count": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0],
                "torch": torch.__version__, "goal_speedup": 1.3, "runs": {}}
@@ -151,9 +154,10 @@ def main() -> None:
         r["threads"] = threads
         results["runs"][f"{name}@{threads}t"] = r
         print(describe(f"{name}@{threads}t", r), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = Path(args.out_dir) / OUT.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "p4_train_memory.json"))
+    ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     steps = 1 if args.quick else 2
     if args.device == "auto":
@@ -129,9 +129,10 @@ def main(argv=None) -> int:
               else "peak RSS (VmHWM after clear_refs) minus RSS after setup, fresh process per method",
               "paper_gb": {"dtl": 1.6, "dtl_plus": 1.7, "lora": 3.0, "full": 4.7, "linear": 0.6},
               "results": results, "ratios": ratios}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = Path(args.out_dir) / "p4_train_memory.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

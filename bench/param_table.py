@@ -11,6 +11,7 @@ Usage: nice .venv/bin/python bench/param_table.py
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -33,6 +34,9 @@ GAP = 0.20
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"), help="where the JSON goes")
+    args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
     backbone = create_backbone("vit_base_patch16_224")
@@ -60,7 +64,7 @@ def main() -> None:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         print(f"{r['method']:<16}{r['trainable']:>11,}{r['trainable_m']:>9.3f}{r['with_vtab_head_m']:>9.3f}"
               f"{paper:>9}{ratio:>8}  {'GAP>20%' if r['flag'] else ''}{'  (' + r['note'] + ')' if r['note'] else ''}")
-    out = Path(__file__).parent / "results" / "param_table.json"
+    out = Path(args.out_dir) / "param_table.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"backbone": "vit_base_patch16_224", "width": width, "depth": len(backbone.blocks),
                                "mean_vtab_head": round(vtab_head), "gap_threshold": GAP, "rows": rows,

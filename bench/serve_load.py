@@ -212,6 +212,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tasks", type=int, default=32)
     ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--out-dir", default=str(RESULTS), help="where the JSON (and PNGs) go")
     args = ap.parse_args()
     args.n = 128 if args.quick else 384
     args.repeats = 2 if args.quick else 3
@@ -220,8 +221,8 @@ def main() -> None:
     out = asyncio.run(run(args))
     import ray
     ray.shutdown()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve_load.json").write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.out_dir) / "serve_load.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

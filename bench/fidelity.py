@@ -1,0 +1,291 @@
+"""Fidelity to the papers: every method x offline tasks x seeds on the shipped backbone.
+
+Every run: the method's default recipe (learning rate, weight decay, warm-up) for the same number
+of epochs (``--epochs``, as the papers train every method on one schedule), then on test: accuracy, trainable
+parameters (head excluded, the papers' convention), *measured* inference GFLOPs per image
+(``FlopCounterMode``) and img/s of the deployed form (mergeable methods merged), and per method:
+
+- ARC / LoRA / RepAdapter: max |logits(merged) - logits(unmerged)|, both accuracies, both GFLOPs;
+- Dyn-Adapter: full-depth accuracy and, for thresholds calibrated on val at 50 % and 70 % FLOPs
+  budgets, the test accuracy, measured FLOPs fraction and exit-stage fractions;
+- DyT (r = 0.5): measured activation rate per layer and the FLOPs ratio to the dense adapter.
+
+Runs are appended to ``fidelity_runs.jsonl`` (a rerun skips what is there), then aggregated into
+``fidelity.json`` (table + claims, mean +- std over seeds) and three PNGs. The training-memory claim
+reads ``p4_train_memory.json`` from the same directory when the P4 bench has run there.
+
+    nice .venv/bin/python bench/fidelity.py --out-dir bench/results/<date> [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TASKS = ["digits-1k", "fashion_mnist-1k", "clipart-1k", "dsprites_loc-1k"]
+METHODS = ["linear", "lora", "adapter", "repadapter", "arc", "dtl", "dtl_plus", "dyt", "dyn_adapter"]
+ADAPTER_METHODS = ["lora", "adapter", "repadapter", "arc", "dtl", "dtl_plus", "dyt"]
+BUDGETS = (0.5, 0.7)
+HPARAMS = {"dyt": {"target_rate": 0.5}}
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+@torch.no_grad()
+def _logits(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def run_one(bb, task: str, method: str, seed: int, epochs: int) -> dict:
+    from petl_platform.methods import get_method
+    from petl_platform.methods.dyn_exit import accuracy_flops_curve
+    from petl_platform.training.measure import inference_metrics
+    from petl_platform.training.run import finetune
+
+    overrides = {"seed": seed, "progress": False, "device": "cpu", "epochs": epochs}
+    model, res = finetune(task, method, bb.petl_name, HPARAMS.get(method), overrides, backbone_model=bb)
+    from petl_platform.data import get_task, task_tensors
+
+    data = task_tensors(get_task(task), bb)
+    (x_val, y_val), (x_test, y_test) = data["val"], data["test"]
+    model.eval()
+    rec = {"task": task, "method": method, "seed": seed, "epochs": res["epochs"], "accuracy": res["accuracy"],
+           "val_accuracy": res["val_accuracy"], "trainable_params": res["trainable_params"],
+           "train_wall_s": res["train_wall_s"]}
+    deployed = model
+    if get_method(method).mergeable and method != "linear":
+        deployed = model.merged().eval()
+        unmerged_logits, merged_logits = _logits(model, x_test), _logits(deployed, x_test)
+        unmerged = inference_metrics(model, x_test, y_test, max_images=64)
+        rec["merge"] = {"max_abs_diff": (merged_logits - unmerged_logits).abs().max().item(),
+                        "accuracy_unmerged": (unmerged_logits.argmax(-1) == y_test).float().mean().item(),
+                        "accuracy_merged": (merged_logits.argmax(-1) == y_test).float().mean().item(),
+                        "gflops_unmerged": unmerged["gflops_per_image"]}
+    m = inference_metrics(deployed, x_test, y_test, max_images=256)
+    rec.update(gflops=m["gflops_per_image"], img_per_s=m["img_per_s"])
+    if hasattr(model, "predict_dynamic"):
+        curve = accuracy_flops_curve(model, x_val, y_val, list(BUDGETS), x_test, y_test)
+        rec["dyn"] = {"full_accuracy": curve["full_accuracy"],
+                      "budgets": {str(p["budget"]): {k: p[k] for k in ("accuracy", "flops_fraction", "exit_fractions",
+                                                                      "feasible")} for p in curve["points"]}}
+    if hasattr(model, "last_stats"):
+        _, info = model.infer(x_test[:512])
+        rec["dyt"] = {k: info[k] for k in ("activation_rate", "activation_rate_per_layer", "flops_ratio")}
+    return rec
+
+
+# ----------------------------------------------------------------------------- aggregation
+def aggregate(runs: list[dict], p4: dict | None = None) -> dict:
+    by = {}
+    for r in runs:
+        by.setdefault((r["method"], r["task"]), []).append(r)
+    methods = [m for m in METHODS if any(k[0] == m for k in by)] + sorted({k[0] for k in by} - set(METHODS))
+    tasks = [t for t in TASKS if any(k[1] == t for k in by)] + sorted({k[1] for k in by} - set(TASKS))
+    rows = []
+    for m in methods:
+        cells = {t: _mean_std([r["accuracy"] for r in by[(m, t)]]) for t in tasks if (m, t) in by}
+        mine = [r for (mm, _), rs in by.items() if mm == m for r in rs]
+        row = {"method": m, "accuracy": {t: {"mean": a, "std": s, "n": len(by[(m, t)])} for t, (a, s) in cells.items()},
+               "mean_accuracy": statistics.fmean(a for a, _ in cells.values()) if len(cells) == len(tasks) else None,
+               "trainable_params": mine[0]["trainable_params"],
+               "gflops": statistics.median(r["gflops"] for r in mine),
+               "img_per_s": statistics.median(r["img_per_s"] for r in mine),
+               "img_per_s_range": [min(r["img_per_s"] for r in mine), max(r["img_per_s"] for r in mine)],
+               "runs": len(mine)}
+        if p4 and m in p4.get("results", {}) and "peak_delta_mb" in p4["results"][m]:
+            row["train_mem_mb"] = p4["results"][m]["peak_delta_mb"]
+        rows.append(row)
+        if m.startswith("dyn_"):  # the same models at their calibrated budgets: extra rows
+            for b in BUDGETS:
+                pts = {t: [r["dyn"]["budgets"][str(b)] for r in by[(m, t)]] for t in tasks if (m, t) in by}
+                accs = {t: _mean_std([p["accuracy"] for p in ps]) for t, ps in pts.items()}
+                frac = statistics.fmean(p["flops_fraction"] for ps in pts.values() for p in ps)
+                rows.append({"method": f"{m} @{int(b * 100)}%", "budget": b,
+                             "accuracy": {t: {"mean": a, "std": s, "n": len(pts[t])} for t, (a, s) in accs.items()},
+                             "mean_accuracy": statistics.fmean(a for a, _ in accs.values()) if len(accs) == len(tasks) else None,
+                             "trainable_params": row["trainable_params"], "gflops": row["gflops"] * frac,
+                             "flops_fraction": frac, "img_per_s": None, "runs": row["runs"]})
+    out = {"tasks": tasks, "methods": methods, "rows": rows, "claims": claims(rows, runs, by, tasks, p4)}
+    out["exit_histograms"] = {t: [statistics.fmean(col) for col in zip(*[r["dyn"]["budgets"]["0.5"]["exit_fractions"]
+                                                                    for r in by[(m, t)]])]
+                              for m in methods if m.startswith("dyn_") for t in tasks if (m, t) in by}
+    out["dyt_activation_per_layer"] = {t: [statistics.fmean(col) for col in zip(*[r["dyt"]["activation_rate_per_layer"]
+                                                                             for r in by[("dyt", t)]])]
+                                       for t in tasks if ("dyt", t) in by}
+    return out
+
+
+def _claim(name, measured, goal, met, detail="") -> dict:
+    return {"claim": name, "measured": measured, "goal": goal, "met": None if met is None else bool(met),
+            "detail": detail}
+
+
+def claims(rows, runs, by, tasks, p4) -> list[dict]:
+    row = {r["method"]: r for r in rows}
+    out = []
+    lin = row.get("linear", {}).get("mean_accuracy")
+    if lin is not None:
+        others = [r for r in rows if not r["method"].startswith("linear") and "budget" not in r
+                  and r["mean_accuracy"] is not None]
+        losers = [r["method"] for r in others if r["mean_accuracy"] <= lin]
+        gaps = ", ".join(f"{r['method']} {100 * (r['mean_accuracy'] - lin):+.1f}" for r in others)
+        out.append(_claim("every method beats the linear probe on average", f"pt vs probe: {gaps}",
+                          "all > 0 pt", not losers, f"not beating it: {', '.join(losers)}" if losers else ""))
+    dyn = [m for m in row if m.startswith("dyn_") and "budget" not in row[m]]
+    for m in dyn:
+        full = statistics.fmean(r["dyn"]["full_accuracy"] for r in runs if r["method"] == m)
+        for b, goal, test in ((0.5, ">= -0.5 pt", lambda d: d >= -0.5), (0.7, ">= 0 pt", lambda d: d >= 0)):
+            at = statistics.fmean(r["dyn"]["budgets"][str(b)]["accuracy"] for r in runs if r["method"] == m)
+            frac = statistics.fmean(r["dyn"]["budgets"][str(b)]["flops_fraction"] for r in runs if r["method"] == m)
+            d = 100 * (at - full)
+            out.append(_claim(f"{m} at a {int(b * 100)} % budget vs its full-depth model", f"{d:+.2f} pt "
+                              f"(measured FLOPs {100 * frac:.0f} %)", goal, test(d)))
+    if "dyt" in row and "adapter" in row and row["dyt"]["mean_accuracy"] is not None:
+        d = 100 * (row["dyt"]["mean_accuracy"] - row["adapter"]["mean_accuracy"])
+        act = statistics.fmean(r["dyt"]["activation_rate"] for r in runs if r["method"] == "dyt")
+        out.append(_claim("DyT (r = 0.5) within 1 pt of the dense adapter", f"{d:+.2f} pt (activation {act:.3f})",
+                          ">= -1 pt", d >= -1.0))
+    present = [m for m in ADAPTER_METHODS if m in row]
+    if "dtl" in present:
+        fewest = min(present, key=lambda m: row[m]["trainable_params"])
+        out.append(_claim("DTL has the fewest trainable parameters of the adapter methods",
+                          ", ".join(f"{m} {row[m]['trainable_params']:,}" for m in present), "dtl is the minimum",
+                          fewest == "dtl"))
+        mem = {m: p4["results"][m]["peak_delta_mb"] for m in present
+               if p4 and "peak_delta_mb" in p4.get("results", {}).get(m, {})}
+        if "dtl" in mem and len(mem) > 1:
+            lowest = min(mem, key=mem.get)
+            out.append(_claim("DTL has the lowest training memory of the adapter methods",
+                              ", ".join(f"{m} {v:,.0f} MB" for m, v in mem.items()) + f" ({p4.get('backbone', '')})",
+                              "dtl is the minimum", lowest == "dtl"))
+        else:
+            out.append(_claim("DTL has the lowest training memory of the adapter methods", "not measured",
+                              "dtl is the minimum", None, "P4 did not run in this directory"))
+    arc = [r for r in runs if r["method"] == "arc" and "merge" in r]
+    lin_flops = row.get("linear", {}).get("gflops")
+    if arc:
+        diff = max(r["merge"]["max_abs_diff"] for r in arc)
+        same = all(r["merge"]["accuracy_merged"] == r["merge"]["accuracy_unmerged"] for r in arc)
+        merged_flops = statistics.median(r["gflops"] for r in arc)
+        extra = None if lin_flops is None else merged_flops - lin_flops
+        out.append(_claim("ARC's merged model is exact and costs zero extra FLOPs",
+                          f"max abs logit diff {diff:.1e}, same accuracy in {sum(1 for r in arc if r['merge']['accuracy_merged'] == r['merge']['accuracy_unmerged'])}/{len(arc)} runs, "
+                          f"merged {merged_flops:.4f} GFLOPs vs probe {lin_flops if lin_flops is None else f'{lin_flops:.4f}'} "
+                          f"(unmerged {statistics.median(r['merge']['gflops_unmerged'] for r in arc):.4f})",
+                          "diff <= 1e-4, same accuracy, +0 FLOPs",
+                          diff <= 1e-4 and same and extra is not None and abs(extra) <= 1e-9))
+    return out
+
+
+# ----------------------------------------------------------------------------- plots
+def plots(agg: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    pts = [(r["gflops"], 100 * r["mean_accuracy"], r["method"]) for r in agg["rows"] if r["mean_accuracy"] is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+        for g, a, m in pts:
+            ax.scatter(g, a, s=28)
+            ax.annotate(m, (g, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front, best = [], -1.0
+        for g, a, _ in sorted(pts):
+            if a > best:
+                front.append((g, a))
+                best = a
+        ax.plot(*zip(*front), "k--", lw=1, label="Pareto front")
+        ax.set_xlabel("measured inference GFLOPs / image (deployed form)")
+        ax.set_ylabel(f"mean test accuracy over {len(agg['tasks'])} tasks (%)")
+        ax.set_title("accuracy vs FLOPs: methods and early-exit budgets")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(str(out_dir / "fidelity_pareto.png"))
+        fig.savefig(paths[-1])
+        plt.close(fig)
+    if agg["exit_histograms"]:
+        hist = agg["exit_histograms"]
+        fig, axes = plt.subplots(1, len(hist), figsize=(3 * len(hist), 2.8), dpi=120, squeeze=False)
+        for ax, (t, fr) in zip(axes[0], hist.items()):
+            ax.bar(range(1, len(fr) + 1), [100 * f for f in fr])
+            ax.set_title(t, fontsize=9)
+            ax.set_xlabel("exit stage")
+        axes[0][0].set_ylabel("% of test images (50 % budget)")
+        fig.tight_layout()
+        paths.append(str(out_dir / "fidelity_exit_histograms.png"))
+        fig.savefig(paths[-1])
+        plt.close(fig)
+    if agg["dyt_activation_per_layer"]:
+        fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+        for t, rates in agg["dyt_activation_per_layer"].items():
+            ax.plot(range(1, len(rates) + 1), rates, "o-", label=t)
+        ax.axhline(0.5, color="gray", ls="--", lw=1, label="target r = 0.5")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("measured token activation rate")
+        ax.set_title("DyT activation rate per layer (test)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(str(out_dir / "fidelity_dyt_activation.png"))
+        fig.savefig(paths[-1])
+        plt.close(fig)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--tasks", nargs="+", default=TASKS)
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=4, help="epochs of every method")
+    ap.add_argument("--quick", action="store_true", help="2 epochs")
+    ap.add_argument("--backbone", default=None, help="default: the shipped backbone")
+    ap.add_argument("--aggregate-only", action="store_true")
+    args = ap.parse_args(argv)
+    from petl_platform import create_backbone
+    from petl_platform.backbones.factory import SHIPPED
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "fidelity_runs.jsonl"
+    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    done = {(r["task"], r["method"], r["seed"]) for r in runs}
+    epochs = 2 if args.quick else args.epochs
+    todo = [(s, t, m) for s in args.seeds for t in args.tasks for m in args.methods if (t, m, s) not in done]
+    if todo and not args.aggregate_only:
+        from tqdm import tqdm
+
+        bb = create_backbone(args.backbone or SHIPPED)
+        for seed, task, method in (bar := tqdm(todo, desc="fidelity", unit="run")):
+            bar.set_postfix_str(f"{method} {task} seed {seed}")
+            t0 = time.time()
+            rec = run_one(bb, task, method, seed, epochs)
+            rec["wall_s"] = round(time.time() - t0, 1)
+            with log.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            runs.append(rec)
+    p4_path = out / "p4_train_memory.json"
+    # a method's reference variants (e.g. "linear (40 epochs)", its own longer recipe) travel with it
+    agg = aggregate([r for r in runs if r["task"] in args.tasks and r["method"].split(" ")[0] in args.methods
+                     and r["seed"] in args.seeds],
+                    json.loads(p4_path.read_text()) if p4_path.exists() else None)
+    agg.update(seeds=args.seeds, epochs=epochs, backbone=args.backbone or SHIPPED, plots=plots(agg, out))
+    (out / "fidelity.json").write_text(json.dumps(agg, indent=2) + "\n")
+    for c in agg["claims"]:
+        print(f"[{'met' if c['met'] else 'NOT met' if c['met'] is not None else 'n/a'}] {c['claim']}: {c['measured']}")
+    print(f"wrote {out / 'fidelity.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""``petl bench``: every benchmark side by side on this machine, one report.
+
+Runs the bench scripts one after another (each in its own process, so one's threads, Ray cluster
+or memory never leaks into the next), each writing its JSON (+ PNGs) into one directory
+(default ``bench/results/<date>/``), then writes there:
+
+- ``report.md``: goals vs measured (median, min-max spread over the repeats, n), the fidelity
+  table and claims, the plots, the machine, and what each section cost;
+- ``report.json``: every figure of the table, machine facts and section run records;
+- ``logs/<section>.log``: each script's output.
+
+``--quick`` (under 15 min on 2 cores) runs fewer repeats, smaller configurations and no ViT-B/16
+where the goal is defined on the shipped backbone; fidelity then only re-aggregates runs already
+in the directory (its training runs take about an hour: ``--only fidelity``). ``--report``
+re-renders the report from the JSONs already there.
+
+    petl bench [--quick] [--only P1,P6,fidelity] [--out DIR] [--report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+FIDELITY_ADAPTERS = ["lora", "adapter", "repadapter", "arc", "dtl", "dtl_plus", "dyt", "full", "linear"]
+
+# section -> (script, quick args, full args, the JSON it writes)
+SECTIONS = {
+    "params": ("param_table.py", [], [], "param_table.json"),
+    "P1": ("p1_fanout.py", ["--quick"], [], "p1_fanout.json"),
+    "P2": ("p2_early_exit.py", ["--quick"], [], "p2_early_exit.json"),
+    "P3": ("p3_token_dispatch.py", ["--quick"], [], "p3_token_dispatch.json"),
+    "P4": ("p4_train_memory.py", ["--quick"], ["--methods", *FIDELITY_ADAPTERS], "p4_train_memory.json"),
+    "P6": ("p6_gflops.py", ["--quick"], [], "p6_gflops.json"),
+    "serve": ("serve_load.py", ["--quick"], [], "serve_load.json"),
+    "P7": ("p7_asha_vs_grid.py", ["--quick"], [], "p7_asha_vs_grid.json"),
+    "colocation": ("colocation_hop.py", ["--repeats", "7"], [], "colocation_hop.json"),
+    "dyt_curve": ("dyt_curve.py", None, [], "dyt_curve.json"),  # None: not in --quick
+    "fidelity": ("fidelity.py", ["--aggregate-only"], [], "fidelity.json"),
+}
+
+
+# ----------------------------------------------------------------------------- running
+def run_sections(names: list[str], out: Path, quick: bool) -> dict:
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    runs_path = out / "runs.json"
+    runs = json.loads(runs_path.read_text()) if runs_path.exists() else {}
+    for name in names:
+        script, quick_args, full_args, produced = SECTIONS[name]
+        args = quick_args if quick else full_args
+        if args is None:
+            runs[name] = {"skipped": "not part of --quick"}
+            continue
+        if name == "fidelity" and quick and not (out / "fidelity_runs.jsonl").exists():
+            runs[name] = {"skipped": "--quick does not train the fidelity runs (about an hour): "
+                                     "`petl bench --only fidelity` trains them into this directory"}
+            continue
+        cmd = [sys.executable, str(BENCH / script), "--out-dir", str(out), *args]
+        print(f"[{name}] bench/{script} {' '.join(args)}", flush=True)
+        t0 = time.time()
+        with open(logs / f"{name}.log", "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=BENCH.parent)
+        shown = out.relative_to(BENCH.parent) if out.is_relative_to(BENCH.parent) else out
+        rec = {"cmd": " ".join([f"bench/{script}", "--out-dir", str(shown), *args]), "rc": proc.returncode, "wall_s": round(time.time() - t0, 1),
+               "quick": quick, "log": f"logs/{name}.log", "finished": dt.datetime.now().isoformat(timespec="seconds")}
+        if proc.returncode != 0 or not (out / produced).exists():
+            tail = (logs / f"{name}.log").read_text().strip().splitlines()[-3:]
+            rec["error"] = " | ".join(tail) or f"exit {proc.returncode}"
+        runs[name] = rec
+        status = "ok" if "error" not in rec else f"FAILED: {rec['error']}"
+        print(f"[{name}] {rec['wall_s']:.0f}s {status}", flush=True)
+        runs_path.write_text(json.dumps(runs, indent=2) + "\n")
+    runs_path.write_text(json.dumps(runs, indent=2) + "\n")
+    return runs
+
+
+# ----------------------------------------------------------------------------- figures
+def _load(out: Path, name: str) -> dict | None:
+    p = out / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _fig(fid, name, median, spread, n, goal, met, unit="x", source="", note="") -> dict:
+    return {"id": fid, "figure": name, "median": median, "spread": spread, "n": n, "unit": unit, "goal": goal,
+            "met": None if met is None else bool(met), "source": source, "note": note}
+
+
+def figures(out: Path) -> list[dict]:
+    """Every figure with its goal, read from the JSONs in ``out`` (missing benches are skipped)."""
+    figs = []
+    if p1 := _load(out, "p1_fanout.json"):
+        for r in p1["results"]:
+            figs.append(_fig("P1", f"shared-trunk fan-out, {p1['tasks']} DTL tasks, batch {r['batch']} ({p1['backbone']})",
+                             r["speedup_median"], [r["speedup_min"], r["speedup_max"]], r["repeats"], ">= 1.7x",
+                             r["speedup_median"] >= 1.7, source="p1_fanout.json",
+                             note=f"blocks run {r['blocks_run_shared']} vs {r['blocks_run_independent']}; outputs equal "
+                                  f"(max diff {r['max_abs_diff_vs_alone']:.0e})"))
+    if p2 := _load(out, "p2_early_exit.json"):
+        drop = p2["accuracy_drop_pt"]
+        for key in ("throughput_b1", "throughput_b64"):
+            r = p2[key]
+            figs.append(_fig("P2", f"early exit at a {int(100 * p2['budget'])} % budget vs full depth, batch {r['batch']} "
+                                   f"({p2['method']}, {p2['task']})", r["speedup"], r["speedup_range"],
+                             p2.get("repeats", len(r.get("full_img_s_runs", [])) or None), ">= 1.8x at <= 0.5 pt loss",
+                             r["speedup"] >= 1.8 and drop <= 0.5, source="p2_early_exit.json",
+                             note=f"accuracy {100 * p2['full_depth']['test_accuracy']:.1f} -> "
+                                  f"{100 * p2['dynamic']['test_accuracy']:.1f} % ({-drop:+.1f} pt), measured FLOPs "
+                                  f"{100 * p2['dynamic']['flops_fraction']:.0f} %"))
+    if p3 := _load(out, "p3_token_dispatch.json"):
+        for name, r in p3["runs"].items():
+            figs.append(_fig("P3", f"DyT r=0.5 vs dense adapter, batch {r['batch']}, {name} ({r['backbone']})",
+                             r["speedup_median"], [r["speedup_min"], r["speedup_max"]], r["repeats"], ">= 1.3x",
+                             r["speedup_median"] >= 1.3, source="p3_token_dispatch.json",
+                             note=f"measured activation {r['measured_activation_rate']:.3f}, FLOPs ratio {r['flops_ratio']:.2f}"))
+    if p4 := _load(out, "p4_train_memory.json"):
+        for key, r in p4.get("ratios", {}).items():
+            res = p4["results"]
+            ref = key.split("/")[1]
+            figs.append(_fig("P4", f"training memory {key} (batch {p4['batch']}, {p4['backbone']})", r["ratio"], None, 1,
+                             f"<= {r['goal']}x", r["met"], source="p4_train_memory.json",
+                             note=f"{res['dtl']['peak_delta_mb']:,.0f} vs {res[ref]['peak_delta_mb']:,.0f} MB; {p4['measure']}"))
+    serve = _load(out, "serve_load.json")
+    if serve and "p5" in serve:
+        rs = [r["ratio"] for r in serve["p5"]["rounds"]]
+        figs.append(_fig("P5", f"{serve['tasks']} tasks in flight vs one task, throughput through HTTP", serve["p5"]["ratio"],
+                         [min(rs), max(rs)], len(rs), ">= 0.85x", serve["p5"]["ratio"] >= 0.85, source="serve_load.json"))
+    if p6 := _load(out, "p6_gflops.json"):
+        for bb, per_batch in p6["backbones"].items():
+            for b, r in per_batch.items():
+                figs.append(_fig("P6", f"{bb} forward, batch {b}: achieved / matmul peak", r["fraction_of_peak"],
+                                 r["fraction_range"], p6["rounds"], "none set (reported)", None, unit="of peak",
+                                 source="p6_gflops.json",
+                                 note=f"{r['achieved_gflops_s']:.1f} vs {r['peak_gflops_s']:.1f} GFLOP/s "
+                                      f"({r['gflops_per_image']:.3f} GFLOPs/image)"))
+        shipped = next(iter(p6["backbones"].values()))
+        if serve and "p8" in serve:
+            gpi = shipped[max(shipped, key=int)]["gflops_per_image"]
+            achieved = serve["p8"]["saturation_rps"] * gpi
+            figs.append(_fig("P6", "served through HTTP at saturation: achieved / matmul peak", achieved / p6["peak_gflops_s"],
+                             None, 1, "none set (reported)", None, unit="of peak", source="serve_load.json + p6_gflops.json",
+                             note=f"{serve['p8']['saturation_rps']:.1f} req/s x {gpi:.3f} GFLOPs = {achieved:.1f} GFLOP/s "
+                                  f"vs peak {p6['peak_gflops_s']:.1f}"))
+    if p7 := _load(out, "p7_asha_vs_grid.json"):
+        rs = [r["compute_ratio"] for r in p7["rounds"]]
+        gaps = [r["best_gap_pt"] for r in p7["rounds"]]
+        figs.append(_fig("P7", f"ASHA vs full grid ({p7['grid_points']} points, {p7['method']}, {p7['task']}): "
+                               "trial-epochs", p7["compute_ratio_median"], [min(rs), max(rs)], len(rs), "<= 0.333x",
+                         p7["compute_ratio_median"] <= 1 / 3, source="p7_asha_vs_grid.json",
+                         note=f"{p7['rounds'][0]['asha']['trial_epochs']} vs {p7['rounds'][0]['fifo']['trial_epochs']} "
+                              "trial-epochs (first round)"))
+        figs.append(_fig("P7", "ASHA's best val accuracy behind the grid's best", p7["best_gap_pt_median"],
+                         [min(gaps), max(gaps)], len(gaps), "<= 0.5 pt", p7["best_gap_pt_median"] <= 0.5, unit="pt",
+                         source="p7_asha_vs_grid.json"))
+    if serve and "p8" in serve:
+        p8 = serve["p8"]
+        h, b1 = p8["at_half_saturation"], p8["batch1"]
+        figs.append(_fig("P8", "p99/p50 latency at 50 % of saturation (open loop)", p8["ratio_half"], None, 1, "<= 3x",
+                         p8["ratio_half"] <= 3, source="serve_load.json",
+                         note=f"p50 {h['p50_ms']:.0f} ms, p99 {h['p99_ms']:.0f} ms at {h['rate']:.1f} req/s "
+                              f"({h['requests']} requests, {h['failed']} failed)"))
+        figs.append(_fig("P8", "p99/p50 latency at batch 1 (one request at a time)", p8["ratio_batch1"], None, 1, "<= 3x",
+                         p8["ratio_batch1"] <= 3, source="serve_load.json",
+                         note=f"p50 {b1['p50_ms']:.0f} ms, p99 {b1['p99_ms']:.0f} ms"))
+    if serve and "served_p1" in serve:
+        s1 = serve["served_p1"]
+        figs.append(_fig("P1 served", f"{s1['tasks_per_request']} tasks in one request vs one request each, through HTTP",
+                         s1["speedup"], None, 1, "reported next to P1", None, source="serve_load.json"))
+    if serve and "served_p2" in serve:
+        r = serve["served_p2"]["rounds"]
+        figs.append(_fig("P2 served", "50 % budget vs full depth, through HTTP", serve["served_p2"]["speedup"],
+                         [min(r), max(r)], len(r), "reported next to P2", None, source="serve_load.json"))
+    if serve and "replica_kill" in serve:
+        k = serve["replica_kill"]
+        figs.append(_fig("kill", "replica killed under load: failed requests", k["failed"], None, 1,
+                         f"<= requests in flight on it (<= {k['in_flight_bound']})", k["failed"] <= k["in_flight_bound"],
+                         unit="requests", source="serve_load.json", note=f"of {k['requests']}; statuses {k['statuses']}"))
+    if co := _load(out, "colocation_hop.json"):
+        figs.append(_fig("co-location", f"trunk states shipped to another replica vs co-located tails, batch {co['batch']}",
+                         co["hop_overhead"], co.get("ratio_range"), co.get("repeats", 15), "reported (why tails are co-located)",
+                         None, source="colocation_hop.json", note=f"{co['states_shipped_mb']:.1f} MB per batch"))
+    return figs
+
+
+# ----------------------------------------------------------------------------- rendering
+def _num(v, unit) -> str:
+    if v is None:
+        return "-"
+    if unit == "of peak":
+        return f"{100 * v:.0f} %"
+    if unit == "x":
+        return f"{v:.2f}x"
+    if unit == "pt":
+        return f"{v:+.2f} pt"
+    return f"{v:g}"
+
+
+def _spread(f) -> str:
+    if not f["spread"]:
+        return f"n={f['n']}"
+    lo, hi = f["spread"]
+    return f"{_num(lo, f['unit'])} - {_num(hi, f['unit'])} (n={f['n']})"
+
+
+def _met(m) -> str:
+    return "n/a" if m is None else ("**met**" if m else "**missed**")
+
+
+def fidelity_md(fid: dict) -> list[str]:
+    tasks = fid["tasks"]
+    lines = [f"Shipped backbone `{fid['backbone']}`, {len(tasks)} tasks x {len(fid['seeds'])} seeds "
+             f"({', '.join(map(str, fid['seeds']))}); every method trains {fid['epochs']} epochs with its default recipe "
+             "(lr, weight decay). Accuracy is test top-1, mean +- std "
+             "over seeds; GFLOPs are measured per image for the deployed form (mergeable methods merged); img/s is the "
+             "median over runs at batch 64 (noisy on this shared 2-core machine); train memory is P4's fresh-process "
+             "peak where P4 ran in this directory.", "",
+             "| method | params | GFLOPs | img/s | train mem (MB) | " + " | ".join(tasks) + " | mean |",
+             "|---|---:|---:|---:|---:|" + "---:|" * (len(tasks) + 1)]
+    for r in fid["rows"]:
+        cells = [f"{100 * r['accuracy'][t]['mean']:.1f} +- {100 * r['accuracy'][t]['std']:.1f}" if t in r["accuracy"] else "-"
+                 for t in tasks]
+        ips = "-" if r.get("img_per_s") is None else f"{r['img_per_s']:.0f}"
+        mem = f"{r['train_mem_mb']:,.0f}" if r.get("train_mem_mb") is not None else "-"
+        mean = "-" if r["mean_accuracy"] is None else f"{100 * r['mean_accuracy']:.1f}"
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['gflops']:.4f} | {ips} | {mem} | "
+                     + " | ".join(cells) + f" | {mean} |")
+    refs = [r["method"] for r in fid["rows"] if " (" in r["method"]]
+    if refs:
+        lines += ["", f"Rows {', '.join(refs)}: a reference run of that method with its own longer recipe, outside "
+                      "the claims (which compare every method on the same schedule)."]
+    lines += ["", "| claim (papers) | measured | goal | reproduced |", "|---|---|---|---|"]
+    for c in fid["claims"]:
+        detail = f" ({c['detail']})" if c.get("detail") else ""
+        lines.append(f"| {c['claim']} | {c['measured']}{detail} | {c['goal']} | {_met(c['met'])} |")
+    return lines
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "loadavg": os.getloadavg()}
+
+
+def render(out: Path, runs: dict, quick: bool) -> str:
+    figs = figures(out)
+    fid = _load(out, "fidelity.json")
+    m = machine()
+    modes = {r["quick"] for r in runs.values() if "quick" in r}
+    mode = "mixed (see Sections run)" if len(modes) > 1 else ("--quick" if quick else "full")
+    lines = [f"# petl-platform benchmark report, {out.name}", "",
+             f"Machine: {m['cpu_count']} CPU cores ({m['cpu']}), GPU: {'yes' if m['cuda'] else 'none'}, "
+             f"torch {m['torch']}, Python {m['python']}. Mode: {mode}. "
+             "Every ratio is measured side by side in one run (interleaved where timed); the median of the repeats "
+             "with the min-max spread. Reproduce: `make bench` (full) or `petl bench --quick`.", "",
+             "## Goals vs measured", "", "| id | figure | measured (median) | spread | goal | met | notes |",
+             "|---|---|---:|---|---|---|---|"]
+    for f in figs:
+        lines.append(f"| {f['id']} | {f['figure']} | {_num(f['median'], f['unit'])} | {_spread(f)} | {f['goal']} | "
+                     f"{_met(f['met'])} | {f['note']} |")
+    lines += ["", "## Fidelity to the papers (relative claims, offline data)", ""]
+    lines += fidelity_md(fid) if fid else ["Not run in this directory (`petl bench --only fidelity`)."]
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    if pngs:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]
+    lines += ["", "## Sections run", "", "| section | mode | wall | status | command |", "|---|---|---:|---|---|"]
+    for name, r in runs.items():
+        status = r.get("skipped") or r.get("error") or "ok"
+        mode = "-" if "quick" not in r else ("quick" if r["quick"] else "full")
+        wall = f"{r['wall_s']:.0f} s" if "wall_s" in r else "-"
+        lines.append(f"| {name} | {mode} | {wall} | {status} | `{r.get('cmd', '-')}` |")
+    total = sum(r.get("wall_s", 0) for r in runs.values())
+    lines.append(f"| total | | {total:.0f} s ({total / 60:.1f} min) | | |")
+    lines += ["", "## CPU-only caveats", "",
+              "- No GPU: every timing is fp32 on CPU cores shared with the OS; GPU ratios differ (kernel launch overhead "
+              "favours batching more, memory bandwidth less).",
+              "- P1, P3 (ViT-B/16), P4 and P6 (ViT-B/16) use random-weight ViT-B/16: timing and memory only, no accuracy.",
+              "- Accuracy figures (P2, P7, fidelity) use the small shipped backbone (32 px, patch 4, 12 blocks) on offline "
+              "data with short CPU schedules, not ViT-B/16 IN-21k on VTAB-1k; the VTAB-1k protocol (`jobs/vtab.py`) "
+              "was only run on a fake tree here.",
+              "- P4's CPU memory is a peak-RSS delta in a fresh process per method, not CUDA allocator bytes.",
+              "- Serving figures (P5, P8, served P1/P2, replica kill) run Ray Serve, the load generator and the "
+              "replicas on the same 2 cores.", ""]
+    md = "\n".join(lines)
+    (out / "report.md").write_text(md)
+    (out / "report.json").write_text(json.dumps({"machine": m, "quick": quick, "figures": figs, "runs": runs,
+                                                 "fidelity_claims": fid["claims"] if fid else None}, indent=2) + "\n")
+    return md
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="petl bench", description="run every benchmark side by side; write one report")
+    ap.add_argument("--quick", action="store_true", help="the reduced suite (under 15 min on 2 cores)")
+    ap.add_argument("--only", default="", help=f"comma list of sections: {', '.join(SECTIONS)}")
+    ap.add_argument("--out", default="", help="output directory (default bench/results/<today>)")
+    ap.add_argument("--report", action="store_true", help="only re-render report.md from the JSONs in --out")
+    args = ap.parse_args(argv)
+    names = [s.strip() for s in args.only.split(",") if s.strip()] or list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        print(f"petl bench: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else BENCH / "results" / dt.date.today().isoformat()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if args.report:
+        runs = json.loads((out / "runs.json").read_text()) if (out / "runs.json").exists() else {}
+    else:
+        if "fidelity" in names:  # fidelity reads P4's memory figures: P4 first
+            names = [n for n in names if n != "fidelity"] + ["fidelity"]
+        runs = run_sections(names, out, args.quick)
+    quick = any(r.get("quick") for r in runs.values()) if args.report else args.quick
+    render(out, runs, quick)
+    failed = [n for n in names if "error" in runs.get(n, {})]
+    print(f"wrote {out / 'report.md'} and report.json ({time.time() - t0:.0f}s)"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""`petl bench`: the orchestrator, the fidelity aggregation and claims, the report."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from petl_platform.cli import main
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _module(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(method, task, seed, acc, params=1000, gflops=1.0, **extra):
+    return {"task": task, "method": method, "seed": seed, "accuracy": acc, "trainable_params": params,
+            "gflops": gflops, "img_per_s": 100.0 + seed, **extra}
+
+
+def _dyn(full, at50, at70, frac50=0.5, frac70=0.7):
+    b = {"accuracy": 0, "flops_fraction": 0, "exit_fractions": [0.5, 0.5], "feasible": True}
+    return {"full_accuracy": full, "budgets": {"0.5": {**b, "accuracy": at50, "flops_fraction": frac50},
+                                               "0.7": {**b, "accuracy": at70, "flops_fraction": frac70}}}
+
+
+def test_fidelity_claims_follow_the_figures():
+    fid = _module("fidelity")
+    runs = []
+    for task in ("a", "b"):
+        for seed in (0, 1):
+            runs += [_run("linear", task, seed, 0.60, params=0, gflops=1.0),
+                     _run("adapter", task, seed, 0.70 + 0.01 * seed, params=300),
+                     _run("dtl", task, seed, 0.58, params=100),  # below the probe: claim must fail
+                     _run("dyt", task, seed, 0.70, params=300,
+                          dyt={"activation_rate": 0.5, "activation_rate_per_layer": [0.4, 0.6], "flops_ratio": 0.7}),
+                     _run("arc", task, seed, 0.65, params=200, gflops=1.0,
+                          merge={"max_abs_diff": 2e-6, "accuracy_merged": 0.65, "accuracy_unmerged": 0.65,
+                                 "gflops_unmerged": 1.2}),
+                     _run("dyn_adapter", task, seed, 0.70, params=400, dyn=_dyn(0.70, 0.692, 0.71))]
+    p4 = {"backbone": "b", "results": {"dtl": {"peak_delta_mb": 50.0}, "adapter": {"peak_delta_mb": 40.0}}}
+    agg = fid.aggregate(runs, p4)
+    claims = {c["claim"]: c for c in agg["claims"]}
+    beats = claims["every method beats the linear probe on average"]
+    assert beats["met"] is False and "dtl" in beats["detail"]
+    assert claims["dyn_adapter at a 50 % budget vs its full-depth model"]["met"] is False  # -0.8 pt
+    assert claims["dyn_adapter at a 70 % budget vs its full-depth model"]["met"] is True
+    assert claims["DyT (r = 0.5) within 1 pt of the dense adapter"]["met"] is True
+    assert claims["DTL has the fewest trainable parameters of the adapter methods"]["met"] is True
+    assert claims["DTL has the lowest training memory of the adapter methods"]["met"] is False
+    assert claims["ARC's merged model is exact and costs zero extra FLOPs"]["met"] is True
+    rows = {r["method"]: r for r in agg["rows"]}
+    assert rows["adapter"]["accuracy"]["a"]["mean"] == pytest.approx(0.705)
+    assert rows["adapter"]["accuracy"]["a"]["std"] == pytest.approx(0.00707, abs=1e-4)
+    assert rows["dyn_adapter @50%"]["gflops"] == pytest.approx(0.5)
+    assert agg["dyt_activation_per_layer"]["a"] == [0.4, 0.6]
+
+
+def test_unknown_section_is_one_line_exit_2(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--only", "P9", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    proc = subprocess.run([sys.executable, str(BENCH / "report.py"), "--only", "P9", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unknown section" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_p6_and_fidelity_end_to_end(tmp_path):
+    """The real orchestrator path: `petl bench --only P6 --quick`, then a small real fidelity run
+    aggregated into the same report."""
+    assert main(["bench", "--quick", "--only", "P6", "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert runs["P6"]["rc"] == 0 and "error" not in runs["P6"]
+    p6 = json.loads((tmp_path / "p6_gflops.json").read_text())
+    for r in p6["backbones"]["petl_vit_t12_p4_32"].values():
+        assert 0 < r["fraction_of_peak"] and r["fraction_range"][0] <= r["fraction_of_peak"] <= r["fraction_range"][1]
+        assert r["gflops_per_image"] > 0.1  # 12 blocks x 65 tokens x width 192: a measured count, not zero
+
+    fid = _module("fidelity")
+    assert fid.main(["--out-dir", str(tmp_path), "--tasks", "digits-1k", "--methods", "linear", "arc", "dyt",
+                     "dyn_adapter", "--seeds", "0", "--epochs", "1"]) == 0
+    res = json.loads((tmp_path / "fidelity.json").read_text())
+    claims = {c["claim"]: c for c in res["claims"]}
+    arc = claims["ARC's merged model is exact and costs zero extra FLOPs"]
+    assert arc["met"] is True, arc  # merging is exact whatever the accuracy
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["dyt"]["gflops"] < rows["linear"]["gflops"] * 1.2  # the dispatcher really skips MLP work
+    assert {"dyn_adapter @50%", "dyn_adapter @70%"} <= set(rows)
+    assert all(Path(p).exists() for p in res["plots"]) and len(res["plots"]) == 3
+
+    assert main(["bench", "--report", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "| P6 | petl_vit_t12_p4_32 forward, batch 32" in md
+    assert "## Fidelity to the papers" in md and "| dyn_adapter @50% |" in md
+    assert "fidelity_pareto.png" in md
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [f["id"] for f in report["figures"]].count("P6") == 2
+
