@@ -99,11 +99,12 @@ def _write(args, load0, results) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (3 at batch 1, 1 at larger batches)")
+    ap.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats (full: 7 at batch 1, 3 at batch 16)")
     ap.add_argument("--repeats", type=int, default=0, help="override the repeats of every batch size")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 16 (--quick: 1)")
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
+    args.batches = args.batches or ([1] if args.quick else [1, 16])
     repeats = {1: 3 if args.quick else 7}
     torch.manual_seed(0)
     backbone = create_backbone("vit_base_patch16_224")

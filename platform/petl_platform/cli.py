@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import PetlError
 
@@ -26,9 +27,26 @@ def _parse_sets(pairs: list[str]) -> dict:
     return out
 
 
+def _vtab_tasks(args) -> None:
+    from .data.vtab import discover
+
+    rows = discover(args.vtab_root)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'dataset':22} {'group':11} {'classes':>7} {'train800':>8} {'val200':>6} {'train800val200':>14} {'test':>7}  task")
+    for r in rows:
+        s = r["sizes"]
+        print(f"{r['name']:22} {r['group']:11} {r['num_classes']:>7} {s['train800']:>8} {s['val200']:>6} "
+              f"{s['train800val200']:>14} {s['test']:>7}  {r['task']}")
+    print(f"{sum(r['group'] != 'other' for r in rows)} of 19 VTAB-1k datasets present")
+
+
 def cmd_tasks(args) -> None:
     from .data import get_task, list_tasks
 
+    if args.vtab_root:
+        return _vtab_tasks(args)
     names = args.names or list_tasks(include_variants=args.variants)
     infos = [get_task(n).info() for n in names]
     if args.json:
@@ -115,10 +133,41 @@ def _train_local(args) -> None:
             print(f"adapter saved to {args.out}")
 
 
+def _sweep_suite(args, settings) -> None:
+    from .training.vtab_suite import DEFAULT_MODEL_NAME, format_table, run_vtab_suite
+
+    if not args.vtab_root:
+        raise PetlError("--suite vtab1k needs --vtab-root ROOT (ROOT/<dataset>/{train800,val200,train800val200,test}.txt)")
+    if args.task or args.resume:
+        raise PetlError("--suite vtab1k takes its tasks from --vtab-root (and --datasets), not --task; "
+                        "--resume is not supported (rerun the missing --datasets under a new --name)")
+    s = run_vtab_suite(args.vtab_root, args.method, args.backbone, settings,
+                       datasets=[d for d in (args.datasets or "").split(",") if d] or None, space=args.space,
+                       samples=args.samples, epochs=args.epochs or 10,
+                       train={k: v for k, v in _train_overrides(args).items() if k != "epochs"},
+                       hparams=_parse_sets(args.set), scheduler=args.scheduler, grace_period=args.grace_period,
+                       reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent,
+                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                       max_failures=args.max_failures, name=args.name, experiment=args.experiment,
+                       register=args.register, alias=args.alias, address=args.address,
+                       model_name=DEFAULT_MODEL_NAME if args.model_name == "{task}" else args.model_name)
+    print(json.dumps(s, default=str) if args.json else format_table(s))
+    if not args.json:
+        print(f"MLflow suite run {s['parent_run_id']}: mlflow ui --backend-store-uri {settings.tracking_uri}")
+    failed = [r["dataset"] for r in s["rows"] if r["error"]]
+    if failed:
+        raise PetlError(f"{len(failed)} dataset(s) failed and are not averaged: {', '.join(failed)} "
+                        f"(reasons in the table and the suite run's petl.vtab.error.* tags)")
+
+
 def cmd_sweep(args) -> None:
     from .training.sweep import run_sweep
 
     settings = _settings(args)
+    if args.suite:
+        return _sweep_suite(args, settings)
+    if not args.task or args.vtab_root or args.datasets:
+        raise PetlError("petl sweep needs --task T[,T2] (--vtab-root and --datasets go with --suite vtab1k)")
     summaries = run_sweep([t for t in args.task.split(",") if t], args.method, args.backbone, settings,
                           space=args.space, samples=args.samples, epochs=args.epochs or 10,
                           train={k: v for k, v in _train_overrides(args).items() if k != "epochs"},
@@ -160,7 +209,11 @@ def _precheck(ns) -> None:
     from .data import check_task_name
     from .methods import get_method
 
-    for task in ns.task.split(","):
+    if getattr(ns, "suite", None) and not ns.vtab_root:
+        raise PetlError("--suite vtab1k needs --vtab-root ROOT (the path on the cluster)")
+    if not ns.task and not getattr(ns, "suite", None):
+        raise PetlError(f"petl {ns.cmd} needs --task")
+    for task in [t for t in (ns.task or "").split(",") if t]:
         check_task_name(task)
     get_method(ns.method).config_cls.from_dict(_parse_sets(ns.set), ns.method)
     if getattr(ns, "space", None):
@@ -249,6 +302,19 @@ def cmd_demo(args) -> None:
              petl=[m for m in args.petl.split(",") if m], budget=args.budget, sweep=args.sweep or None)
 
 
+def cmd_bench(args) -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "report.py"
+    if not script.exists():
+        raise PetlError(f"petl bench runs the bench/ scripts of a source checkout (pip install -e .): {script} not found")
+    argv = [*(["--quick"] if args.quick else []), *(["--report"] if args.report else []),
+            *(["--only", args.only] if args.only else []), *(["--out", args.out] if args.out else [])]
+    rc = subprocess.call([sys.executable, str(script), *argv])
+    if rc:
+        raise SystemExit(rc)
+
+
 def _train_overrides(args) -> dict:
     keys = ("epochs", "batch_size", "lr", "seed", "device")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
@@ -257,7 +323,8 @@ def _train_overrides(args) -> dict:
 def _job_args(p, tasks: bool = False) -> None:
     from .backbones import SHIPPED
 
-    p.add_argument("--task", required=True, help="registry name, NAME-1k or folder:PATH" + (" (comma-separated: one trial set per task)" if tasks else ""))
+    p.add_argument("--task", required=not tasks, help="registry name, NAME-1k, folder:PATH or vtab:ROOT/DATASET[?final]"
+                   + (" (comma-separated: one trial set per task)" if tasks else ""))
     p.add_argument("--method", default="linear")
     p.add_argument("--backbone", default=SHIPPED, help="shipped name, timm ViT name, weights file, or ARCH@FILE")
     p.add_argument("--epochs", type=int)
@@ -284,7 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     t = sub.add_parser("tasks", help="list offline tasks")
-    t.add_argument("names", nargs="*", help="only these tasks (default: all)")
+    t.add_argument("names", nargs="*", help="only these tasks (default: all registry tasks); also folder:PATH "
+                   "(ImageFolder PATH/{train,test}/<class>/*.png|jpg, optional val/) or vtab:ROOT/DATASET[?final]")
+    t.add_argument("--vtab-root", metavar="ROOT", help="list the VTAB-1k datasets under ROOT "
+                   "(ROOT/<dataset>/{train800,val200,train800val200,test}.txt) with group, classes and split sizes")
     t.add_argument("--json", action="store_true")
     t.add_argument("--no-variants", dest="variants", action="store_false", help="omit the -1k variants")
     t.set_defaults(fn=cmd_tasks)
@@ -319,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-register", dest="register", action="store_false")
     sw.add_argument("--model-name", default="{task}", help="registered model name; {task} and {method} expand")
     sw.add_argument("--alias", default="champion")
+    sw.add_argument("--suite", choices=["vtab1k"], help="the VTAB-1k protocol over --vtab-root: per dataset a sweep "
+                    "on train800/val200, then the best config on train800val200, tested once on test")
+    sw.add_argument("--vtab-root", metavar="ROOT", help="--suite vtab1k: ROOT/<dataset>/{train800,val200,train800val200,test}.txt")
+    sw.add_argument("--datasets", help="--suite vtab1k: only these datasets (comma-separated; default: all present)")
     sw.set_defaults(fn=cmd_sweep)
 
     su = sub.add_parser("submit", help="submit `petl train|sweep ARGS` as a Ray job and follow its logs")
@@ -363,6 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budget", type=float, default=0.5, help="FLOPs budget the dyn_* exits are calibrated to")
     d.add_argument("--sweep", default="dyn_lora", help="method of the closing Ray Tune sweep on the first task ('' to skip)")
     d.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="run every benchmark side by side; write bench/results/<date>/report.md")
+    b.add_argument("--quick", action="store_true", help="the reduced suite (under 15 min on 2 cores)")
+    b.add_argument("--only", help="comma list of sections (params, P1-P4, P6, serve, P7, colocation, dyt_curve, fidelity)")
+    b.add_argument("--out", help="output directory (default bench/results/<today>)")
+    b.add_argument("--report", action="store_true", help="only re-render the report from the JSONs in --out")
+    b.set_defaults(fn=cmd_bench)
     return p
 
 

@@ -20,7 +20,7 @@ from ..errors import PetlError
 
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED = "petl_vit_t12_p4_32"  # the offline-pretrained 12-block ViT that ships with the package
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
 
 def shipped_config() -> dict:
@@ -69,6 +69,19 @@ def _apply_weights(model: nn.Module, state: dict, source) -> None:
         raise PetlError(f"weights in {source} do not fit the backbone: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
+def _load_npz(model: nn.Module, path: Path) -> None:
+    """An original JAX/Flax ``.npz`` checkpoint (Google's ``ViT-B_16.npz``, timm's ``augreg``
+    files) through timm's own converter, ``VisionTransformer.load_pretrained``. A classifier or
+    pre-logits layer in the file is ignored (the backbone has none)."""
+    try:
+        with torch.no_grad():
+            model.load_pretrained(str(path))
+    except KeyError as e:
+        raise PetlError(f"weights in {path} do not fit the backbone: .npz has no {e}") from None
+    except Exception as e:  # noqa: BLE001 - numpy/zip/shape errors of many kinds
+        raise PetlError(f"cannot load .npz weights {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
 def _config_for_file(path: Path, arch: str | None) -> dict:
     """Architecture of a weights file: ``arch@path`` or a JSON beside it (timm hub style)."""
     if arch:
@@ -86,7 +99,8 @@ def create_backbone(name_or_path: str = SHIPPED, pretrained: bool = False, **ove
 
     ``name_or_path``: the shipped ``petl_vit_t12_p4_32``; any timm ViT name (``pretrained=True``
     downloads when the user has network); a local ``.safetensors``/``.pth`` file or directory with
-    a ``config.json``; or ``ARCH@FILE``. ``overrides`` pass through to ``timm.create_model``.
+    a ``config.json``; or ``ARCH@FILE`` (FILE may also be a JAX ``.npz``, e.g.
+    ``vit_base_patch16_224.augreg_in21k@ViT-B_16.npz``). ``overrides`` pass through to ``timm.create_model``.
     """
     name_or_path = str(name_or_path)
     arch, _, file_part = name_or_path.rpartition("@") if "@" in name_or_path else (None, "", name_or_path)
@@ -102,7 +116,10 @@ def create_backbone(name_or_path: str = SHIPPED, pretrained: bool = False, **ove
             raise PetlError(f"weights file {path} does not exist")
         cfg = _config_for_file(path, arch)
         model = _build(cfg["architecture"], {**cfg["model_args"], **overrides})
-        _apply_weights(model, load_weights_file(path), path)
+        if path.suffix == ".npz":
+            _load_npz(model, path)
+        else:
+            _apply_weights(model, load_weights_file(path), path)
     else:
         model = _build(name_or_path, overrides, pretrained=pretrained)
     model.requires_grad_(False)

@@ -2,7 +2,8 @@
 
 ``get_task("fashion_mnist")`` gives the full task; ``get_task("fashion_mnist-1k")`` its VTAB-1k
 style variant (800 train + 200 val drawn with the task's seed, test capped at 2,000 images so a
-CPU evaluates it in seconds). ``get_task("folder:PATH")`` reads a user's ImageFolder tree.
+CPU evaluates it in seconds). ``get_task("folder:PATH")`` reads a user's ImageFolder tree,
+``get_task("vtab:ROOT/DATASET[?final]")`` one dataset of a real VTAB-1k tree (see ``vtab.py``).
 Built tasks are cached as ``.npz`` under ``$PETL_CACHE`` (default ``~/.cache/petl_platform``).
 """
 
@@ -180,15 +181,27 @@ def _base_name(name: str) -> str:
     return name[: -len(VTAB1K_SUFFIX)] if name.endswith(VTAB1K_SUFFIX) else name
 
 
-@functools.lru_cache(maxsize=16)
 def get_task(name: str) -> Task:
-    """Load a task by registry name, ``<name>-1k`` variant, or ``folder:PATH``."""
+    """Load a task by registry name, ``<name>-1k`` variant, ``folder:PATH`` or ``vtab:ROOT/DATASET``."""
+    if name.startswith("vtab:"):
+        return _get_vtab(name)
+    return _get_task(name)
+
+
+@functools.lru_cache(maxsize=2)  # VTAB tasks hold up to ~300 MB of 224-px images each: keep few
+def _get_vtab(name: str) -> Task:
+    from .vtab import load_vtab_task
+    return load_vtab_task(name)
+
+
+@functools.lru_cache(maxsize=16)
+def _get_task(name: str) -> Task:
     if name.startswith("folder:"):
         from .folder import load_folder_task
         return load_folder_task(name[len("folder:"):])
     base = _base_name(name)
     if base not in _REGISTRY:
-        raise unknown("task", name, list_tasks() + ["folder:PATH"])
+        raise unknown("task", name, list_tasks() + ["folder:PATH", "vtab:ROOT/DATASET"])
     spec = _REGISTRY[base]
     splits, classes = _build_cached(spec)
     task = Task(spec.name, classes, spec.source, spec.seed, splits)
@@ -197,10 +210,26 @@ def get_task(name: str) -> Task:
 
 def check_task_name(name: str) -> None:
     """Validate a task name without loading it (for up-front CLI checks)."""
+    if name.startswith("vtab:"):
+        from .vtab import check_vtab_name
+        return check_vtab_name(name)
     if name.startswith("folder:"):
         if not Path(name[len("folder:"):]).is_dir():
             raise PetlError(f"task folder {name[len('folder:'):]!r} does not exist")
         return
     base = _base_name(name)
     if base not in _REGISTRY:
-        raise unknown("task", name, list_tasks() + ["folder:PATH"])
+        raise unknown("task", name, list_tasks() + ["folder:PATH", "vtab:ROOT/DATASET"])
+
+
+def task_slug(name: str) -> str:
+    """A task name safe for experiment, directory and registered-model names (no ``/`` or ``:``):
+    registry names unchanged, ``vtab:ROOT/cifar`` → ``vtab-cifar``, ``folder:/a/b`` → ``folder-b``."""
+    import re
+
+    if name.startswith("vtab:"):
+        from .vtab import slug
+        name = slug(name)
+    elif name.startswith("folder:"):
+        name = "folder-" + Path(name[len("folder:"):].rstrip("/")).name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)

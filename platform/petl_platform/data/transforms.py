@@ -32,7 +32,35 @@ def to_tensors(images: np.ndarray, labels: np.ndarray, transform) -> tuple[torch
     return x, torch.as_tensor(labels, dtype=torch.long)
 
 
+class LazyInputs:
+    """Model inputs of a split too big to hold as float tensors (a VTAB test set): decoded and
+    transformed on access, ``x[a:b]`` / ``x[index_tensor]`` → a tensor, so evaluation runs in
+    chunks (``measure.accuracy``, the loop's ``evaluate``). ``lazy = True`` marks it."""
+
+    lazy = True
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, torch.Tensor):
+            idx = idx.cpu().numpy()
+        if isinstance(idx, (int, np.integer)):
+            return self.transform(to_pil(self.images[idx]))
+        return to_tensors(self.images[idx], np.zeros(0), self.transform)[0]
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self), *self[0:1].shape[1:]) if len(self) else (0,)
+
+
 def task_tensors(task, backbone) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every split of ``task`` through the backbone's transform, as ``(x, y)`` tensors."""
+    """Every split of ``task`` through the backbone's transform, as ``(x, y)`` tensors (a lazy
+    split, e.g. a VTAB test set, as ``LazyInputs``: transformed chunk by chunk when read)."""
     tf = make_transform(backbone)
-    return {split: to_tensors(*arrays, tf) for split, arrays in task.splits.items()}
+    return {split: (LazyInputs(images, tf), torch.as_tensor(labels, dtype=torch.long))
+            if getattr(images, "lazy", False) else to_tensors(images, labels, tf)
+            for split, (images, labels) in task.splits.items()}

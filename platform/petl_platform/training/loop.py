@@ -98,8 +98,10 @@ class _Inputs:
     """A split as model inputs: raw images, or cached frozen-trunk states (``forward_tail``)."""
 
     def __init__(self, model, x: torch.Tensor, device, cached: bool, batch_size: int):
-        self.model, self.cached, self.n = model, cached, len(x)
-        if not cached:
+        # A lazy split (decoded on access, e.g. a VTAB test set) is never cached: its trunk states
+        # would be as large as the float images it avoids holding.
+        self.model, self.cached, self.n = model, cached and not getattr(x, "lazy", False), len(x)
+        if not self.cached:
             self.x = x
             return
         keep = model.tail_inputs()

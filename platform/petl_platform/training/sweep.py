@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..data.registry import task_slug
 from ..errors import PetlError
 from ..tracking.runs import ADAPTER_PATH, RunLogger, client, git_commit, mark_failed, register_adapter
 from ..tracking.settings import CHAMPION, TrackingSettings
@@ -150,7 +151,7 @@ def run_sweep(tasks: list[str], method: str, backbone: str, settings: TrackingSe
         gpus = gpus_per_trial if gpus_per_trial is not None else (0.5 if torch.cuda.is_available() else 0)
         return [_sweep_task(t, method, backbone, settings, parsed, samples, epochs, train, hparams or {}, scheduler,
                             grace_period, reduction_factor, max_concurrent, cpus_per_trial, gpus, max_failures,
-                            f"{name}-{t}", path, fs, resume, experiment, register, model_name, alias, budget, progress)
+                            f"{name}-{task_slug(t)}", path, fs, resume, experiment, register, model_name, alias, budget, progress)
                 for t in tasks]
     finally:
         if started is not None:
@@ -217,7 +218,7 @@ def _sweep_task(task, method, backbone, settings, parsed, samples, epochs, train
                             "trials_stopped_early": sum(t["stopped_early"] for t in summary["trials"])}, step=0)
         if register and summary["best"]:
             b = summary["best"]
-            mv = register_adapter(settings, b["run_id"], model_name.format(task=task, method=method), alias,
+            mv = register_adapter(settings, b["run_id"], model_name.format(task=task_slug(task), method=method), alias,
                                   tags={"task": task, "method": method, "val_accuracy": b["val_accuracy"],
                                         "sweep": sweep_name})
             summary["registered"] = {"name": mv.name, "version": int(mv.version), "alias": alias}

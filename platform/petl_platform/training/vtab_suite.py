@@ -1,0 +1,183 @@
+"""The VTAB-1k protocol on Ray: for each dataset, a Ray Tune sweep (``run_sweep``) trained on
+``train800`` and validated on ``val200``; then the best config trained on ``train800val200``
+(Ray Train, one worker) and evaluated once on ``test``. One MLflow parent run for the suite holds
+each dataset's sweep run and final run as children, per-dataset ``test_accuracy.<dataset>`` and
+``val_accuracy.<dataset>``, the group means, both averages (``mean_of_datasets``,
+``mean_of_group_means``) and ``vtab/summary.{json,md}``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import PetlError
+from ..tracking.runs import RunLogger, client, git_commit, register_adapter
+from ..tracking.settings import CHAMPION, TrackingSettings
+
+DEFAULT_MODEL_NAME = "vtab1k-{task}-{method}"
+
+
+def select_datasets(found: list[dict], datasets: list[str] | None) -> list[dict]:
+    """The discovered datasets to run: the standard ones present, or exactly ``datasets``."""
+    from ..data.vtab import VTAB_DATASETS
+
+    by_name = {d["name"]: d for d in found}
+    if not datasets:
+        chosen = [d for d in found if d["name"] in VTAB_DATASETS]
+        if not chosen:
+            raise PetlError(f"none of the 19 VTAB-1k datasets is under the root (found {', '.join(by_name)}); "
+                            "name the ones to run with --datasets")
+        return chosen
+    missing = [n for n in datasets if n not in by_name]
+    if missing:
+        raise PetlError(f"--datasets {', '.join(missing)} not found under the VTAB root; present: {', '.join(by_name)}")
+    return [by_name[n] for n in dict.fromkeys(datasets)]
+
+
+def run_vtab_suite(root: str, method: str, backbone: str, settings: TrackingSettings,
+                   datasets: list[str] | None = None, space: list[str] | None = None, samples: int = 8,
+                   epochs: int = 10, train: dict | None = None, hparams: dict | None = None, scheduler: str = "asha",
+                   grace_period: int = 1, reduction_factor: float = 3, max_concurrent: int | None = None,
+                   cpus_per_trial: float = 1, gpus_per_trial: float | None = None, max_failures: int = 1,
+                   name: str | None = None, experiment: str = "petl", register: bool = True,
+                   model_name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION, address: str | None = None,
+                   progress: bool = True) -> dict:
+    """Run the protocol on the datasets under ``root``; returns ``{"rows", "average", ...}``.
+
+    A dataset whose sweep or final fit fails is recorded with its error and left out of the
+    averages (listed as missing); the others still run."""
+    from ..backbones import create_backbone
+    from ..data.vtab import discover, group_of, suite_average, task_name
+    from ..methods import get_method
+    from .distributed import ensure_ray, run_train
+    from .run import train_config
+    from .sweep import default_space, parse_space, run_sweep
+    from .trial import split_hparams
+
+    # Everything checkable is checked before Ray starts: the tree, names, hyperparameters, space.
+    chosen = select_datasets(discover(root), datasets)
+    hparams, train = dict(hparams or {}), {k: v for k, v in (train or {}).items() if k != "epochs"}
+    get_method(method).config_cls.from_dict(hparams, method)
+    if samples < 1 or epochs < 1:
+        raise PetlError("--samples and --epochs must be >= 1")
+    train_config(method, {**train, "epochs": epochs})
+    depth = len(create_backbone(backbone).blocks)
+    parse_space(space if space else default_space(method, depth), method)
+    try:
+        model_name.format(task="x", method=method)
+    except (KeyError, IndexError, ValueError) as e:
+        raise PetlError(f"bad --model-name {model_name!r}: only {{task}} and {{method}} expand ({e})") from None
+    settings.prepare()
+    name = name or f"vtab1k-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.time()
+    started = ensure_ray(address)
+    try:
+        import torch
+
+        use_gpu = (gpus_per_trial if gpus_per_trial is not None else (1 if torch.cuda.is_available() else 0)) > 0
+        suite = RunLogger(settings, experiment, run_name=f"vtab1k {name}",
+                          tags={"petl.role": "vtab_suite", "petl.suite": "vtab1k", "petl.sweep": name,
+                                "petl.method": method, "petl.backbone": backbone, "mlflow.source.git.commit": git_commit()})
+        with suite:
+            suite.log_params({"root": str(root), "method": method, "backbone": backbone, "epochs": epochs,
+                              "samples": samples, "scheduler": scheduler, "datasets": ",".join(d["name"] for d in chosen),
+                              "space": "; ".join(space) if space else "default", **{f"hparam.{k}": v for k, v in hparams.items()},
+                              **{f"train.{k}": v for k, v in train.items()}})
+            rows = []
+            for i, d in enumerate(chosen):
+                row = {"dataset": d["name"], "group": group_of(d["name"]), "num_classes": d["num_classes"],
+                       "sizes": d["sizes"], "test_accuracy": None, "val_accuracy": None, "error": None}
+                rows.append(row)
+                try:
+                    _run_dataset(row, task_name(root, d["name"]), method, backbone, settings, space, samples, epochs,
+                                 train, hparams, scheduler, grace_period, reduction_factor, max_concurrent,
+                                 cpus_per_trial, gpus_per_trial, use_gpu, max_failures, name, experiment, suite,
+                                 run_sweep, run_train, split_hparams, progress)
+                except PetlError as e:
+                    row["error"] = str(e)
+                    suite.set_tags({f"petl.vtab.error.{d['name']}": str(e)[:4000]})
+                if row["test_accuracy"] is not None:
+                    suite.log_metrics({f"test_accuracy.{d['name']}": row["test_accuracy"],
+                                       f"val_accuracy.{d['name']}": row["val_accuracy"]}, step=0)
+                    if register and row.get("final_run_id"):
+                        mv = register_adapter(settings, row["final_run_id"],
+                                              model_name.format(task=d["name"], method=method), alias,
+                                              tags={"task": row["task"], "method": method, "suite": name,
+                                                    "test_accuracy": row["test_accuracy"]})
+                        row["registered"] = {"name": mv.name, "version": int(mv.version), "alias": alias}
+                suite.log_metrics({"datasets_done": i + 1}, step=i + 1)
+            avg = suite_average({r["dataset"]: r["test_accuracy"] for r in rows})
+            suite.log_metrics({"mean_of_datasets": avg["mean_of_datasets"], "mean_of_group_means": avg["mean_of_group_means"],
+                               "datasets_with_result": avg["datasets"],
+                               **{f"group_mean.{g}": v for g, v in avg["group_means"].items()}}, step=0)
+            suite.set_tags({"petl.vtab.complete": str(avg["complete"]).lower(),
+                            "petl.vtab.missing": ",".join(avg["missing"]) or "-"})
+            summary = {"suite": "vtab1k", "name": name, "root": str(root), "method": method, "backbone": backbone,
+                       "epochs": epochs, "samples": samples, "rows": rows, "average": avg,
+                       "parent_run_id": suite.run_id, "wall_s": round(time.time() - t0, 1)}
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+                (Path(tmp) / "summary.md").write_text(format_table(summary) + "\n")
+                suite.log_artifacts(tmp, "vtab")
+        return summary
+    finally:
+        if started is not None:
+            import ray
+            ray.shutdown()
+
+
+def _run_dataset(row, task, method, backbone, settings, space, samples, epochs, train, hparams, scheduler, grace,
+                 rf, max_concurrent, cpus, gpus, use_gpu, max_failures, name, experiment, suite, run_sweep,
+                 run_train, split_hparams, progress) -> None:
+    row["task"] = task
+    # 1. search: train800 → val200 (Ray Tune; the champion is registered after the final fit instead)
+    [s] = run_sweep([task], method, backbone, settings, space=space, samples=samples, epochs=epochs, train=train,
+                    hparams=hparams, scheduler=scheduler, grace_period=grace, reduction_factor=rf,
+                    max_concurrent=max_concurrent, cpus_per_trial=cpus, gpus_per_trial=gpus,
+                    max_failures=max_failures, name=name, experiment=experiment, register=False, progress=progress)
+    c = client(settings)
+    c.set_tag(s["parent_run_id"], "mlflow.parentRunId", suite.run_id)
+    c.set_tag(s["parent_run_id"], "petl.vtab.dataset", row["dataset"])
+    best = s["best"]
+    searched_hp, searched_train = split_hparams(best["params"])
+    row.update(val_accuracy=best["val_accuracy"], best_params=best["params"], sweep_run_id=s["parent_run_id"],
+               trials=len(s["trials"]))
+    # 2. final: the chosen config on train800val200, evaluated once on test
+    final_task = f"{task}?final"
+    out = run_train(final_task, method, backbone, settings, hparams={**hparams, **searched_hp},
+                    train={**train, **searched_train, "epochs": epochs}, workers=1, use_gpu=use_gpu,
+                    cpus_per_worker=cpus, experiment=experiment, name=f"{name}-{row['dataset']}-final",
+                    max_failures=max_failures,
+                    tags={"mlflow.parentRunId": suite.run_id, "petl.role": "vtab_final",
+                          "petl.vtab.dataset": row["dataset"], "petl.sweep": name})
+    if out.get("test_accuracy") is None:
+        raise PetlError(f"final fit on {row['dataset']} reported no test accuracy")
+    row.update(test_accuracy=float(out["test_accuracy"]), final_run_id=out.get("mlflow_run_id"))
+
+
+def _pct(v) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.1f}"
+
+
+def format_table(summary: dict) -> str:
+    """The suite as a markdown table (accuracies in %) plus both averages."""
+    avg = summary["average"]
+    lines = [f"VTAB-1k, {summary['method']} on {summary['backbone']} ({summary['epochs']} epochs, "
+             f"{summary['samples']} trials per dataset)", "",
+             "| dataset | group | classes | best val (val200) | test (final fit) | best config |",
+             "|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        cfg = r.get("best_params") or {}
+        note = f"failed: {r['error'][:120]}" if r.get("error") else ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg.items())
+        lines.append(f"| {r['dataset']} | {r['group']} | {r['num_classes']} | {_pct(r['val_accuracy'])} | "
+                     f"{_pct(r['test_accuracy'])} | {note} |")
+    groups = ", ".join(f"{g} {_pct(v)}" for g, v in avg["group_means"].items()) or "-"
+    lines += ["", f"group means: {groups}",
+              f"mean of datasets ({avg['datasets']} of 19): {_pct(avg['mean_of_datasets'])}",
+              f"mean of group means ({len(avg['group_means'])} of 3 groups): {_pct(avg['mean_of_group_means'])}"]
+    if avg["missing"]:
+        lines.append(f"missing (not averaged): {', '.join(avg['missing'])}")
+    return "\n".join(lines)
