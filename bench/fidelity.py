@@ -12,7 +12,8 @@ parameters (head excluded, the papers' convention), *measured* inference GFLOPs 
 
 Runs are appended to ``fidelity_runs.jsonl`` (a rerun skips what is there), then aggregated into
 ``fidelity.json`` (table + claims, mean +- std over seeds) and three PNGs. The training-memory claim
-reads ``p4_train_memory.json`` from the same directory when the P4 bench has run there.
+reads ``p4_train_memory_fidelity.json`` (P4 on the same backbone) from the same directory when
+``petl bench`` ran that section there.
 
     nice .venv/bin/python bench/fidelity.py --out-dir bench/results/<date> [--quick]
 """
@@ -169,7 +170,7 @@ def claims(rows, runs, by, tasks, p4) -> list[dict]:
                               "dtl is the minimum", lowest == "dtl"))
         else:
             out.append(_claim("DTL has the lowest training memory of the adapter methods", "not measured",
-                              "dtl is the minimum", None, "P4 did not run in this directory"))
+                              "dtl is the minimum", None, "P4_fidelity did not run in this directory"))
     arc = [r for r in runs if r["method"] == "arc" and "merge" in r]
     lin_flops = row.get("linear", {}).get("gflops")
     if arc:
@@ -274,7 +275,7 @@ def main(argv=None) -> int:
             with log.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             runs.append(rec)
-    p4_path = out / "p4_train_memory.json"
+    p4_path = out / "p4_train_memory_fidelity.json"  # P4 on the fidelity backbone (`petl bench --only P4_fidelity`)
     # a method's reference variants (e.g. "linear (40 epochs)", its own longer recipe) travel with it
     agg = aggregate([r for r in runs if r["task"] in args.tasks and r["method"].split(" ")[0] in args.methods
                      and r["seed"] in args.seeds],

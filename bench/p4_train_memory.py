@@ -39,7 +39,7 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child(method: str, batch: int, steps: int, device: str) -> dict:
+def child(method: str, batch: int, steps: int, device: str, backbone_name: str = "vit_base_patch16_224") -> dict:
     """One method, one fresh process: the peak memory of ``steps`` training steps."""
     import torch
 
@@ -47,7 +47,7 @@ def child(method: str, batch: int, steps: int, device: str) -> dict:
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    backbone = create_backbone("vit_base_patch16_224")
+    backbone = create_backbone(backbone_name)
     if method == "full":
         model = build_model("linear", backbone, 100)
         model.requires_grad_(True)
@@ -58,7 +58,7 @@ def child(method: str, batch: int, steps: int, device: str) -> dict:
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    x = torch.randn(batch, 3, 224, 224, device=dev)
+    x = torch.randn(batch, 3, *backbone.patch_embed.img_size, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     if dev.type == "cuda":
@@ -90,6 +90,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 training step instead of 2 (no steady-state optimizer state)")
     ap.add_argument("--methods", nargs="+", default=["dtl", "dtl_plus", "lora", "full", "linear"])
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--backbone", default="vit_base_patch16_224", help="random-weight ViT-B/16 by default; "
+                    "the fidelity table uses the shipped backbone")
+    ap.add_argument("--suffix", default="", help="output file p4_train_memory<SUFFIX>.json")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
@@ -99,12 +102,13 @@ def main(argv=None) -> int:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
-        print(json.dumps(child(args.child, args.batch, steps, args.device)))
+        print(json.dumps(child(args.child, args.batch, steps, args.device, args.backbone)))
         return 0
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     results = {}
     for m in args.methods:
-        cmd = [sys.executable, __file__, "--child", m, "--batch", str(args.batch), "--device", args.device]
+        cmd = [sys.executable, __file__, "--child", m, "--batch", str(args.batch), "--device", args.device,
+               "--backbone", args.backbone]
         cmd += ["--quick"] if args.quick else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -124,16 +128,19 @@ def main(argv=None) -> int:
             rw = results["dtl"]["with_weights_mb"] / results[ref]["with_weights_mb"]
             ratios[f"dtl/{ref}"] = {"ratio": r, "ratio_with_weights": rw, "goal": goal, "met": r <= goal}
             print(f"dtl / {ref}: {r:.3f}x (with weights {rw:.3f}x; goal <= {goal}x) {'OK' if r <= goal else 'MISSED'}")
-    report = {"benchmark": "p4_train_memory", "backbone": "vit_base_patch16_224 (random weights)", "batch": args.batch,
+    report = {"benchmark": "p4_train_memory", "backbone": args.backbone + (" (random weights)" if args.backbone == "vit_base_patch16_224" else ""), "batch": args.batch,
               "steps": steps, "device": args.device, "measure": "cuda max_memory_allocated delta" if args.device == "cuda"
               else "peak RSS (VmHWM after clear_refs) minus RSS after setup, fresh process per method",
               "paper_gb": {"dtl": 1.6, "dtl_plus": 1.7, "lora": 3.0, "full": 4.7, "linear": 0.6},
               "results": results, "ratios": ratios}
-    out = Path(args.out_dir) / "p4_train_memory.json"
+    out = Path(args.out_dir) / f"p4_train_memory{args.suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
-    return 0
+    errors = [m for m, r in results.items() if "error" in r]
+    if errors:
+        print(f"failed: {', '.join(errors)}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-FIDELITY_ADAPTERS = ["lora", "adapter", "repadapter", "arc", "dtl", "dtl_plus", "dyt", "full", "linear"]
+P4_FIDELITY = ["--backbone", "petl_vit_t12_p4_32", "--batch", "64", "--suffix", "_fidelity", "--methods", "linear", "lora",
+               "adapter", "repadapter", "arc", "dtl", "dtl_plus", "dyt", "dyn_adapter", "full"]
 
 # section -> (script, quick args, full args, the JSON it writes)
 SECTIONS = {
@@ -39,7 +40,9 @@ SECTIONS = {
     "P1": ("p1_fanout.py", ["--quick"], [], "p1_fanout.json"),
     "P2": ("p2_early_exit.py", ["--quick"], [], "p2_early_exit.json"),
     "P3": ("p3_token_dispatch.py", ["--quick"], [], "p3_token_dispatch.json"),
-    "P4": ("p4_train_memory.py", ["--quick"], ["--methods", *FIDELITY_ADAPTERS], "p4_train_memory.json"),
+    "P4": ("p4_train_memory.py", ["--quick"], [], "p4_train_memory.json"),
+    # the fidelity table's training-memory column: every method on the shipped backbone (the fidelity one)
+    "P4_fidelity": ("p4_train_memory.py", P4_FIDELITY, P4_FIDELITY, "p4_train_memory_fidelity.json"),
     "P6": ("p6_gflops.py", ["--quick"], [], "p6_gflops.json"),
     "serve": ("serve_load.py", ["--quick"], [], "serve_load.json"),
     "P7": ("p7_asha_vs_grid.py", ["--quick"], [], "p7_asha_vs_grid.json"),
