@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--concurrent", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="dyn_linear (exit heads over the frozen trunk): the same grid "
-                    "and schedule, cheaper epochs")
+                    "and ASHA settings, cheaper epochs (petl bench --quick also passes --epochs 4)")
     ap.add_argument("--out-dir", default=str(RESULTS), help="where the JSON (and PNGs) go")
     args = ap.parse_args()
     if args.quick:

@@ -42,10 +42,10 @@ SECTIONS = {
     "P3": ("p3_token_dispatch.py", ["--quick"], [], "p3_token_dispatch.json"),
     "P4": ("p4_train_memory.py", ["--quick"], [], "p4_train_memory.json"),
     # the fidelity table's training-memory column: every method on the shipped backbone (the fidelity one)
-    "P4_fidelity": ("p4_train_memory.py", P4_FIDELITY, P4_FIDELITY, "p4_train_memory_fidelity.json"),
+    "P4_fidelity": ("p4_train_memory.py", None, P4_FIDELITY, "p4_train_memory_fidelity.json"),
     "P6": ("p6_gflops.py", ["--quick"], [], "p6_gflops.json"),
     "serve": ("serve_load.py", ["--quick"], [], "serve_load.json"),
-    "P7": ("p7_asha_vs_grid.py", ["--quick"], [], "p7_asha_vs_grid.json"),
+    "P7": ("p7_asha_vs_grid.py", ["--quick", "--epochs", "4"], [], "p7_asha_vs_grid.json"),
     "colocation": ("colocation_hop.py", ["--repeats", "7"], [], "colocation_hop.json"),
     "dyt_curve": ("dyt_curve.py", None, [], "dyt_curve.json"),  # None: not in --quick
     "fidelity": ("fidelity.py", ["--aggregate-only"], [], "fidelity.json"),
@@ -61,8 +61,8 @@ def run_sections(names: list[str], out: Path, quick: bool) -> dict:
     for name in names:
         script, quick_args, full_args, produced = SECTIONS[name]
         args = quick_args if quick else full_args
-        if args is None:
-            runs[name] = {"skipped": "not part of --quick"}
+        if args is None:  # keep the record of an earlier run of this section into the same directory
+            runs[name] = runs[name] if "rc" in runs.get(name, {}) else {"skipped": "not part of --quick"}
             continue
         if name == "fidelity" and quick and not (out / "fidelity_runs.jsonl").exists():
             runs[name] = {"skipped": "--quick does not train the fidelity runs (about an hour): "
@@ -156,7 +156,7 @@ def figures(out: Path) -> list[dict]:
     if p7 := _load(out, "p7_asha_vs_grid.json"):
         rs = [r["compute_ratio"] for r in p7["rounds"]]
         gaps = [r["best_gap_pt"] for r in p7["rounds"]]
-        figs.append(_fig("P7", f"ASHA vs full grid ({p7['grid_points']} points, {p7['method']}, {p7['task']}): "
+        figs.append(_fig("P7", f"ASHA vs full grid ({p7['grid_points']} points x {p7['epochs']} epochs, {p7['method']}, {p7['task']}): "
                                "trial-epochs", p7["compute_ratio_median"], [min(rs), max(rs)], len(rs), "<= 0.333x",
                          p7["compute_ratio_median"] <= 1 / 3, source="p7_asha_vs_grid.json",
                          note=f"{p7['rounds'][0]['asha']['trial_epochs']} vs {p7['rounds'][0]['fifo']['trial_epochs']} "
