@@ -47,6 +47,7 @@ def _logits(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 
 def run_one(bb, task: str, method: str, seed: int, epochs: int) -> dict:
+    from petl_platform.data import get_task, task_tensors
     from petl_platform.methods import get_method
     from petl_platform.methods.dyn_exit import accuracy_flops_curve
     from petl_platform.training.measure import inference_metrics
@@ -54,8 +55,6 @@ def run_one(bb, task: str, method: str, seed: int, epochs: int) -> dict:
 
     overrides = {"seed": seed, "progress": False, "device": "cpu", "epochs": epochs}
     model, res = finetune(task, method, bb.petl_name, HPARAMS.get(method), overrides, backbone_model=bb)
-    from petl_platform.data import get_task, task_tensors
-
     data = task_tensors(get_task(task), bb)
     (x_val, y_val), (x_test, y_test) = data["val"], data["test"]
     model.eval()
@@ -188,6 +187,15 @@ def claims(rows, runs, by, tasks, p4) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- plots
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
 def plots(agg: dict, out_dir: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -210,10 +218,7 @@ def plots(agg: dict, out_dir: Path) -> list[str]:
         ax.set_ylabel(f"mean test accuracy over {len(agg['tasks'])} tasks (%)")
         ax.set_title("accuracy vs FLOPs: methods and early-exit budgets")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(str(out_dir / "fidelity_pareto.png"))
-        fig.savefig(paths[-1])
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / "fidelity_pareto.png"))
     if agg["exit_histograms"]:
         hist = agg["exit_histograms"]
         fig, axes = plt.subplots(1, len(hist), figsize=(3 * len(hist), 2.8), dpi=120, squeeze=False)
@@ -222,10 +227,7 @@ def plots(agg: dict, out_dir: Path) -> list[str]:
             ax.set_title(t, fontsize=9)
             ax.set_xlabel("exit stage")
         axes[0][0].set_ylabel("% of test images (50 % budget)")
-        fig.tight_layout()
-        paths.append(str(out_dir / "fidelity_exit_histograms.png"))
-        fig.savefig(paths[-1])
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / "fidelity_exit_histograms.png"))
     if agg["dyt_activation_per_layer"]:
         fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
         for t, rates in agg["dyt_activation_per_layer"].items():
@@ -235,10 +237,7 @@ def plots(agg: dict, out_dir: Path) -> list[str]:
         ax.set_ylabel("measured token activation rate")
         ax.set_title("DyT activation rate per layer (test)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(str(out_dir / "fidelity_dyt_activation.png"))
-        fig.savefig(paths[-1])
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / "fidelity_dyt_activation.png"))
     return paths
 
 
