@@ -1,4 +1,5 @@
-"""Shared-trunk multi-task predictor: equals each task alone, trunk computed once, clear refusals."""
+"""Multi-task predictor (over the mixed-task engine): equals each task alone, trunk computed once,
+clear refusals. The engine's own row-level tests are in test_engine.py."""
 
 from collections import Counter
 
@@ -7,24 +8,10 @@ import torch
 
 from petl_platform import PetlError, build_model, list_methods
 from petl_platform.inference import MultiTaskPredictor
-from petl_platform.methods import MethodConfig, PetlModel
 
 SHARING = {"linear": ("linear", {}), "dtl_m3": ("dtl", {"m": 3}), "dtl_m6": ("dtl", {"m": 6}),
            "plus_m2": ("dtl_plus", {"m": 2}), "plus_m5": ("dtl_plus", {"m": 5})}
-# a non-sharing method registered by another engineer, if any (LoRA, Adapter, ...): own forward path
-OTHER = next((m for m in ("lora", "adapter", "repadapter", "arc") if m in list_methods()), None)
-
-
-class FullForward(PetlModel):
-    """A stand-in for any method that touches every block (shared_prefix_blocks = 0)."""
-
-    def inject(self):
-        self.scale = torch.nn.Parameter(torch.ones(1))
-
-    def forward_blocks(self, x):
-        for blk in self.vit.blocks:
-            x = blk(x) * self.scale
-        return x
+OTHER = "adapter"  # a second per-row adapter method beside "full" (LoRA): both touch every block
 
 
 def _randomize(model, seed):
@@ -39,9 +26,8 @@ def _randomize(model, seed):
 @pytest.fixture(scope="module")
 def models(tiny_backbone8):
     out = {name: _randomize(build_model(meth, tiny_backbone8, 3 + i, **hp), i) for i, (name, (meth, hp)) in enumerate(SHARING.items())}
-    out["full"] = _randomize(FullForward(tiny_backbone8, 4, MethodConfig(), "full_forward"), 9)
-    if OTHER:
-        out[OTHER] = _randomize(build_model(OTHER, tiny_backbone8, 2), 10)
+    out["full"] = _randomize(build_model("lora", tiny_backbone8, 4, rank=2), 9)
+    out[OTHER] = _randomize(build_model(OTHER, tiny_backbone8, 2), 10)
     return out
 
 
@@ -64,8 +50,11 @@ def test_equals_each_task_alone(tiny_backbone8, models, images):
 
 def test_trunk_runs_once_and_stats(tiny_backbone8, models, images):
     pred = MultiTaskPredictor(tiny_backbone8, models)
+    pred.predict(images, list(models))  # builds the engine's mixed ViT before the hooks go on
+    pred.totals = {"calls": 0, "blocks_run": 0, "blocks_independent": 0}
     calls = Counter()
     hooks = _count_calls(tiny_backbone8.blocks, calls, "trunk")
+    hooks += _count_calls(pred.engine._mixed.blocks, calls, "rows")
     for name, model in models.items():
         hooks += _count_calls(model.vit.blocks, calls, name)
     pred.predict(images, list(models))
@@ -73,17 +62,19 @@ def test_trunk_runs_once_and_stats(tiny_backbone8, models, images):
         h.remove()
     depth, kmax = 8, 8  # the linear probe shares the whole trunk
     assert [calls[("trunk", i)] for i in range(depth)] == [1] * kmax
+    # both per-row adapter tasks (LoRA, Adapter) go through the mixed ViT together: once per block
+    assert [calls[("rows", i)] for i in range(depth)] == [1] * depth
     for name, model in models.items():
         k = model.shared_prefix_blocks
-        assert [calls[(name, i)] for i in range(depth)] == [0] * k + [1] * (depth - k), name
+        own = [0] * depth if k == 0 else [0] * k + [1] * (depth - k)
+        assert [calls[(name, i)] for i in range(depth)] == own, name
     st = pred.last_stats
-    own = 1 + (OTHER is not None)
     expect_tails = {n: depth - m.shared_prefix_blocks for n, m in models.items()}
     assert st.trunk_blocks == kmax and st.tail_blocks == expect_tails
     assert st.blocks_run == kmax + sum(expect_tails.values())
     assert st.blocks_independent == depth * len(models)
     assert st.block_ratio == pytest.approx(st.blocks_independent / st.blocks_run) and st.blocks_saved > 0
-    assert (st.embeds_run, st.embeds_independent) == (1 + own, len(models))
+    assert (st.embeds_run, st.embeds_independent) == (1, len(models))  # the frozen embedding once
     assert pred.totals == {"calls": 1, "blocks_run": st.blocks_run, "blocks_independent": st.blocks_independent}
 
 
@@ -104,7 +95,7 @@ def test_trunk_only_as_deep_as_requested_tasks(tiny_backbone8, models, images):
 
 def test_unknown_task_lists_valid(tiny_backbone8, models, images):
     pred = MultiTaskPredictor(tiny_backbone8, models)
-    with pytest.raises(PetlError, match=r"unknown task 'nope'; valid tasks: dtl_m3, dtl_m6, full"):
+    with pytest.raises(PetlError, match=r"unknown task 'nope'; valid tasks: adapter, dtl_m3, dtl_m6, full"):
         pred.predict(images, ["dtl_m3", "nope"])
     with pytest.raises(PetlError, match="no task requested"):
         pred.predict(images, [])
@@ -161,5 +152,5 @@ def test_mixed_dynamic_tasks_each_with_own_knobs(tiny_backbone8, models):
     # no knobs: the dynamic tasks use their stored settings (thresholds never reached = full depth)
     out, stats = pred.run(x, ["dyn"])
     assert stats.extra["dyn"]["exit_stage"] == [4] * 6
-    with pytest.raises(PetlError, match="takes no compute knobs"):
+    with pytest.raises(PetlError, match="takes no knobs; got ratio"):
         pred.run(x, ["lin"], knobs={"lin": {"ratio": 0.5}})

@@ -1,5 +1,7 @@
-"""Inference: shared-trunk multi-task prediction over one frozen backbone (plain torch)."""
+"""Inference: the mixed-task engine (rows of many tasks, any method, one pass over the frozen
+weights) and the multi-task predictor on top of it (plain torch, no Ray)."""
 
+from .engine import Engine, Row, RowResult
 from .predictor import CallStats, MultiTaskPredictor, TrunkPlan
 
-__all__ = ["CallStats", "MultiTaskPredictor", "TrunkPlan"]
+__all__ = ["CallStats", "Engine", "MultiTaskPredictor", "Row", "RowResult", "TrunkPlan"]

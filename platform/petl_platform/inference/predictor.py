@@ -1,17 +1,14 @@
-"""Shared-trunk multi-task inference (plain torch, no Ray).
+"""Multi-task prediction for one batch of images: every requested task answers every image.
 
-Many task models sit on one frozen backbone. A method whose first ``k`` blocks compute exactly
-the frozen backbone (``PetlModel.shared_prefix_blocks = k``: linear probe ``k = depth``, DTL
-``k = M``) only needs the trunk states ``z_0..z_k``, which are identical for every such task. So
-for one batch and a set of tasks, ``MultiTaskPredictor`` runs the frozen trunk ONCE up to the
-deepest prefix any requested task needs, hands each task ``states[:k_t + 1]`` for its
-``forward_tail``, and runs tasks with no shared prefix (LoRA, Adapter, RepAdapter, ARC, ...)
-through their own full forward in the same call. Results equal each task run alone: the trunk
-executes the same ops on the same tensors.
+``MultiTaskPredictor`` keeps a set of task models on one frozen backbone and hands each call to the
+mixed-task ``Engine`` (``engine.py``) as rows ``(image, task, knobs)``: the frozen embedding runs
+once per image, the trunk once for every task that shares it (linear probe, DTL), the frozen ops of
+per-row adapter tasks (LoRA, Adapter, RepAdapter, ARC, Dyn-*) once for all their rows, DyT's
+active tokens through one MLP call per layer. Results equal each task run alone.
 
-The only contract a method has to honour is the ``PetlModel`` hooks (``shared_prefix_blocks``,
-``forward_tail``); DyT / Dyn-* models plug in unchanged. Compute is reported per call as block
-counts of the nominal path (a data-dependent method, e.g. an early exit, may run fewer).
+``CallStats`` reports the nominal block counts of a call (shared trunk once + each task's own
+blocks) next to one forward per task; data-dependent methods (early exit) may run fewer, and what
+they spent is in ``extra``.
 """
 
 from __future__ import annotations
@@ -22,7 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import PetlError, unknown
-from ..methods.base import PetlModel, run_trunk
+from ..methods.base import PetlModel
+from ..methods.registry import spec_of
+from .engine import Engine, Row
 
 
 @dataclass(frozen=True)
@@ -73,11 +72,10 @@ class MultiTaskPredictor:
     ``{task: logits}``; ``last_stats`` / ``totals`` record the compute.
     """
 
-    def __init__(self, backbone: nn.Module, models: dict[str, PetlModel] | None = None):
-        self.backbone = backbone.eval()
-        self.fingerprint = getattr(backbone, "fingerprint", None)
-        if self.fingerprint is None:
-            raise PetlError("the predictor's backbone has no fingerprint; create it with create_backbone()")
+    def __init__(self, backbone: nn.Module, models: dict[str, PetlModel] | None = None,
+                 device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        self.engine = Engine(backbone, device=device, dtype=dtype)
+        self.backbone, self.fingerprint = self.engine.backbone, self.engine.fingerprint
         self.models: dict[str, PetlModel] = {}
         self.last_stats: CallStats | None = None
         self.totals = {"calls": 0, "blocks_run": 0, "blocks_independent": 0}
@@ -87,17 +85,10 @@ class MultiTaskPredictor:
     # ------------------------------------------------------------------ task set
     def add(self, task: str, model: PetlModel) -> None:
         """Register (or replace) ``task``; refuses a model trained on another backbone."""
-        if not isinstance(model, PetlModel):
-            raise PetlError(f"task {task!r}: expected a PetlModel, got {type(model).__name__}")
-        if model.backbone_fingerprint != self.fingerprint:
-            raise PetlError(f"task {task!r} was built on backbone {model.backbone_name!r} (fingerprint "
-                            f"{model.backbone_fingerprint}), but this predictor serves "
-                            f"{getattr(self.backbone, 'petl_name', '?')!r} (fingerprint {self.fingerprint}); "
-                            f"rebuild or reload the adapter on this backbone")
+        self.engine.check(task, model)
         k = model.shared_prefix_blocks
-        if not 0 <= k <= model.depth or model.depth != len(self.backbone.blocks):
-            raise PetlError(f"task {task!r}: shared_prefix_blocks={k} / depth={model.depth} do not fit a "
-                            f"backbone of {len(self.backbone.blocks)} blocks")
+        if not 0 <= k <= model.depth:
+            raise PetlError(f"task {task!r}: shared_prefix_blocks={k} does not fit its depth {model.depth}")
         self.models[task] = model.eval()
 
     def remove(self, task: str) -> None:
@@ -134,28 +125,27 @@ class MultiTaskPredictor:
         for t in knobs:
             if t not in plan.tasks:
                 raise PetlError(f"knobs given for task {t!r}, which is not requested")
-            if plan.prefix[t] > 0 and knobs[t]:
-                raise PetlError(f"task {t!r} ({self.models[t].method}) shares the trunk and takes no compute knobs")
+        n = int(x.shape[0])
+        rows = [Row(i, t, knobs.get(t) or {}) for t in plan.tasks for i in range(n)]
+        results = self.engine.run(x, rows, self.models)
         out: dict[str, torch.Tensor] = {}
-        tails: dict[str, int] = {}
         extra: dict[str, dict] = {}
-        with torch.inference_mode():
-            states = run_trunk(self.backbone, x, plan.trunk_blocks) if plan.sharing else None
-            for t in plan.tasks:
-                model, k = self.models[t], plan.prefix[t]
-                if k > 0:
-                    out[t] = model.forward_tail(states[:k + 1])
-                else:
-                    out[t], info = model.infer(x, **knobs.get(t, {}))
-                    if info:
-                        extra[t] = info
-                tails[t] = model.depth - k
-        depth_sum = sum(self.models[t].depth for t in plan.tasks)
-        own = sum(1 for t in plan.tasks if plan.prefix[t] == 0)
+        for j, t in enumerate(plan.tasks):
+            got = results[j * n:(j + 1) * n]
+            out[t] = torch.stack([r.logits for r in got])
+            runtime = spec_of(self.models[t]).runtime
+            if runtime == "early_exit":
+                full = self.engine.info(t, self.models[t]).gflops
+                extra[t] = {"exit_stage": [r.exit_stage for r in got],
+                            "flops": int(sum(r.compute["gflops"] for r in got) * 1e9), "full_flops": int(full * n * 1e9)}
+            elif runtime == "token_dispatch":
+                extra[t] = {k: got[0].compute[k] for k in ("activation_rate", "flops_fraction")}
+        tails = {t: self.models[t].depth - plan.prefix[t] for t in plan.tasks}
         trunk = plan.trunk_blocks if plan.sharing else 0
-        stats = CallStats(tasks=list(plan.tasks), batch=int(x.shape[0]), trunk_blocks=trunk, tail_blocks=tails,
-                          blocks_run=trunk + sum(tails.values()), blocks_independent=depth_sum,
-                          embeds_run=own + (1 if plan.sharing else 0), embeds_independent=len(plan.tasks),
+        stats = CallStats(tasks=list(plan.tasks), batch=n, trunk_blocks=trunk, tail_blocks=tails,
+                          blocks_run=trunk + sum(tails.values()),
+                          blocks_independent=sum(self.models[t].depth for t in plan.tasks),
+                          embeds_run=1 if self.engine.last_stats["embeds"] else 0, embeds_independent=len(plan.tasks),
                           extra=extra)
         return out, stats
 

@@ -40,11 +40,32 @@ class StepOutput:
 class AdapterModule(nn.Module):
     """Base of every injected trainable module. ``branch_dropout`` acts on the module's added
     branch only (identity in eval, so merges stay exact); Dyn-Adapter's bidirectional
-    sparsification sets its rate per block (p_shallow / p_deep)."""
+    sparsification sets its rate per block (p_shallow / p_deep).
+
+    The mixed-task contract (what lets the engine run the frozen op once for rows of many tasks):
+    in eval mode a module at name ``site`` of the ViT computes
+
+        forward(x) == frozen_forward(x + input_delta(x)) + output_delta(x)
+
+    where ``frozen_forward`` is the frozen module(s) it wraps, row-independent; either delta may be
+    ``None``. ``absorbs`` names siblings of ``site`` that the module runs itself before the wrapped
+    module (their place in the block becomes ``Identity``): Adapter absorbs ``norm2`` to see X'.
+    """
+
+    absorbs: tuple[str, ...] = ()
 
     def __init__(self):
         super().__init__()
         self.branch_dropout = nn.Dropout(0.0)
+
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not declare its frozen computation")
+
+    def input_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def output_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None
 
 
 def adapter_modules(root: nn.Module, block: int) -> list[AdapterModule]:
@@ -153,6 +174,34 @@ class PetlModel(nn.Module):
 
     def merged(self) -> nn.Module:
         raise PetlError(f"method {self.method!r} is not mergeable: its modules cannot be folded into the frozen weights")
+
+    # ----------------------------------------------------------------- exits (the engine's view)
+    def exit_blocks(self) -> list[int]:
+        """After how many blocks each exit reads the tokens; the last is always ``depth``."""
+        return [self.depth]
+
+    def exit_logits(self, h: torch.Tensor, stage: int) -> torch.Tensor:
+        """Logits of exit ``stage`` (0-based) from the tokens after block ``exit_blocks()[stage]``."""
+        return self.forward_head(self.vit.norm(h))
+
+    def exit_costs(self) -> list[float]:
+        """Per-sample FLOPs fraction of ``model(x)`` spent when leaving at each exit."""
+        return [1.0]
+
+    def exit_thresholds_for(self, thresholds=None) -> torch.Tensor:
+        """Confidence thresholds of the early exits (none here; Dyn-* overrides)."""
+        if thresholds is not None:
+            raise PetlError(f"method {self.method!r} has no early exits; it takes no thresholds")
+        return torch.empty(0)
+
+    def adapter_sites(self) -> dict[str, AdapterModule]:
+        """The outermost ``AdapterModule``s inside the ViT by name: where this task's rows differ
+        from the frozen backbone in a mixed batch."""
+        sites: dict[str, AdapterModule] = {}
+        for name, m in self.vit.named_modules():
+            if isinstance(m, AdapterModule) and not any(name.startswith(s + ".") for s in sites):
+                sites[name] = m
+        return sites
 
     # ----------------------------------------------------------------- forward
     def embed(self, x: torch.Tensor) -> torch.Tensor:

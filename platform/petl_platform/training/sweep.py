@@ -16,30 +16,19 @@ from ..data.registry import task_slug
 from ..errors import PetlError
 from ..tracking.runs import ADAPTER_PATH, RunLogger, client, git_commit, mark_failed, register_adapter
 from ..tracking.settings import CHAMPION, TrackingSettings
-from .trial import TRAIN_KEYS
+from .distributed import ray_error
+from .trial import PETL_ERROR, TRAIN_KEYS
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
 SEARCHABLE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "warmup_epochs", "seed")
-_DYN = {"p_shallow": "uniform(0.1,0.7)", "p_deep": "uniform(0.0,0.3)", "p_m": "choice(0.0,0.1,0.2)"}
-_RANK = {"rank": "choice(4,8,16)"}
 
 
 def default_space(method: str, depth: int = 12) -> dict[str, str]:
-    """The space searched when ``--space`` is not given: Dyn-*: dropout rates p_shallow, p_deep and
-    gradient-mask rate p_m (+ the base method's rank); DyT: r; DTL: M and d' (rank); LoRA/ARC: rank."""
-    base = method.removeprefix("dyn_")
-    space = dict(_DYN) if method.startswith("dyn_") else {}
-    if base in ("lora", "arc", "arc_att"):
-        space.update(_RANK)
-    elif base in ("dtl", "dtl_plus"):
-        space.update(m=f"choice({depth // 3},{depth // 2},{2 * depth // 3})", rank="choice(1,2,4)")
-    elif base == "dyt":
-        space.update(target_rate="uniform(0.3,0.9)")
-    elif base in ("adapter", "repadapter") and not space:
-        space.update(bottleneck="choice(4,8,16)", dropout="uniform(0.0,0.3)")
-    elif base == "linear" and not space:
-        space.update(lr="loguniform(0.003,0.1)")
-    return space
+    """The space searched when ``--space`` is not given: what the method's spec declares (Dyn-*:
+    p_shallow, p_deep, p_m + the base's rank; DyT: r; DTL: M and d'; LoRA/ARC: rank; ...)."""
+    from ..methods import get_method
+
+    return get_method(method).default_space(depth)
 
 
 def parse_space(items: list[str] | dict[str, str], method: str) -> dict[str, tuple[str, list]]:
@@ -237,13 +226,15 @@ def _finalize(grid, settings, task, method, backbone, parsed, epochs, parent) ->
         m = r.metrics or {}
         run_id = m.get("mlflow_run_id")
         done = int(m.get("training_iteration", 0) or 0)
+        # a PetlError ended the trial (its last result says so), or Ray reports the trial errored
+        error = m.get(PETL_ERROR) or (str(ray_error(r.error)) if r.error else None)
         row = {"run_id": run_id, "params": {k: r.config["search"][k] for k in parsed}, "epochs": done,
-               "val_accuracy": m.get("val_accuracy"), "stopped_early": bool(not r.error and done < epochs),
-               "error": str(r.error).strip().splitlines()[-1][:300] if r.error else None,
+               "val_accuracy": None if error else m.get("val_accuracy"),
+               "stopped_early": bool(not error and done < epochs), "error": error,
                "checkpoint": r.checkpoint.path if r.checkpoint else None}
         if run_id and c.get_run(run_id).info.status == "RUNNING":
-            if r.error:
-                mark_failed(c, run_id, row["error"] or "trial failed")
+            if error:
+                mark_failed(c, run_id, error)
             else:
                 if r.checkpoint:
                     with r.checkpoint.as_directory() as d:

@@ -62,6 +62,15 @@ class ParallelAdapterMlp(AdapterModule):
         for t in (self.down.bias, self.up.weight, self.up.bias):
             nn.init.zeros_(t)
 
+    absorbs = ("norm2",)  # the block's norm2 runs inside: the branch may read X' itself
+
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(x))
+
+    def output_delta(self, x: torch.Tensor) -> torch.Tensor:
+        branch = self.up(torch.relu(self.down(self.norm(x) if self.on_norm else x)))
+        return self.branch_dropout(self.scale * branch)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         branch = self.up(torch.relu(self.down(h if self.on_norm else x)))
@@ -86,5 +95,6 @@ class AdapterModel(PetlModel):
             replace_module(self.vit, name, module)
 
 
-register_method(MethodSpec("adapter", AdapterModel, AdapterConfig, mergeable=False,
+register_method(MethodSpec("adapter", AdapterModel, AdapterConfig, runtime="per_row_adapter", mergeable=False,
+                           search_space={"bottleneck": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"},
                            description="AdaptFormer parallel bottleneck (d=8, s=0.1) beside every MLP"))

@@ -70,10 +70,15 @@ class ArcLinear(AdapterModule):
     def down(self) -> torch.Tensor:
         return self._shared[0].down[self.path]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)
+
+    def input_delta(self, x: torch.Tensor) -> torch.Tensor:
         d = self.down
-        branch = ((x @ d) * self.coef) @ d.T + self.bias  # x W_down C W_up (+ bias)
-        return self.base(x + self.branch_dropout(branch))
+        return self.branch_dropout(((x @ d) * self.coef) @ d.T + self.bias)  # x W_down C W_up (+ bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x + self.input_delta(x))
 
     def folded(self) -> nn.Linear:
         d = self.down.detach().double()
@@ -107,7 +112,8 @@ class ArcAttModel(ArcModel):
     PATHS = ("attn",)
 
 
-register_method(MethodSpec("arc", ArcModel, ArcConfig, mergeable=True,
+_SPACE = {"rank": "choice(4,8,16)"}
+register_method(MethodSpec("arc", ArcModel, ArcConfig, runtime="per_row_adapter", mergeable=True, search_space=_SPACE,
                            description="ARC (r=50): shared W_down / W_down^T + per-layer coefficients before qkv and fc1"))
-register_method(MethodSpec("arc_att", ArcAttModel, ArcConfig, mergeable=True,
+register_method(MethodSpec("arc_att", ArcAttModel, ArcConfig, runtime="per_row_adapter", mergeable=True, search_space=_SPACE,
                            description="ARC on the attention path only (before qkv)"))

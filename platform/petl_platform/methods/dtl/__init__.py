@@ -42,7 +42,14 @@ __all__ = ["CsnLayer", "DtlConfig", "DtlModel", "DtlPlusConfig", "DtlPlusModel",
 # Authors' scripts: AdamW + cosine, lr 1e-3, wd 0.05 for 100 epochs. Our default schedules are short
 # (CPU), so a higher lr; the frozen trunk before M is cached by the loop, so 30 epochs cost little.
 _RECIPE = {"lr": 1e-2, "epochs": 30, "weight_decay": 0.05}
-register_method(MethodSpec("dtl", DtlModel, DtlConfig, mergeable=False, shares_trunk=True, recipe=_RECIPE,
+
+
+def _space(depth: int) -> dict[str, str]:
+    """Sweep M (a third, half, two thirds of the depth) and d' (rank)."""
+    return {"m": f"choice({depth // 3},{depth // 2},{2 * depth // 3})", "rank": "choice(1,2,4)"}
+
+
+register_method(MethodSpec("dtl", DtlModel, DtlConfig, runtime="shared_trunk", mergeable=False, recipe=_RECIPE, search_space=_space,
                            description="DTL: low-rank compact side network added back from block M on"))
-register_method(MethodSpec("dtl_plus", DtlPlusModel, DtlPlusConfig, mergeable=False, shares_trunk=True, recipe=_RECIPE,
+register_method(MethodSpec("dtl_plus", DtlPlusModel, DtlPlusConfig, runtime="shared_trunk", mergeable=False, recipe=_RECIPE, search_space=_space,
                            description="DTL+: DTL with a shared depthwise conv over the patch grid"))

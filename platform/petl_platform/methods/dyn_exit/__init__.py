@@ -57,6 +57,18 @@ DYN_FIELDS = [
 DYN_FIELD_NAMES = [f[0] for f in DYN_FIELDS]
 
 
+# Searched by default: the dropout rates of shallow / deep stages and the gradient-mask rate
+# (Sec. 3.3), plus the base method's rank where it has one.
+DYN_SPACE = {"p_shallow": "uniform(0.1,0.7)", "p_deep": "uniform(0.0,0.3)", "p_m": "choice(0.0,0.1,0.2)"}
+
+
+def _dyn_space(base_spec: MethodSpec):
+    def space(depth: int) -> dict[str, str]:
+        rank = {k: v for k, v in base_spec.default_space(depth).items() if k == "rank"}
+        return {**DYN_SPACE, **rank}
+    return space
+
+
 def check_dyn_config(cfg) -> None:
     check(cfg.stages >= 2, f"stages must be >= 2 (at least one early exit), got {cfg.stages}")
     check(cfg.lambda_curve in ("cosine", "linear"), f"lambda_curve must be cosine or linear, got {cfg.lambda_curve!r}")
@@ -123,8 +135,8 @@ def register_dyn_variants() -> list[str]:
         except ValueError as e:
             log.warning("no %s: %s", name, e)
             continue
-        register_method(MethodSpec(name, make_dyn_model_class(base, spec.model_cls), cfg_cls,
-                                   mergeable=spec.mergeable, shares_trunk=False,
+        register_method(MethodSpec(name, make_dyn_model_class(base, spec.model_cls), cfg_cls, runtime="early_exit",
+                                   mergeable=spec.mergeable, search_space=_dyn_space(spec),
                                    description=f"Dyn-Adapter early exits over {base}"))
         done.append(name)
     return done

@@ -197,7 +197,16 @@ class DynExitMixin:
         self.__dict__["_flop_profile"] = prof
         return prof
 
-    def _thresholds(self, thresholds) -> torch.Tensor:
+    def exit_blocks(self) -> list[int]:
+        return [(s + 1) * self.interval for s in range(self.stages)]
+
+    def exit_costs(self) -> list[float]:
+        from .calibrate import exit_costs
+
+        return [float(c) for c in exit_costs(self)]
+
+    def exit_thresholds_for(self, thresholds=None) -> torch.Tensor:
+        """The S - 1 early-exit thresholds: ``thresholds`` when given (checked), else the calibrated ones."""
         if thresholds is None:
             return self.exit_thresholds.detach().float().cpu()
         t = torch.as_tensor(thresholds, dtype=torch.float32).flatten().cpu()
@@ -215,7 +224,7 @@ class DynExitMixin:
         (measured: each stage's per-sample FLOPs x the samples that ran it, heads included) and
         ``full_flops`` (the same batch through ``model(x)``).
         """
-        thr = self._thresholds(thresholds)
+        thr = self.exit_thresholds_for(thresholds)
         prof = self.flop_profile()
         n = len(x)
         out = torch.empty(n, self.num_classes, device=x.device)

@@ -93,10 +93,14 @@ class DyTModel(PetlModel):
     def _logits(self, z: torch.Tensor, run: DispatchRun) -> torch.Tensor:
         logits = self.forward_head(self.vit.norm(self.forward_blocks(z, run)))
         if run.counting:
-            self._last_stats = self._stats(run, z.shape[0], z.shape[1] - self.vit.num_prefix_tokens)
+            self.record_stats(run, z.shape[0], z.shape[1] - self.vit.num_prefix_tokens)
         return logits
 
-    def _stats(self, run: DispatchRun, batch: int, patches: int) -> dict:
+    def record_stats(self, run: DispatchRun, batch: int, patches: int) -> None:
+        """Keep ``run``'s measured stats as ``last_stats()`` (also after a cross-task pass)."""
+        self._last_stats = self.run_stats(run, batch, patches)
+
+    def run_stats(self, run: DispatchRun, batch: int, patches: int) -> dict:
         embed = batch * patches * self.vit.patch_embed.proj.weight.numel()
         head = batch * self.head.in_features * self.head.out_features
         flops, dense = run.macs + embed + head, run.dense_macs + embed + head
@@ -107,6 +111,13 @@ class DyTModel(PetlModel):
 
     def infer(self, x: torch.Tensor, ratio: float | None = None) -> tuple[torch.Tensor, dict]:
         return self(x, ratio=ratio), self.last_stats()
+
+    @staticmethod
+    def infer_many(models: list, xs: list[torch.Tensor], ratios: list[float | None]) -> list[tuple[torch.Tensor, dict]]:
+        """Several DyT tasks at once (the engine's token-dispatch runtime): ``[(logits, stats)]``."""
+        from .mixed import infer_many
+
+        return infer_many(models, xs, ratios)
 
     def last_stats(self) -> dict:
         """Stats of the last non-training forward: measured activation rate per layer (patch
@@ -137,5 +148,6 @@ class DyTModel(PetlModel):
         return StepOutput(loss, logits, metrics)
 
 
-register_method(MethodSpec("dyt", DyTModel, DyTConfig, mergeable=False, shares_trunk=False,
+register_method(MethodSpec("dyt", DyTModel, DyTConfig, runtime="token_dispatch", mergeable=False,
+                           search_space={"target_rate": "uniform(0.3,0.9)"},
                            description="DyT: token dispatcher skips the frozen MLP for inactive tokens + adapter"))

@@ -30,7 +30,7 @@ VARIANTS = ("mlp", "attn", "attn_mlp", "layer")
 _PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
 
-def _flat_index(m: torch.Tensor) -> torch.Tensor:
+def flat_index(m: torch.Tensor) -> torch.Tensor:
     """Indices of the active tokens of a [B, N] mask in the flattened [B*N] token list."""
     return (m.reshape(-1) > 0.5).nonzero().squeeze(1)
 
@@ -59,27 +59,27 @@ class DyTBlock(nn.Module):
         self.adapter = nn.ModuleList(DyTAdapter(dim, bottleneck, experts) for _ in range(n))
 
     # ------------------------------------------------------------ frozen residual branches
-    def _attn_branch(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+    def attn_branch(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         mask = None if keys is None else keys[:, None, None, :]
         return self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=mask)))
 
-    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def _layer_branch(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
-        a = self._attn_branch(x, keys)
-        return a + self._mlp_branch(x + a)
+        a = self.attn_branch(x, keys)
+        return a + self.mlp_branch(x + a)
 
     # ------------------------------------------------------------ cost bookkeeping
-    def _attn_macs(self, batch: int, tokens: int) -> int:
+    def attn_macs(self, batch: int, tokens: int) -> int:
         return linear_macs(batch * tokens, self.attn) + 2 * batch * tokens * tokens * self.attn.qkv.out_features // 3
 
-    def _adapter(self, i: int, x: torch.Tensor, run: DispatchRun) -> torch.Tensor:
+    def adapter_out(self, i: int, x: torch.Tensor, run: DispatchRun) -> torch.Tensor:
         b, n, c = x.shape
         run.add(self.adapter[i].macs(b, n), self.adapter[i].macs(b, n))
         return self.adapter[i](x)
 
-    def _mask(self, i: int, x: torch.Tensor, run: DispatchRun) -> torch.Tensor | None:
+    def dispatch_mask(self, i: int, x: torch.Tensor, run: DispatchRun) -> torch.Tensor | None:
         if run.mode == "complete":
             return None
         b, n, c = x.shape
@@ -90,26 +90,26 @@ class DyTBlock(nn.Module):
     def _mlp_step(self, i: int, x: torch.Tensor, run: DispatchRun) -> torch.Tensor:
         """X + Adapter(X) + M * MLP(LN(X)) (eq. 6 with Block = MLP)."""
         b, n, c = x.shape
-        base = x + self._adapter(i, x, run)
-        m = self._mask(i, x, run)
+        base = x + self.adapter_out(i, x, run)
+        m = self.dispatch_mask(i, x, run)
         dense = linear_macs(b * n, self.mlp)
         if m is None or not run.sparse:
             run.add(dense, dense)
-            y = self._mlp_branch(x)
+            y = self.mlp_branch(x)
             return base + (y if m is None else m.unsqueeze(-1) * y)
-        idx = _flat_index(m)
+        idx = flat_index(m)
         run.add(linear_macs(idx.numel(), self.mlp), dense)
-        y = self._mlp_branch(x.reshape(b * n, c).index_select(0, idx))
+        y = self.mlp_branch(x.reshape(b * n, c).index_select(0, idx))
         return base.reshape(b * n, c).index_add_(0, idx, y.to(base.dtype)).reshape(b, n, c)
 
     def _attn_step(self, i: int, x: torch.Tensor, run: DispatchRun, layer: bool = False) -> torch.Tensor:
         """X + Adapter(X) + M * Block(LN(X)) with Block = Attn (or the whole layer), attention
         restricted to the active tokens."""
         b, n, c = x.shape
-        branch = self._layer_branch if layer else self._attn_branch
-        base = x + self._adapter(i, x, run)
-        m = self._mask(i, x, run)
-        dense = self._attn_macs(b, n) + (linear_macs(b * n, self.mlp) if layer else 0)
+        branch = self._layer_branch if layer else self.attn_branch
+        base = x + self.adapter_out(i, x, run)
+        m = self.dispatch_mask(i, x, run)
+        dense = self.attn_macs(b, n) + (linear_macs(b * n, self.mlp) if layer else 0)
         if m is None or not run.sparse:
             run.add(dense, dense)
             if m is None:
@@ -120,25 +120,25 @@ class DyTBlock(nn.Module):
         if k == 0:  # no active token at all (only possible without class/prefix tokens)
             return base
         z = x.gather(1, order.unsqueeze(-1).expand(-1, -1, c))
-        a = self._attn_branch(z, None if k * b == int(m.sum()) else valid)  # no padding: no mask
-        run.add(self._attn_macs(b, k), dense)
+        a = self.attn_branch(z, None if k * b == int(m.sum()) else valid)  # no padding: no mask
+        run.add(self.attn_macs(b, k), dense)
         flat = (order + torch.arange(b, device=x.device)[:, None] * n)[valid]
         y = a[valid]
         if layer:  # the MLP of the layer runs on the active tokens only, gathered flat
             run.add(linear_macs(y.shape[0], self.mlp), 0)
-            y = y + self._mlp_branch(z[valid] + y)
+            y = y + self.mlp_branch(z[valid] + y)
         return base.reshape(b * n, c).index_add_(0, flat, y.to(base.dtype)).reshape(b, n, c)
 
     def forward(self, x: torch.Tensor, run: DispatchRun) -> torch.Tensor:
         if self.dispatch == "mlp":
             b, n, _ = x.shape
-            run.add(self._attn_macs(b, n), self._attn_macs(b, n))
-            return self._mlp_step(0, x + self._attn_branch(x), run)
+            run.add(self.attn_macs(b, n), self.attn_macs(b, n))
+            return self._mlp_step(0, x + self.attn_branch(x), run)
         if self.dispatch == "attn":
             x = self._attn_step(0, x, run)
             b, n, _ = x.shape
             run.add(linear_macs(b * n, self.mlp), linear_macs(b * n, self.mlp))
-            return x + self._mlp_branch(x)
+            return x + self.mlp_branch(x)
         if self.dispatch == "attn_mlp":
             return self._mlp_step(1, self._attn_step(0, x, run), run)
         return self._attn_step(0, x, run, layer=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import PetlError
-from .block import _flat_index
+from .block import flat_index
 from .modules import linear_macs
 
 
@@ -33,26 +33,33 @@ def infer_mixed(models: list, xs: list[torch.Tensor], ratios: list[float | None]
     for layer, blk0 in enumerate(first.vit.blocks):
         # frozen attention once over every task's images (attention is per image)
         h_all = torch.cat(hs)
-        h_all = h_all + blk0._attn_branch(h_all)
+        h_all = h_all + blk0.attn_branch(h_all)
         hs = list(h_all.split(sizes))
         bases, picks = [], []
         for m, h, run in zip(models, hs, runs):
             run.layer = layer
             blk = m.vit.blocks[layer]
             b = h.shape[0]
-            run.add(blk._attn_macs(b, n), blk._attn_macs(b, n))
-            bases.append(h + blk._adapter(0, h, run))
-            idx = _flat_index(blk._mask(0, h, run))
+            run.add(blk.attn_macs(b, n), blk.attn_macs(b, n))
+            bases.append(h + blk.adapter_out(0, h, run))
+            idx = flat_index(blk.dispatch_mask(0, h, run))
             run.add(linear_macs(idx.numel(), blk.mlp), linear_macs(b * n, blk.mlp))
             picks.append(idx)
         tokens = torch.cat([h.reshape(-1, c).index_select(0, idx) for h, idx in zip(hs, picks)])
-        y_all = blk0._mlp_branch(tokens)  # ONE frozen MLP call for the active tokens of all tasks
+        y_all = blk0.mlp_branch(tokens)  # ONE frozen MLP call for the active tokens of all tasks
         ys = y_all.split([idx.numel() for idx in picks])
         hs = [base.reshape(-1, c).index_add_(0, idx, y.to(base.dtype)).reshape(base.shape)
               for base, idx, y in zip(bases, picks, ys)]
     out = []
     for m, h, run, b in zip(models, hs, runs, sizes):
         logits = m.forward_head(m.vit.norm(h))
-        m._last_stats = m._stats(run, b, n - m.vit.num_prefix_tokens)
+        m.record_stats(run, b, n - m.vit.num_prefix_tokens)
         out.append((logits, m.last_stats()))
     return out
+
+
+def infer_many(models: list, xs: list[torch.Tensor], ratios: list[float | None]) -> list[tuple[torch.Tensor, dict]]:
+    """``infer_mixed`` when every model dispatches before the MLP, else each model's own ``infer``."""
+    if all(m.config.dispatch == "mlp" for m in models):
+        return infer_mixed(models, xs, ratios)
+    return [m.infer(x, ratio=r) for m, x, r in zip(models, xs, ratios)]

@@ -23,5 +23,6 @@ class LinearProbe(PetlModel):
 
 # The probe trains on cached trunk features (the loop computes the frozen trunk once), so many
 # epochs at a high learning rate cost seconds.
-register_method(MethodSpec("linear", LinearProbe, LinearConfig, mergeable=True, shares_trunk=True,
+register_method(MethodSpec("linear", LinearProbe, LinearConfig, runtime="shared_trunk", mergeable=True,
+                           search_space={"lr": "loguniform(0.003,0.1)"},
                            description="linear probe: head only", recipe={"epochs": 40, "lr": 3e-2}))

@@ -64,15 +64,20 @@ class LoraQKV(AdapterModule):
     def delta_weight(self, t: str) -> torch.Tensor:
         return self.scaling * self.lora_B[t] @ self.lora_A[t]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)
+
+    def output_delta(self, x: torch.Tensor) -> torch.Tensor:
         parts = []
         for t in SLICES:
             if t in self.lora_A:
                 parts.append(self.scaling * (x @ self.lora_A[t].T) @ self.lora_B[t].T)
             else:
-                parts.append(out.new_zeros(()).expand(*out.shape[:-1], self.dim))
-        return out + self.branch_dropout(torch.cat(parts, dim=-1))
+                parts.append(x.new_zeros(()).expand(*x.shape[:-1], self.dim))
+        return self.branch_dropout(torch.cat(parts, dim=-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.output_delta(x)
 
     def folded(self) -> nn.Linear:
         w = self.base.weight.detach().double().clone()  # new tensor: the frozen one stays untouched
@@ -95,5 +100,6 @@ class LoraModel(PetlModel):
         return plain_merged(self, {n: m.folded() for n, m in self.vit.named_modules() if isinstance(m, LoraQKV)})
 
 
-register_method(MethodSpec("lora", LoraModel, LoraConfig, mergeable=True,
+register_method(MethodSpec("lora", LoraModel, LoraConfig, runtime="per_row_adapter", mergeable=True,
+                           search_space={"rank": "choice(4,8,16)"},
                            description="LoRA rank 8 on the q and v slices of the fused qkv"))

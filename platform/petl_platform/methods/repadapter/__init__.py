@@ -64,8 +64,14 @@ class RepAdapterLinear(AdapterModule):
         up = torch.einsum("...gi,goi->...go", h, self.up_weight).flatten(-2)
         return self.scale * (up + self.up_bias)
 
+    def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)
+
+    def input_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch_dropout(self.branch(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x + self.branch_dropout(self.branch(x)))
+        return self.base(x + self.input_delta(x))
 
     def dense_up(self) -> torch.Tensor:
         """W_u as the dense block-diagonal ``C x r`` matrix."""
@@ -92,5 +98,6 @@ class RepAdapterModel(PetlModel):
         return plain_merged(self, {n: m.folded() for n, m in self.vit.named_modules() if isinstance(m, RepAdapterLinear)})
 
 
-register_method(MethodSpec("repadapter", RepAdapterModel, RepAdapterConfig, mergeable=True,
+register_method(MethodSpec("repadapter", RepAdapterModel, RepAdapterConfig, runtime="per_row_adapter", mergeable=True,
+                           search_space={"bottleneck": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"},
                            description="RepAdapter (r=8, groups 2) before qkv and fc1, folds into them exactly"))
