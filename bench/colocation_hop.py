@@ -62,7 +62,7 @@ def main() -> None:
             with torch.inference_mode():
                 return {k: m.forward_tail(states[:m.shared_prefix_blocks + 1]) for k, m in self.models.items()}
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         actor = Tails.remote(models)
         with torch.inference_mode():

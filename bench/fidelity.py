@@ -49,6 +49,7 @@ def _logits(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
 def run_one(bb, task: str, method: str, seed: int, epochs: int) -> dict:
     from petl_platform.data import get_task, task_tensors
     from petl_platform.methods import get_method
+    from petl_platform.methods.registry import spec_of
     from petl_platform.methods.dyn_exit import accuracy_flops_curve
     from petl_platform.training.measure import inference_metrics
     from petl_platform.training.run import finetune
@@ -72,12 +73,12 @@ def run_one(bb, task: str, method: str, seed: int, epochs: int) -> dict:
                         "gflops_unmerged": unmerged["gflops_per_image"]}
     m = inference_metrics(deployed, x_test, y_test, max_images=256)
     rec.update(gflops=m["gflops_per_image"], img_per_s=m["img_per_s"])
-    if hasattr(model, "predict_dynamic"):
+    if spec_of(model).runtime == "early_exit":
         curve = accuracy_flops_curve(model, x_val, y_val, list(BUDGETS), x_test, y_test)
         rec["dyn"] = {"full_accuracy": curve["full_accuracy"],
                       "budgets": {str(p["budget"]): {k: p[k] for k in ("accuracy", "flops_fraction", "exit_fractions",
                                                                       "feasible")} for p in curve["points"]}}
-    if hasattr(model, "last_stats"):
+    if spec_of(model).runtime == "token_dispatch":
         _, info = model.infer(x_test[:512])
         rec["dyt"] = {k: info[k] for k in ("activation_rate", "activation_rate_per_layer", "flops_ratio")}
     return rec

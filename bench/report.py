@@ -43,6 +43,7 @@ SECTIONS = {
     "P4": ("p4_train_memory.py", ["--quick"], [], "p4_train_memory.json"),
     # the fidelity table's training-memory column: every method on the shipped backbone (the fidelity one)
     "P4_fidelity": ("p4_train_memory.py", None, P4_FIDELITY, "p4_train_memory_fidelity.json"),
+    "P5": ("p5_mixed_tasks.py", ["--quick"], [], "p5_mixed_tasks.json"),
     "P6": ("p6_gflops.py", ["--quick"], [], "p6_gflops.json"),
     "serve": ("serve_load.py", ["--quick"], [], "serve_load.json"),
     "P7": ("p7_asha_vs_grid.py", ["--quick", "--epochs", "4"], [], "p7_asha_vs_grid.json"),
@@ -137,6 +138,20 @@ def figures(out: Path) -> list[dict]:
         rs = [r["ratio"] for r in serve["p5"]["rounds"]]
         figs.append(_fig("P5", f"{serve['tasks']} tasks in flight vs one task, throughput through HTTP", serve["p5"]["ratio"],
                          [min(rs), max(rs)], len(rs), ">= 0.85x", serve["p5"]["ratio"] >= 0.85, source="serve_load.json"))
+    if serve and "p5_lora" in serve:
+        p5l = serve["p5_lora"]
+        rs = [r["ratio"] for r in p5l["rounds"]]
+        figs.append(_fig("P5", f"{p5l['tasks']} LoRA tasks in flight vs one LoRA task, throughput through HTTP (hard case)",
+                         p5l["ratio"], [min(rs), max(rs)], len(rs), ">= 0.85x", p5l["ratio"] >= 0.85, source="serve_load.json"))
+    if p5 := _load(out, "p5_mixed_tasks.json"):
+        for method, r in p5["families"].items():
+            for n, v in r["by_n"].items():
+                figs.append(_fig("P5", f"batch {p5['batch']} over N = {n} {method} tasks vs one merged task, in-process "
+                                       f"({p5['backbone']})", v["ratio_median"], [v["ratio_min"], v["ratio_max"]],
+                                 p5["rounds"], ">= 0.85x at N = 64" if n == "64" else "reported",
+                                 v["ratio_median"] >= 0.85 if n == "64" else None, source="p5_mixed_tasks.json",
+                                 note=f"{v['img_per_s']:.0f} vs {r['single_img_per_s']:.0f} img/s; answers equal alone "
+                                      f"(max diff {r['max_abs_diff_vs_alone']:.0e})"))
     if p6 := _load(out, "p6_gflops.json"):
         for bb, per_batch in p6["backbones"].items():
             for b, r in per_batch.items():

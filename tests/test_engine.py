@@ -204,3 +204,24 @@ def test_engine_runs_on_cuda(tiny_backbone8, images):
         ref = model(images)
     out = Engine(bb, device="cuda").run(images, [Row(i, "t") for i in range(4)], {"t": model})
     torch.testing.assert_close(torch.stack([r.logits for r in out]), ref, rtol=0, atol=1e-4)
+
+
+def test_gathered_deltas_equal_the_reference_loop(tiny_backbone8):
+    """Each method's batched_deltas (gathered bmm) == the per-segment reference loop; tasks of
+    another rank / width in the same run fall back to the loop and stay exact."""
+    for method, hps in {"lora": [{"rank": 2}, {"rank": 2}, {"rank": 4}], "adapter": [{}, {}, {"bottleneck": 4}],
+                        "arc": [{"rank": 8}, {"rank": 8}, {"rank": 4}]}.items():
+        ms = [_make(method, tiny_backbone8, 100 + i, **hp) for i, hp in enumerate(hps)]
+        site = next(iter(ms[0].adapter_sites()))
+        mods = [m.adapter_sites()[site] for m in ms]
+        x, lengths = torch.randn(6, 17, 64), [1, 3, 2]
+        cls = type(mods[0])
+        with torch.no_grad():
+            for group, lens in ((mods[:2], lengths[:2]), (mods, lengths)):
+                rows = sum(lens)
+                got = cls.batched_deltas(group, x[:rows], lens)
+                ref = AdapterModule.batched_deltas.__func__(cls, group, x[:rows], lens)
+                for g, r in zip(got, ref):
+                    assert (g is None) == (r is None), method
+                    if g is not None:
+                        torch.testing.assert_close(g, r, rtol=0, atol=1e-6, msg=method)

@@ -1,11 +1,12 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from petl_platform import SHIPPED, build_model
+from petl_platform import SHIPPED, PetlError, build_model
 from petl_platform.backbones.factory import ASSETS
 from petl_platform.training import TrainConfig, train
 from petl_platform.training.run import run_finetune
@@ -31,7 +32,7 @@ def test_checkpoint_holds_trainable_state_only_and_resumes(tiny_backbone, tmp_pa
     data = _toy_data()
     cfg = TrainConfig(epochs=2, lr=1e-2, progress=False, checkpoint_dir=str(tmp_path), cache_trunk=False)
     full = train(build_model("linear", tiny_backbone, 3), data, cfg)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain tensors and containers only
     assert len(full.history) == 2
     assert set(state["model"]) == {"head.weight", "head.bias"} and state["epoch"] == 1
     # Resume from epoch 1's checkpoint: the second run only trains the remaining epoch.
@@ -40,6 +41,28 @@ def test_checkpoint_holds_trainable_state_only_and_resumes(tiny_backbone, tmp_pa
     resumed = train(build_model("linear", tiny_backbone, 3), data,
                     TrainConfig(**{**cfg.to_dict(), "resume": True}))
     assert len(resumed.history) == 2
+
+
+class _RunsOnLoad:
+    """A pickle that runs code when it loads: what a tampered checkpoint in shared storage holds."""
+
+    def __init__(self, flag):
+        self.flag = str(flag)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.flag),))
+
+
+def test_resume_refuses_a_checkpoint_that_runs_code(tiny_backbone, tmp_path):
+    data = _toy_data()
+    cfg = TrainConfig(epochs=1, lr=1e-2, progress=False, checkpoint_dir=str(tmp_path), cache_trunk=False)
+    train(build_model("linear", tiny_backbone, 3), data, cfg)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state["history"].append(_RunsOnLoad(tmp_path / "pwned"))
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(PetlError, match="not a plain tensor checkpoint"):
+        train(build_model("linear", tiny_backbone, 3), data, TrainConfig(**{**cfg.to_dict(), "resume": True, "epochs": 2}))
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_seeded_training_is_deterministic(tiny_backbone):

@@ -99,3 +99,39 @@ def test_budget_for_a_static_method_fails_before_training(capsys):
         assert main([cmd, "--task", "digits-1k", "--method", "lora", "--budget", "0.5"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("petl: error: ")]
     assert len(err) == 2 and all("--budget applies to early-exit methods" in line for line in err)
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "-inf", "-0.5", "0", "2"])
+@pytest.mark.parametrize("cmd", [["train"], ["train", "--local"], ["sweep"], ["submit", "train"]])
+def test_bad_budget_fails_before_any_cluster_starts(cmd, budget, capsys, monkeypatch):
+    import petl_platform.training.distributed as distributed
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started for a bad --budget")
+
+    monkeypatch.setattr(distributed, "ensure_ray", no_cluster)
+    assert main([*cmd, "--task", "digits-1k", "--method", "dyn_lora", f"--budget={budget}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("petl: error: --budget is the fraction of full-depth FLOPs"), err
+    assert f"got {float(budget)}" in err[0]
+
+
+def test_ray_failures_are_classified_by_type_not_by_traceback_text():
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from petl_platform.training.distributed import ray_error, user_error
+
+    source_line = 'Traceback (most recent call last):\n  raise PetlError(f"--budget must be {x}")\npetl_platform.errors.PetlError: x'
+    user = PetlError("budget is a fraction of the full-depth FLOPs, e.g. 0.5; got nan")
+    failed = WorkerGroupError("rank 0 failed", {0: UserExceptionWithTraceback(user, source_line)})
+    assert user_error(failed) is user and str(ray_error(failed)) == str(user)
+    dual = RayTaskError("trial", source_line, user).as_instanceof_cause()  # also an instance of PetlError
+    assert user_error(dual) is user and str(ray_error(dual)) == str(user)
+
+    oom = WorkerGroupError("rank 1 died", {1: UserExceptionWithTraceback(MemoryError("CUDA out of memory"), source_line)})
+    assert user_error(oom) is None  # not the user's error: retried
+    assert str(ray_error(oom)) == "training failed: MemoryError: CUDA out of memory"
+    # a message that merely mentions PetlError is not one
+    assert user_error(RuntimeError("PetlError: looks like one")) is None

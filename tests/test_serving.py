@@ -97,14 +97,15 @@ def _predict(client, tasks, image=None, **knobs):
 
 def _local(served, task, image, **knobs):
     from petl_platform.data import make_transform
+    from petl_platform.methods.registry import spec_of
 
     x = make_transform(served["bb"])(Image.open(io.BytesIO(image)).convert("RGB"))[None]
     model = served["models"][task].eval()
     with torch.inference_mode():
-        if hasattr(model, "predict_dynamic"):
+        if spec_of(model).runtime == "early_exit":
             out = model.predict_dynamic(x)
             return out["logits"][0], int(out["exit_stage"][0])
-        if hasattr(model, "last_stats"):
+        if spec_of(model).runtime == "token_dispatch":
             return model.infer(x)[0][0], None
         return model(x)[0], None
 

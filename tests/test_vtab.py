@@ -122,6 +122,18 @@ def test_errors_are_one_line(tree):
     _one_line_error(lambda: get_task(f"vtab:{tree}/clevr_count"), "cannot read image .*val200_1.png")
 
 
+@pytest.mark.parametrize("listed", ["../../x.png", "/etc/hostname", "images/../../cifar/images/test_0.png",
+                                    "..\\..\\x.png"])
+def test_list_paths_may_not_leave_the_dataset_folder(tree, listed):
+    outside = tree.parent / "x.png"
+    Image.new("RGB", (24, 24)).save(outside)  # a real image: the loader must refuse the path, not fail on it
+    d = tree / "dtd"
+    (d / "train800.txt").write_text(f"images/train800_0.png 0\n{listed} 1\n")
+    for load in (lambda: check_task_name(f"vtab:{tree}/dtd"), lambda: get_task(f"vtab:{tree}/dtd"),
+                 lambda: discover(tree)):
+        _one_line_error(load, r"train800.txt:2: image path .* leaves the dataset folder")
+
+
 def test_cli_tasks_vtab_root(tree, capsys):
     (tree / "notes").mkdir()  # a folder without list files is not a dataset
     assert main(["tasks", "--vtab-root", str(tree)]) == 0

@@ -68,14 +68,14 @@ def cmd_methods(args) -> None:
         spec = get_method(name)
         model = build_model(name, bb, num_classes=10)
         rows.append({"name": name, "trainable_params": model.num_trainable(), "mergeable": spec.mergeable,
-                     "shares_trunk": spec.shares_trunk, "hparams": model.config.to_dict(),
+                     "runtime": spec.runtime, "shares_trunk": spec.shares_trunk, "hparams": model.config.to_dict(),
                      "description": spec.description})
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'method':14} {'trainable':>10} {'mergeable':>9} {'shares_trunk':>12}  description")
+    print(f"{'method':14} {'trainable':>10} {'mergeable':>9} {'runtime':>15}  description")
     for r in rows:
-        print(f"{r['name']:14} {r['trainable_params']:>10,} {str(r['mergeable']):>9} {str(r['shares_trunk']):>12}  {r['description']}")
+        print(f"{r['name']:14} {r['trainable_params']:>10,} {str(r['mergeable']):>9} {r['runtime']:>15}  {r['description']}")
 
 
 def _settings(args):
@@ -216,6 +216,8 @@ def _precheck(ns) -> None:
     for task in [t for t in (ns.task or "").split(",") if t]:
         check_task_name(task)
     get_method(ns.method).config_cls.from_dict(_parse_sets(ns.set), ns.method)
+    from .training.run import check_budget
+    check_budget(ns.method, ns.budget)
     if getattr(ns, "space", None):
         from .training.sweep import parse_space
         parse_space(ns.space, ns.method)

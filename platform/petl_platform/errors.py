@@ -11,3 +11,8 @@ class PetlError(Exception):
 def unknown(kind: str, name: str, valid) -> PetlError:
     valid = sorted(valid)
     return PetlError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
+
+
+class NotFoundError(PetlError):
+    """The named thing (registered model, version, alias) does not exist: HTTP 404, never retried.
+    Other ``PetlError``s from a store (unreachable, refused) are not this, and serve as 503."""

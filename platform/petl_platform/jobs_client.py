@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import PetlError
-from .tracking.settings import forwarded_env, petl_home
+from .tracking.settings import check_no_secrets, forwarded_env, petl_home
 
 ENTRYPOINTS = {"train": "jobs.finetune", "sweep": "jobs.sweep"}
 EXCLUDES = [".venv/", ".git/", ".cache/", ".petl/", "mlruns/", "bench/results/", "__pycache__/", "*.egg-info/",
@@ -67,6 +67,7 @@ def submit(kind: str, args: list[str], address: str | None = None, env: dict[str
     its dashboard on 127.0.0.1) for the duration. Returns ``{"job_id", "status", "address"}``."""
     if kind not in ENTRYPOINTS:
         raise PetlError(f"petl submit runs train or sweep, not {kind!r}")
+    check_no_secrets(env or {})
     local = address is None
     ctx = None
     if local:
@@ -75,6 +76,7 @@ def submit(kind: str, args: list[str], address: str | None = None, env: dict[str
         ctx = ensure_ray(None)
         address = f"http://{ctx.dashboard_url}"
         python = sys.executable  # the same interpreter: one machine
+        # Settings only; the cluster just started inherited this process's credentials.
         job_env = {**forwarded_env(), "PETL_HOME": str(petl_home()), **(env or {})}
     else:
         python = "python"  # the cluster's interpreter (the image installs the project's deps)

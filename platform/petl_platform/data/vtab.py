@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -99,6 +99,11 @@ def read_list(path: Path, num_classes: int | None = None) -> tuple[list[str], np
             if label < 0 or (num_classes is not None and label >= num_classes):
                 raise PetlError(f"{path}:{lineno}: label {label} out of range 0..{(num_classes or 1) - 1} "
                                 f"for {path.parent.name} ({num_classes} classes)")
+            rel = PurePosixPath(parts[0])
+            if rel.is_absolute() or ".." in rel.parts or "\\" in parts[0]:
+                # a list file must not reach outside its dataset folder (../x.png, /etc/hostname)
+                raise PetlError(f"{path}:{lineno}: image path {parts[0][:120]!r} leaves the dataset folder; "
+                                "list paths relative to it, without '..' (e.g. images/0001.jpg)")
             paths.append(parts[0])
             labels.append(label)
     if not paths:

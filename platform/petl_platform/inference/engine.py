@@ -75,29 +75,30 @@ class TaskInfo:
 
 class RowSite(nn.Module):
     """A frozen module of the mixed ViT where some tasks add a delta: the frozen op runs once on
-    the whole batch, each task's segment of rows gets its own module's deltas."""
+    the whole batch; each run of consecutive segments whose modules share a class gets its deltas
+    from that class's ``batched_deltas`` (one gathered ``bmm`` per weight where the method has one)."""
 
     def __init__(self, name: str, frozen: nn.Module, segments: dict):
         super().__init__()
         self.name, self.frozen = name, frozen
-        self.segments = segments  # the engine's {site: [(start, end, module)]} of the current pass
+        self.segments = segments  # the engine's {site: [(start, end, class, modules, lengths)]} of this pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        segs = self.segments.get(self.name)
-        if not segs:
+        runs = self.segments.get(self.name)
+        if not runs:
             return self.frozen(x)
-        inp = x
-        for a, b, m in segs:
-            d = m.input_delta(x[a:b])
-            if d is not None:
+        inp, outs = x, []
+        for a, b, cls, mods, lengths in runs:
+            d_in, d_out = cls.batched_deltas(mods, x[a:b], lengths)
+            if d_in is not None:
                 if inp is x:
                     inp = x.clone()
-                inp[a:b] += d
+                inp[a:b] += d_in
+            if d_out is not None:
+                outs.append((a, b, d_out))
         out = self.frozen(inp)
-        for a, b, m in segs:
-            d = m.output_delta(x[a:b])
-            if d is not None:
-                out[a:b] += d
+        for a, b, d in outs:
+            out[a:b] += d
         return out
 
 
@@ -268,7 +269,8 @@ class Engine:
     def _blockwise(self, emb, rows, idx, models, infos, out) -> None:
         used, z0 = emb
         pos = {img: j for j, img in enumerate(used)}
-        order = sorted(idx, key=lambda i: rows[i].task)  # each task a contiguous segment
+        # each task a contiguous segment, tasks of one method side by side (one gathered run per site)
+        order = sorted(idx, key=lambda i: (models[rows[i].task].method, rows[i].task))
         tasks = [rows[i].task for i in order]
         only = tasks[0] if tasks[0] == tasks[-1] else None
         runner = {t: models[t] for t in dict.fromkeys(tasks)}
@@ -321,10 +323,18 @@ class Engine:
         self._segments.clear()
 
     def _set_segments(self, alive, rows, sites) -> None:
+        """Per site, runs of adjacent task segments whose modules share a class."""
         self._segments.clear()
         for t, (a, e) in _segments(alive, rows).items():
             for name, m in sites.get(t, {}).items():
-                self._segments.setdefault(name, []).append((a, e, m))
+                runs = self._segments.setdefault(name, [])
+                last = runs[-1] if runs else None
+                if last is not None and last[1] == a and last[2] is type(m):
+                    last[3].append(m)
+                    last[4].append(e - a)
+                    runs[-1] = (last[0], e, *last[2:])
+                else:
+                    runs.append((a, e, type(m), [m], [e - a]))
 
     @staticmethod
     def _exit_result(task: str, logits: torch.Tensor, stage: int, info: TaskInfo) -> RowResult:

@@ -67,6 +67,33 @@ class AdapterModule(nn.Module):
     def output_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    @classmethod
+    def batched_deltas(cls, mods: list[AdapterModule], x: torch.Tensor, lengths: list[int]):
+        """``(input_delta, output_delta)`` of consecutive row segments of ``x`` (segment ``i``:
+        ``lengths[i]`` rows, module ``mods[i]``), each ``None`` when no module has one. Eval only.
+        This loop is the reference; a method may override it with one gathered ``bmm`` per weight
+        (the Punica / S-LoRA idea), which pays off when a batch holds many tasks."""
+        ins, outs, a = [], [], 0
+        for m, n in zip(mods, lengths):
+            ins.append(m.input_delta(x[a:a + n]))
+            outs.append(m.output_delta(x[a:a + n]))
+            a += n
+        return _cat_or_none(ins, lengths), _cat_or_none(outs, lengths)
+
+
+def _cat_or_none(parts: list, lengths: list[int]) -> torch.Tensor | None:
+    """Concatenate per-segment deltas; a segment without one adds zeros (``None`` if none has one)."""
+    if all(p is None for p in parts):
+        return None
+    ref = next(p for p in parts if p is not None)
+    return torch.cat([p if p is not None else ref.new_zeros((n, *ref.shape[1:])) for p, n in zip(parts, lengths)])
+
+
+def row_index(lengths: list[int], device) -> torch.Tensor:
+    """``[0, 0, 1, 2, 2, 2, ...]``: the segment of each row, for gathering per-row weights."""
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                   torch.tensor(lengths, device=device))
+
 
 def adapter_modules(root: nn.Module, block: int) -> list[AdapterModule]:
     """The ``AdapterModule``s injected into ``root.blocks[block]``."""

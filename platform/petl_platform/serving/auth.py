@@ -41,7 +41,10 @@ class ApiKeys:
         return cls.parse(os.environ.get("PETL_API_KEYS", ""))
 
     def check(self, authorization: str | None, tasks: list[str] | None = None) -> str:
-        """The caller's key; 401 without a valid one, 403 for a task the key may not use."""
+        """The caller's key; 401 without a valid one, 403 for a task the key may not use.
+
+        A restricted key gets 403 for every task outside its list, served or not, so it cannot
+        probe which other tasks exist (a 404 would tell it)."""
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise ServeError(401, "missing API key: send 'Authorization: Bearer <key>'")
@@ -53,3 +56,8 @@ class ApiKeys:
         if denied:
             raise ServeError(403, f"this API key may not use task(s) {', '.join(denied)}")
         return key
+
+    def visible(self, key: str, tasks) -> list[str]:
+        """Those of ``tasks`` that ``key`` (already checked) may use and see, in order."""
+        allowed = self.keys.get(key)
+        return [t for t in tasks if allowed is None or t in allowed]

@@ -2,20 +2,27 @@
 (``models:/<task>@champion``) onto the replica's one frozen backbone, LRU-evicted, refreshed when
 the alias moves (the new version is loaded before the old one is dropped, so no request is lost).
 An adapter for another backbone fingerprint, or holding NaN/inf, is refused: the task is reported
-unavailable (503) and the other tasks are unaffected."""
+unavailable (503) and the other tasks are unaffected. The adapter files are downloaded to a temporary
+directory that is deleted as soon as the model is loaded."""
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import PetlError
+from ..errors import NotFoundError, PetlError
+from ..inference.engine import measured_gflops
+from ..methods.registry import spec_of
 from ..tracking.artifacts import load_adapter
 from ..tracking.runs import fetch_adapter, show_model
 from ..tracking.settings import CHAMPION, TrackingSettings
@@ -46,12 +53,6 @@ class TaskEntry:
                                   "send an explicit threshold instead")
         fitting = [b for b in self.budget_thresholds if b <= budget + 1e-9]
         return self.budget_thresholds[max(fitting) if fitting else min(self.budget_thresholds)]
-
-
-def measured_gflops(model, image_size) -> float:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, *image_size, device=next(model.parameters()).device))
-    return counter.get_total_flops() / 1e9
 
 
 def budget_thresholds(model, task: str, backbone) -> dict[float, list[float]]:
@@ -120,23 +121,70 @@ class TaskModelCache:
 
     def _load(self, task: str) -> TaskEntry:
         ref = f"{task}@{self.alias}"
-        try:
-            path, info = fetch_adapter(self.settings, ref)
-        except PetlError as e:
-            status = 404 if "has no version or alias" in str(e) else 503
-            raise ServeError(status, f"task {task!r}: {e}") from None
-        try:
-            model = load_adapter(path, self.backbone)
-        except PetlError as e:
-            self.stats["refused"] += 1
-            err = ServeError(503, f"task {task!r} is unavailable: version {info['version']} refused: {e}")
-            self.unavailable[task] = (err, time.monotonic())
-            raise err from None
+        with fetched(self.settings, ref) as (path, info):
+            try:
+                model = load_adapter(path, self.backbone)
+            except PetlError as e:
+                self.stats["refused"] += 1
+                err = ServeError(503, f"task {task!r} is unavailable: version {info['version']} refused: "
+                                      f"{self._client_safe(str(e), path, ref)}")
+                self.unavailable[task] = (err, time.monotonic())
+                raise err from None
         self.unavailable.pop(task, None)
         self.stats["loads"] += 1
         classes = list(model.classes or [str(i) for i in range(model.num_classes)])  # set by load_adapter
+        frozen = next(self.backbone.parameters())  # the replica's device and precision
+        model.to(device=frozen.device, dtype=frozen.dtype)
         entry = TaskEntry(task, model, info["version"], model.method, classes,
-                          measured_gflops(model, self.backbone.patch_embed.img_size), checked_at=time.monotonic())
-        if hasattr(model, "predict_dynamic"):
+                          measured_gflops(model, self.backbone.patch_embed.img_size, frozen.device, frozen.dtype),
+                          checked_at=time.monotonic())
+        if spec_of(model).runtime == "early_exit":
             entry.budget_thresholds = budget_thresholds(model, task, self.backbone)
         return entry
+
+    def _client_safe(self, message: str, path, ref: str) -> str:
+        """``message`` without this server's file paths: the adapter copy and the backbone file."""
+        name = str(getattr(self.backbone, "petl_name", ""))
+        message = message.replace(str(path), ref)
+        return message.replace(name, Path(name).name) if os.sep in name else message
+
+
+@contextmanager
+def fetched(settings: TrackingSettings, ref: str):
+    """``(path, version_info)`` of ``ref``'s adapter in a temporary directory that is deleted on exit
+    (a loaded model holds its tensors in memory, so no copy outlives the load). 404 when the
+    registry has no such model or alias, 503 when the registry or the artifact store fails: the
+    store's own message (bucket, URL) goes to the log, not to the client."""
+    tmp = tempfile.mkdtemp(prefix="petl-serve-")
+    try:
+        try:
+            path, info = fetch_adapter(settings, ref, dst=tmp)
+        except NotFoundError:
+            task, alias = ref.split("@", 1)
+            raise ServeError(404, f"task {task!r} has no registered version under alias {alias!r}") from None
+        except PetlError as e:
+            log.error("cannot fetch %s: %s", ref, e)
+            raise ServeError(503, f"task {ref.split('@', 1)[0]!r} is unavailable: the model registry or artifact "
+                                  "store did not answer; retry later") from None
+        yield path, info
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def describe(settings: TrackingSettings, task: str, alias: str = CHAMPION) -> dict:
+    """The catalog row of ``task``: method and classes of the version ``alias`` points at (its
+    ``adapter_config.json``), or ``{"task", "error"}`` with a client-safe message."""
+    from ..tracking.artifacts import read_adapter_config
+
+    ref = f"{task}@{alias}"
+    try:
+        with fetched(settings, ref) as (path, info):
+            try:
+                cfg = read_adapter_config(path)
+            except PetlError as e:
+                raise PetlError(str(e).replace(str(path), ref)) from None
+    except PetlError as e:
+        log.error("task %s is unavailable: %s", task, e)
+        return {"task": task, "error": str(e)}
+    return {"task": task, "method": cfg["method"], "alias": alias, "version": info["version"],
+            "classes": cfg.get("classes")}

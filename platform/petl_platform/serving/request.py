@@ -1,17 +1,42 @@
 """Request validation for the HTTP API: every bad input becomes a ``ServeError`` with the HTTP
-status and a message a client can act on."""
+status and a message a client can act on, never a 500, a traceback or a Python object address.
+
+Image decoding (``decode_image``) is hardened against hostile files:
+
+- only PNG, JPEG (MPO included), WebP, GIF, BMP and TIFF are opened;
+- the pixel count is read from the header and checked against ``max_pixels`` (default
+  ``MAX_PIXELS`` = 4096 x 4096, about 16.8 MP: every camera photo up to 12 MP and any image a
+  client should send to a 224-px model) *before* the pixels are decoded: 413 above it. Pillow's own
+  decompression-bomb guard (89 MP warning, 179 MP error) is far higher and turned into a 413 too;
+- EXIF orientation is applied (``ImageOps.exif_transpose``), as every image viewer does;
+- 16-bit and 32-bit integer grayscale (``I;16*``, ``I``) is scaled to 8 bits over the 16-bit
+  range (v / 257), not clipped at 255; float images (``F``) are refused: their range is unknown;
+- transparency (``RGBA``, ``LA``, ``PA``, palette with a transparent colour) is composited onto
+  white; palette, CMYK, YCbCr, 1-bit and the other modes are converted to RGB.
+"""
 
 from __future__ import annotations
 
 import io
+import logging
 import math
+import re
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import PetlError
 
-MAX_PIXELS = 40_000_000  # decompression-bomb guard, well above any real photo
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 4096 * 4096
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO (multi-picture phone JPEGs)
+MAX_TASKS = 64  # tasks in one request
+MAX_TASK_NAME = 200  # characters
+MAX_THRESHOLDS = 64
+MAX_TOP_K = 1000
+_ADDRESS = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>|\bat 0x[0-9a-fA-F]+")
 
 
 class ServeError(PetlError):
@@ -20,62 +45,126 @@ class ServeError(PetlError):
         self.status = status
 
 
-def decode_image(data: bytes, transform) -> torch.Tensor:
-    """Image bytes → the model input through the training transform; 400 on anything else."""
+def safe_text(text: str, limit: int = 160) -> str:
+    """``text`` fit for a response body: one line, no object addresses, at most ``limit`` chars."""
+    line = _ADDRESS.sub("<data>", str(text)).replace("\n", " ").strip()
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def decode_image(data: bytes, transform, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Image bytes → the model input through the training transform; 400/413 on anything else."""
     if not data:
         raise ServeError(400, "empty image: send the image bytes (multipart field 'image' or base64 'image' in JSON)")
+    # Pillow only warns between MAX_IMAGE_PIXELS and twice that: capping the budget there makes its
+    # warning a 413 too, without touching the process-wide (and thread-unsafe) warning filters
+    max_pixels = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ServeError(400, f"image of {im.width}x{im.height} pixels is too large")
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+            w, h = im.size  # from the header: nothing decoded yet
+            if w * h > max_pixels:
+                raise ServeError(413, f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                                      "pixels: resize it before sending")
             im.load()  # truncated files fail here, not later
-            rgb = im.convert("RGB")
+            rgb = _to_rgb(ImageOps.exif_transpose(im))
     except ServeError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ServeError(400, f"not a readable image (truncated or not PNG/JPEG/...): {str(e)[:160]}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ServeError(413, f"image exceeds the limit of {max_pixels} pixels (decompression bomb): "
+                              "resize it before sending") from None
+    except UnidentifiedImageError:
+        raise ServeError(400, f"not a readable image: send {', '.join(FORMATS)} bytes") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ServeError(400, f"not a readable image (truncated or corrupt): {safe_text(e)}") from None
+    except Exception as e:  # noqa: BLE001 - Pillow plugins raise many types on hostile bytes
+        log.warning("image decode failed with %s: %s", type(e).__name__, safe_text(e))
+        raise ServeError(400, f"not a readable image (corrupt {type(e).__name__})") from None
     return transform(rgb)
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit samples: 0..65535 → 0..255 (v / 257), the whole range kept rather than clipped
+        a = np.asarray(im.convert("I") if im.mode != "I" else im, dtype=np.int64)
+        return Image.fromarray((np.clip(a, 0, 65535) // 257).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        raise ServeError(400, "32-bit float images are not supported: send 8- or 16-bit PNG/JPEG/...")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+
+
 def _fraction(name: str, value) -> float:
+    if not _is_number(value):
+        raise ServeError(400, f"{name} must be a number in (0, 1], got {safe_text(repr(value), 60)}")
     try:
         v = float(value)
-    except (TypeError, ValueError):
-        raise ServeError(400, f"{name} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ServeError(400, f"{name} must be a number in (0, 1], got {safe_text(repr(value), 60)}") from None
     if not math.isfinite(v) or not 0.0 < v <= 1.0:
-        raise ServeError(400, f"{name} must be in (0, 1], got {value!r}")
+        raise ServeError(400, f"{name} must be in (0, 1], got {safe_text(repr(value), 60)}")
     return v
+
+
+def _top_k(value) -> int:
+    bad = ServeError(400, f"top_k must be an integer from 1 to {MAX_TOP_K}, got {safe_text(repr(value), 60)}")
+    if not _is_number(value):
+        raise bad
+    try:
+        k = int(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        raise bad from None
+    if isinstance(k, float):
+        if not math.isfinite(k) or k != int(k):
+            raise bad
+        k = int(k)
+    if not 1 <= k <= MAX_TOP_K:
+        raise bad
+    return k
 
 
 def parse_knobs(body: dict) -> dict:
     """The optional per-request compute knobs: ``budget`` (fraction of full-depth FLOPs),
-    ``threshold`` (one exit confidence for every exit, or a list), ``ratio`` (DyT tokens), ``top_k``."""
+    ``threshold`` (one exit confidence for every exit, or a list: JSON list or comma string),
+    ``ratio`` (DyT tokens), ``top_k`` (1..1000, default 3). Booleans, NaN/inf and values out of
+    range are 400s."""
     knobs = {}
     if body.get("budget") is not None:
         knobs["budget"] = _fraction("budget", body["budget"])
     if body.get("threshold") is not None:
         t = body["threshold"]
-        ts = t if isinstance(t, list) else [t]
+        ts = t.split(",") if isinstance(t, str) else t if isinstance(t, list) else [t]
+        if not ts or len(ts) > MAX_THRESHOLDS:
+            raise ServeError(400, f"threshold must be a number or a list of 1 to {MAX_THRESHOLDS} numbers")
         knobs["threshold"] = [_fraction("threshold", v) for v in ts]
     if body.get("ratio") is not None:
         knobs["ratio"] = _fraction("ratio", body["ratio"])
     if "budget" in knobs and "threshold" in knobs:
         raise ServeError(400, "give budget or threshold, not both")
-    try:
-        knobs["top_k"] = int(body.get("top_k", 3))
-    except (TypeError, ValueError):
-        raise ServeError(400, f"top_k must be an integer, got {body.get('top_k')!r}") from None
-    if not 1 <= knobs["top_k"] <= 1000:
-        raise ServeError(400, "top_k must be between 1 and 1000")
+    knobs["top_k"] = 3 if body.get("top_k") is None else _top_k(body["top_k"])
     return knobs
 
 
 def parse_tasks(value) -> list[str]:
+    """A non-empty list of at most ``MAX_TASKS`` distinct task names (duplicates dropped, order kept)."""
     if isinstance(value, str):
         value = [t for t in value.replace(" ", "").split(",") if t]
-    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and t.strip() for t in value):
         raise ServeError(400, "tasks must be a non-empty list of task names (or a comma-separated string)")
-    return list(dict.fromkeys(value))
+    tasks = list(dict.fromkeys(t.strip() for t in value))
+    if len(tasks) > MAX_TASKS:
+        raise ServeError(400, f"{len(tasks)} tasks requested; at most {MAX_TASKS} per request")
+    long = [t for t in tasks if len(t) > MAX_TASK_NAME]
+    if long:
+        raise ServeError(400, f"task names are at most {MAX_TASK_NAME} characters; got one of {len(long[0])}")
+    return tasks
 
 
 def answer(logits: torch.Tensor, classes: list[str], top_k: int, **extra) -> dict:

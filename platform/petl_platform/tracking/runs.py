@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..errors import PetlError
+from ..errors import NotFoundError, PetlError
 from .settings import CHAMPION, TrackingSettings
 
 ADAPTER_PATH = "adapter"  # artifact directory of every run that trained an adapter
@@ -139,7 +139,11 @@ def _version(c, name: str, ref: str | None):
             return c.get_model_version(name, ref)
         return c.get_model_version_by_alias(name, ref)
     except MlflowException as e:
-        raise PetlError(f"registered model {name!r} has no version or alias {ref!r} ({e.error_code})") from None
+        # the registry says it does not exist (a missing alias is INVALID_PARAMETER_VALUE), or the store failed
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise NotFoundError(f"registered model {name!r} has no version or alias {ref!r} ({e.error_code})") from None
+        raise PetlError(f"registry lookup of {name!r} {ref!r} failed ({e.error_code}): "
+                        f"{str(e.message).splitlines()[0][:200]}") from None
 
 
 def split_model_ref(ref: str) -> tuple[str, str | None]:

@@ -20,10 +20,18 @@ from urllib.parse import urlparse
 
 from ..errors import PetlError
 
-# Every variable the platform reads; they are forwarded to Ray workers and jobs (runtime_env).
+# Every variable the platform (or the MLflow / boto3 clients it drives) reads.
 ENV_VARS = ("MLFLOW_TRACKING_URI", "PETL_ARTIFACT_ROOT", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "PETL_STORAGE_PATH", "PETL_HOME", "PETL_CACHE",
-            "MLFLOW_S3_IGNORE_TLS")
+            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "PETL_STORAGE_PATH", "PETL_HOME",
+            "PETL_CACHE", "MLFLOW_S3_IGNORE_TLS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+            "MLFLOW_TRACKING_TOKEN")
+# Credentials never travel in a Ray runtime_env: Ray writes runtime_env env_vars into its logs
+# (runtime_env_agent.log) and stores them with the job. A job reads them from the cluster's own
+# environment (a cluster started by ``ray.init`` inherits this process's; a remote one gets them
+# from a Kubernetes Secret or compose's .env). The key id travels with its secret, so a job
+# never pairs one place's id with another's secret.
+SECRET_ENV_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                             "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"})
 CHAMPION = "champion"
 
 
@@ -32,8 +40,17 @@ def petl_home() -> Path:
 
 
 def forwarded_env() -> dict[str, str]:
-    """The platform's env vars that are set here, for a Ray ``runtime_env``."""
-    return {k: os.environ[k] for k in ENV_VARS if os.environ.get(k)}
+    """The platform's non-secret env vars that are set here, for a Ray ``runtime_env``."""
+    return {k: os.environ[k] for k in ENV_VARS if os.environ.get(k) and k not in SECRET_ENV_VARS}
+
+
+def check_no_secrets(env: dict[str, str]) -> None:
+    """Refuse credentials bound for a ``runtime_env`` (``petl submit --env``), see SECRET_ENV_VARS."""
+    secret = sorted(k for k in env if k in SECRET_ENV_VARS or k == "RAY_AUTH_TOKEN")
+    if secret:
+        raise PetlError(f"--env {', '.join(secret)}: credentials are not sent with a job (Ray logs and stores "
+                        "its runtime_env); set them in the cluster's environment instead (a Kubernetes Secret, "
+                        "infra/compose/.env)")
 
 
 @dataclass(frozen=True)

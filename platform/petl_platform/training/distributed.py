@@ -40,12 +40,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
     in_job = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
     kwargs = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
     if not in_job:  # inside a Ray job the job's runtime_env already carries the env vars
+        # Settings only: credentials come from the cluster's environment. A cluster started
+        # here inherits this process's environment; a remote one has its own (Secret, .env).
         kwargs["runtime_env"] = {"env_vars": forwarded_env()}
     if not address and not in_job:
         # The dashboard serves the State API Ray Train's controller polls, and the Jobs API.
         kwargs.update(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     try:
-        return ray.init(address=address or None, **kwargs)
+        # "local": always a new cluster of our own, never one a stale /tmp/ray/ray_current_cluster names
+        return ray.init(address=address or (None if in_job else "local"), **kwargs)
     except ConnectionError as e:
         raise PetlError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: {e}") from None
 
@@ -67,14 +70,43 @@ def storage(path: str):
     return path[len("s3://"):], fs
 
 
-def ray_error(e: Exception) -> PetlError:
+# Attributes under which Ray wraps the exception that really happened: RayTaskError.cause,
+# Train's WorkerGroupError.worker_failures / ControllerError.controller_failure, and the worker
+# side's UserExceptionWithTraceback._base_exc (its str() is the traceback text, not the error).
+_WRAPPED = ("cause", "_base_exc", "controller_failure")
+
+
+def root_causes(e: BaseException) -> list[BaseException]:
+    """The exceptions inside a Ray failure, unwrapped by type (never by parsing traceback text)."""
+    out, todo, seen = [], [e], set()
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        inner = [getattr(x, a, None) for a in _WRAPPED] + list((getattr(x, "worker_failures", None) or {}).values())
+        inner = [i for i in inner if isinstance(i, BaseException)]
+        if inner:  # a wrapper (a RayTaskError may also subclass the cause's type: look inside it)
+            todo += inner
+        else:
+            out.append(x)
+            todo.append(x.__cause__)
+    return out
+
+
+def user_error(e: BaseException) -> PetlError | None:
+    """The PetlError behind a Ray failure, if the failure was one: deterministic, never retried."""
+    return next((x for x in root_causes(e) if isinstance(x, PetlError)), None)
+
+
+def ray_error(e: BaseException) -> PetlError:
     """A Ray training failure as one line: the user's error if it was one, else the root cause."""
-    text = str(e)
-    for line in text.splitlines():
-        if "PetlError" in line:
-            return PetlError(line.split("PetlError:", 1)[-1].strip())
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return PetlError(f"training failed: {lines[-1][:300] if lines else type(e).__name__}")
+    found = user_error(e)
+    if found is not None:
+        return PetlError(str(found))
+    x = (root_causes(e) or [e])[0]
+    first = next((ln.strip() for ln in str(x).splitlines() if ln.strip()), "")
+    return PetlError(f"training failed: {type(x).__name__}" + (f": {first[:300]}" if first else ""))
 
 
 def run_train(task: str, method: str, backbone: str, settings: TrackingSettings, hparams: dict | None = None,
@@ -113,15 +145,22 @@ def run_train(task: str, method: str, backbone: str, settings: TrackingSettings,
         config = trial_config(task, method, backbone, settings, experiment, hparams, train, budget,
                               tags={"mlflow.source.git.commit": git_commit(), "petl.job": name, **(tags or {})},
                               run_name=name)
-        trainer = TorchTrainer(
-            ray_train_worker, train_loop_config=config,
-            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=res),
-            run_config=ray.train.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                                           failure_config=ray.train.FailureConfig(max_failures=max_failures)))
-        try:
-            result = trainer.fit()
-        except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the worker's exception
-            raise ray_error(e) from None
+        # Ray retries any worker failure; a PetlError (bad data, bad hyperparameters) fails the
+        # same way every time. So Ray gets no retries, and a failure is retried here, by type: a
+        # PetlError never, anything else (a dead worker or node) up to max_failures times, each
+        # rerun of the same name and storage resuming from the run's latest checkpoint.
+        for attempt in range(max_failures + 1):
+            trainer = TorchTrainer(
+                ray_train_worker, train_loop_config=config,
+                scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=res),
+                run_config=ray.train.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                               failure_config=ray.train.FailureConfig(max_failures=0)))
+            try:
+                result = trainer.fit()
+                break
+            except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the workers' exceptions
+                if user_error(e) is not None or attempt == max_failures:
+                    raise ray_error(e) from None
         out = dict(result.metrics or {})
         out.update(accuracy=out.get("test_accuracy"), wall_s=round(time.time() - t0, 2), task=task, method=method,
                    workers=workers, name=name,

@@ -153,6 +153,23 @@ def _sync_grads(params: list[torch.nn.Parameter], world: int) -> None:
         p.grad /= world
 
 
+def load_checkpoint(path: Path, device) -> dict:
+    """A ``checkpoint.pt`` written by ``train``: tensors, dicts, lists and numbers only. Checkpoints
+    come back from shared Ray storage (S3 in production), so arbitrary pickled objects, which
+    run code as they load, are refused (``weights_only=True``)."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PetlError(f"checkpoint {path} is not a plain tensor checkpoint, refusing to load it: {first[:200]}") from None
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "history") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise PetlError(f"checkpoint {path} lacks {', '.join(missing)}; was it written by petl's training loop?")
+    return state
+
+
 def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
           callbacks: list[Callable[[int, dict], None]] = (), rank: int = 0, world: int = 1) -> TrainResult:
     """Train ``model`` on ``data`` (``{split: (x, y)}`` tensors); returns test/val accuracy and costs.
@@ -185,7 +202,7 @@ def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
     ckpt = Path(cfg.checkpoint_dir) / "checkpoint.pt" if cfg.checkpoint_dir else None
     start_epoch, history = 0, []
     if cfg.resume and ckpt and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = load_checkpoint(ckpt, device)
         model.load_trainable_state(state["model"], source=str(ckpt))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

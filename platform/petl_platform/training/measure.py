@@ -9,6 +9,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..methods.registry import spec_of
+
 EXIT_BUDGET = 0.5  # per-epoch exit statistics: thresholds calibrated on val to this FLOPs fraction
 
 
@@ -43,13 +45,14 @@ def inference_metrics(model, x: torch.Tensor, y: torch.Tensor, max_images: int =
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     out["img_per_s"] = len(x) / max(1e-9, time.perf_counter() - t0)
-    if hasattr(model, "predict_dynamic"):
+    runtime = spec_of(model).runtime
+    if runtime == "early_exit":
         from ..methods.dyn_exit.calibrate import accuracy_flops_curve
 
         point = accuracy_flops_curve(model, x, y, [EXIT_BUDGET])["points"][0]
         out.update({"exit_accuracy": point["accuracy"], "exit_flops_fraction": point["flops_fraction"]})
         out.update({f"exit_frac_s{k + 1}": f for k, f in enumerate(point["exit_fractions"])})
-    elif hasattr(model, "last_stats"):
+    elif runtime == "token_dispatch":
         _, info = model.infer(x[:64].to(dev))
         out.update({"activation_rate": info["activation_rate"], "flops_ratio": info["flops_ratio"]})
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -10,6 +11,7 @@ from ..backbones import create_backbone
 from ..errors import PetlError
 from ..data import check_task_name, get_task, task_tensors
 from ..methods import build_model, get_method
+from ..methods.registry import spec_of
 from .loop import TrainConfig, seed_everything, train
 
 
@@ -40,9 +42,20 @@ def prepare_finetune(task: str, method: str, backbone: str, hparams: dict | None
     return model, tensors, data, cfg
 
 
+# A FLOPs budget as a fraction of full depth. Slightly above 1 is meaningful: exiting at the last
+# stage also pays for the earlier exits' heads (methods/dyn_exit/calibrate.py takes up to 1.5).
+BUDGET_MAX = 1.5
+
+
 def check_budget(method: str, budget: float | None) -> None:
-    """``--budget`` calibrates early exits: only Dyn-* methods have them (checked before training)."""
-    if budget is not None and not hasattr(get_method(method).model_cls, "predict_dynamic"):
+    """``--budget`` calibrates early exits: only Dyn-* methods have them, and it must be a finite
+    fraction in (0, BUDGET_MAX]. Checked before any data, cluster or training."""
+    if budget is None:
+        return
+    if not isinstance(budget, (int, float)) or not math.isfinite(budget) or not 0 < budget <= BUDGET_MAX:
+        raise PetlError(f"--budget is the fraction of full-depth FLOPs the early exits may spend, "
+                        f"0 < budget <= {BUDGET_MAX} (e.g. 0.5); got {budget}")
+    if get_method(method).runtime != "early_exit":
         raise PetlError(f"--budget applies to early-exit methods (dyn_*), not {method!r}")
 
 
@@ -55,7 +68,7 @@ def dynamic_summary(model, tensors: dict, budget: float | None) -> dict:
 
         return {"calibration": calibrate(model, *tensors["val"], budget),
                 "dynamic_test": evaluate_dynamic(model, *tensors["test"])}
-    if hasattr(model, "last_stats"):
+    if spec_of(model).runtime == "token_dispatch":
         model.eval()
         with torch.no_grad():
             _, info = model.infer(tensors["test"][0][:256].to(next(model.head.parameters()).device))

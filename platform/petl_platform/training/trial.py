@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
+from ..errors import PetlError
 from ..tracking.artifacts import save_adapter
 from ..tracking.runs import ADAPTER_PATH, RunLogger
 from ..tracking.settings import TrackingSettings
@@ -23,6 +24,7 @@ from .run import dynamic_summary, prepare_finetune
 
 TRAIN_KEYS = frozenset(f.name for f in fields(TrainConfig))
 META = "trial.json"  # in every checkpoint: {"run_id", "epoch"}
+PETL_ERROR = "petl_error"  # a Tune trial's last result when a PetlError ended it (see ray_tune_trial)
 
 
 def trial_config(task: str, method: str, backbone: str, settings: TrackingSettings, experiment: str,
@@ -39,7 +41,9 @@ def split_hparams(values: dict) -> tuple[dict, dict]:
     return method, {k: v for k, v in values.items() if k in TRAIN_KEYS}
 
 
-def run_trial(config: dict, *, report, get_checkpoint, checkpoint_cls, rank: int = 0, world: int = 1) -> None:
+def run_trial(config: dict, *, report, get_checkpoint, checkpoint_cls, rank: int = 0, world: int = 1,
+              on_user_error=None) -> None:
+    """``on_user_error(err, mlflow_run_id)``, when given, takes a PetlError instead of re-raising it."""
     task, method = config["task"], config["method"]
     searched_hp, searched_train = split_hparams(config.get("search", {}))
     hparams = {**config["hparams"], **searched_hp}
@@ -99,6 +103,9 @@ def run_trial(config: dict, *, report, get_checkpoint, checkpoint_cls, rank: int
     except Exception as e:  # SystemExit is Tune stopping the trial: not a failure
         if logger is not None:
             logger.fail(f"{type(e).__name__}: {e}")
+        if isinstance(e, PetlError) and on_user_error is not None:
+            on_user_error(e, logger.run_id if logger is not None else None)
+            return
         raise
     finally:
         shutil.rmtree(ckdir, ignore_errors=True)
@@ -114,7 +121,14 @@ def ray_train_worker(config: dict) -> None:
 
 
 def ray_tune_trial(config: dict) -> None:
-    """Ray Tune function trainable: one trial, one worker."""
+    """Ray Tune function trainable: one trial, one worker. Tune retries a trial that raises, and a
+    PetlError fails the same way every time, so such a trial ends instead, its last result
+    carrying the message (``PETL_ERROR``; the sweep counts it as failed)."""
     from ray import tune
 
-    run_trial(config, report=tune.report, get_checkpoint=tune.get_checkpoint, checkpoint_cls=tune.Checkpoint)
+    def end_trial(err: PetlError, run_id: str | None) -> None:
+        # val_accuracy is Tune's metric: every result must carry it; NaN is never the best
+        tune.report({"val_accuracy": float("nan"), PETL_ERROR: str(err), "mlflow_run_id": run_id})
+
+    run_trial(config, report=tune.report, get_checkpoint=tune.get_checkpoint, checkpoint_cls=tune.Checkpoint,
+              on_user_error=end_trial)

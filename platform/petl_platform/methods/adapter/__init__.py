@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ...errors import PetlError
-from ..base import AdapterModule, PetlModel, find_modules, replace_module
+from ..base import AdapterModule, PetlModel, find_modules, replace_module, row_index
 from ..config import MethodConfig, check
 from ..registry import MethodSpec, register_method
 
@@ -75,6 +75,23 @@ class ParallelAdapterMlp(AdapterModule):
         h = self.norm(x)
         branch = self.up(torch.relu(self.down(h if self.on_norm else x)))
         return self.mlp(h) + self.branch_dropout(self.scale * branch)
+
+    @classmethod
+    def batched_deltas(cls, mods, x, lengths):
+        """Every row's own bottleneck with two gathered ``baddbmm``s (one width and input choice)."""
+        first = mods[0]
+        if len(mods) == 1 or any(m.on_norm != first.on_norm or m.down.weight.shape != first.down.weight.shape
+                                 for m in mods):
+            return super().batched_deltas(mods, x, lengths)
+        idx = row_index(lengths, x.device)
+        h = x.reshape(len(x), -1, x.shape[-1])
+        if first.on_norm:
+            h = first.norm(h)  # the frozen LayerNorm: the same for every task
+        wd, bd = (torch.stack([getattr(m.down, k) for m in mods])[idx] for k in ("weight", "bias"))
+        wu, bu = (torch.stack([getattr(m.up, k) for m in mods])[idx] for k in ("weight", "bias"))
+        scale = torch.tensor([m.scale for m in mods], device=x.device, dtype=x.dtype)[idx].view(-1, 1, 1)
+        z = torch.relu(torch.baddbmm(bd.unsqueeze(1), h, wd.transpose(1, 2)))
+        return None, (scale * torch.baddbmm(bu.unsqueeze(1), z, wu.transpose(1, 2))).reshape(x.shape)
 
 
 class AdapterModel(PetlModel):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ...errors import PetlError
-from ..base import AdapterModule, PetlModel, find_modules, replace_module
+from ..base import AdapterModule, PetlModel, find_modules, replace_module, row_index
 from ..config import MethodConfig, check
 from ..lora.merge import fold_affine, plain_merged
 from ..registry import MethodSpec, register_method
@@ -79,6 +79,18 @@ class ArcLinear(AdapterModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x + self.input_delta(x))
+
+    @classmethod
+    def batched_deltas(cls, mods, x, lengths):
+        """Every row's own ``x W_down C W_up + bias`` with two gathered ``bmm``s (one rank)."""
+        if len(mods) == 1 or len({m.coef.shape for m in mods}) > 1:
+            return super().batched_deltas(mods, x, lengths)
+        idx = row_index(lengths, x.device)
+        d = torch.stack([m.down for m in mods])[idx]  # [rows, C, r]
+        coef = torch.stack([m.coef for m in mods])[idx].unsqueeze(1)
+        bias = torch.stack([m.bias for m in mods])[idx].unsqueeze(1)
+        h = x.reshape(len(x), -1, x.shape[-1])
+        return torch.baddbmm(bias, torch.bmm(h, d) * coef, d.transpose(1, 2)).reshape(x.shape), None
 
     def folded(self) -> nn.Linear:
         d = self.down.detach().double()

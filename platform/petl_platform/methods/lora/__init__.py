@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..base import AdapterModule, PetlModel, find_modules, replace_module
+from ..base import AdapterModule, PetlModel, find_modules, replace_module, row_index
 from ..config import MethodConfig, check
 from ..registry import MethodSpec, register_method
 from .merge import folded_linear, plain_merged
@@ -78,6 +78,27 @@ class LoraQKV(AdapterModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.output_delta(x)
+
+    @classmethod
+    def batched_deltas(cls, mods, x, lengths):
+        """Every row's own ``s B A x`` with two gathered ``bmm``s per slice (tasks of one rank and
+        target set; others take the reference loop)."""
+        first = mods[0]
+        if len(mods) == 1 or any(m.targets != first.targets or m.lora_A[first.targets[0]].shape !=
+                                 first.lora_A[first.targets[0]].shape for m in mods):
+            return super().batched_deltas(mods, x, lengths)
+        idx = row_index(lengths, x.device)
+        scale = torch.tensor([m.scaling for m in mods], device=x.device, dtype=x.dtype)[idx].view(-1, 1, 1)
+        h = x.reshape(len(x), -1, x.shape[-1])
+        parts = []
+        for t in SLICES:
+            if t in first.lora_A:
+                a = torch.stack([m.lora_A[t] for m in mods])[idx]  # [rows, r, in]
+                b = torch.stack([m.lora_B[t] for m in mods])[idx]  # [rows, dim, r]
+                parts.append(torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2)) * scale)
+            else:
+                parts.append(h.new_zeros(()).expand(*h.shape[:-1], first.dim))
+        return None, torch.cat(parts, dim=-1).reshape(*x.shape[:-1], -1)
 
     def folded(self) -> nn.Linear:
         w = self.base.weight.detach().double().clone()  # new tensor: the frozen one stays untouched

@@ -1,0 +1,74 @@
+"""Integration: a PetlError raised on a Ray worker (here: an unreadable image, which only the
+worker sees) is not retried by Ray Train or Ray Tune, even with --max-failures 2, and the error
+printed is the PetlError's message, not a line of its traceback."""
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from petl_platform.errors import PetlError
+from platform_stack import platform_stack
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    import ray
+
+    from petl_platform.training.distributed import ensure_ray
+
+    root = tmp_path_factory.mktemp("failures")
+    with platform_stack(root) as st:
+        ensure_ray(num_cpus=2)
+        try:
+            yield {**st, "task": _broken_folder_task(root / "broken")}
+        finally:
+            ray.shutdown()
+
+
+def _broken_folder_task(root):
+    """An ImageFolder tree with one corrupt PNG: the driver's up-front check (the folder exists)
+    passes, the worker's load fails the same way on every attempt."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    (root / "train" / "b" / "corrupt.png").write_bytes(b"not a png")
+    return f"folder:{root}"
+
+
+def _runs(st, filter_string):
+    c = mlflow.MlflowClient(st["settings"].tracking_uri)
+    return c.search_runs([e.experiment_id for e in c.search_experiments()], filter_string)
+
+
+def test_ray_train_does_not_retry_a_petl_error(stack):
+    from petl_platform.training.distributed import run_train
+
+    with pytest.raises(PetlError) as err:
+        run_train(stack["task"], "linear", stack["backbone"], stack["settings"], train={"epochs": 1},
+                  workers=1, max_failures=2, name="train-corrupt")
+    assert str(err.value).startswith("cannot read image ") and "corrupt.png" in str(err.value)
+    assert "raise PetlError" not in str(err.value) and "\n" not in str(err.value)
+    runs = _runs(stack, "tags.`petl.job` = 'train-corrupt'")
+    assert len(runs) == 1, "the deterministic error was retried"  # one attempt, one MLflow run
+    assert runs[0].info.status == "FAILED" and "cannot read image" in runs[0].data.tags["petl.failure"]
+
+
+def test_ray_tune_does_not_retry_a_petl_error(stack):
+    from petl_platform.data.registry import task_slug
+    from petl_platform.training.sweep import run_sweep
+
+    with pytest.raises(PetlError) as err:
+        run_sweep([stack["task"]], "linear", stack["backbone"], stack["settings"], space=["lr=choice(0.01)"],
+                  samples=1, epochs=1, scheduler="fifo", max_failures=2, name="corrupt", progress=False)
+    msg = str(err.value)
+    assert "every trial of sweep" in msg and "first error: cannot read image " in msg and "raise PetlError" not in msg
+    trials = [r for r in _runs(stack, f"tags.`petl.sweep` = 'corrupt-{task_slug(stack['task'])}'")
+              if r.data.tags.get("petl.role") != "sweep"]  # the trials' runs, not the parent
+    assert len(trials) == 1, "the deterministic error was retried"
+    assert trials[0].info.status == "FAILED" and "cannot read image" in trials[0].data.tags["petl.failure"]
