@@ -220,7 +220,8 @@ class _Ingress:
 
     def _reply(self, status: int, body: dict) -> JSONResponse:
         self.m_requests.inc(tags={"status": str(status)})
-        return JSONResponse(body, status_code=status)
+        # a 503 is retryable (replica lost, task loading, overload): say when to come back
+        return JSONResponse(body, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
 
     @api.get("/healthz")
     async def healthz(self):
@@ -377,7 +378,7 @@ def build_app(args: dict):
     ``dtype`` (fp32 | bf16 | fp16, the replicas' inference precision);
     ``deployment_options`` (the YAML's ``deployments`` list) when built in-process rather than by
     ``serve run``/``serve deploy``, which apply that list themselves."""
-    tasks = parse_tasks(args.get("tasks", ""))
+    tasks = parse_tasks(args.get("tasks", ""), limit=None)
     cpu = {"ray_actor_options": {"num_cpus": float(args.get("num_cpus_per_replica", 0.25))}}
     opts = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in args.get("deployment_options") or []}
 
@@ -407,11 +408,23 @@ def load_config(path: str, tasks: list[str] | None = None, port: int | None = No
             "args": args}
 
 
+PROXY_CALLBACK = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serve_apps.proxy_errors:middlewares")
+
+
+def use_proxy_middleware() -> None:
+    """A local cluster started after this inherits the env var that puts ``proxy_errors`` in Serve's
+    HTTP proxy (a dead Ingress replica's requests: JSON 503 + Retry-After, not a plain 500)."""
+    import os
+
+    os.environ.setdefault(*PROXY_CALLBACK)
+
+
 def run_local(path: str, tasks: list[str] | None = None, port: int | None = None) -> str:
     """Deploy the config on the current (or a new local) Ray cluster; returns the base URL."""
     from petl_platform.training.distributed import ensure_ray
 
     c = load_config(path, tasks, port)
+    use_proxy_middleware()
     ensure_ray()
     serve.start(http_options=c["http_options"])
     serve.run(build_app(c["args"]), name=c["name"], route_prefix=c["route_prefix"])

@@ -217,11 +217,16 @@ def test_gathered_deltas_equal_the_reference_loop(tiny_backbone8):
         x, lengths = torch.randn(6, 17, 64), [1, 3, 2]
         cls = type(mods[0])
         with torch.no_grad():
-            for group, lens in ((mods[:2], lengths[:2]), (mods, lengths)):
+            for group, lens in ((mods[:1], lengths[:1]), (mods[:2], lengths[:2]), (mods, lengths)):
                 rows = sum(lens)
-                got = cls.batched_deltas(group, x[:rows], lens)
-                ref = AdapterModule.batched_deltas.__func__(cls, group, x[:rows], lens)
-                for g, r in zip(got, ref):
-                    assert (g is None) == (r is None), method
-                    if g is not None:
-                        torch.testing.assert_close(g, r, rtol=0, atol=1e-6, msg=method)
+                got = cls.batched_input_delta(group, x[:rows], lens)
+                ref = AdapterModule.batched_input_delta.__func__(cls, group, x[:rows], lens)
+                assert (got is None) == (ref is None), method
+                if got is not None:
+                    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6, msg=method)
+                out, ref_out = torch.zeros(rows, 17, 3 * 64), torch.zeros(rows, 17, 3 * 64)
+                if method == "adapter":
+                    out, ref_out = torch.zeros(rows, 17, 64), torch.zeros(rows, 17, 64)
+                cls.add_batched_output_delta(out, group, x[:rows], lens)
+                AdapterModule.add_batched_output_delta.__func__(cls, ref_out, group, x[:rows], lens)
+                torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-6, msg=method)

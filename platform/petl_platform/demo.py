@@ -120,7 +120,7 @@ def _serve(tasks: list[str], backbone: str, budget: float) -> None:
     from ray import serve
 
     import serve_apps
-    from serve_apps.petl_app import build_app, load_config
+    from serve_apps.petl_app import build_app, load_config, use_proxy_middleware
 
     from .training.distributed import ensure_ray
 
@@ -128,6 +128,7 @@ def _serve(tasks: list[str], backbone: str, budget: float) -> None:
     os.environ["PETL_API_KEYS"] = f"{key}=*"
     cfg = load_config(os.path.join(os.path.dirname(serve_apps.__file__), "configs", "local.yaml"), tasks)
     print(f"\nRay Serve: serving {', '.join(tasks)} from the registry (alias champion) on one shared backbone")
+    use_proxy_middleware()
     started = ensure_ray()
     try:
         serve.start(http_options={**cfg["http_options"], "host": "127.0.0.1"})

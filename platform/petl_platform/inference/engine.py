@@ -76,7 +76,8 @@ class TaskInfo:
 class RowSite(nn.Module):
     """A frozen module of the mixed ViT where some tasks add a delta: the frozen op runs once on
     the whole batch; each run of consecutive segments whose modules share a class gets its deltas
-    from that class's ``batched_deltas`` (one gathered ``bmm`` per weight where the method has one)."""
+    from that class's ``batched_input_delta`` / ``add_batched_output_delta`` (one gathered ``bmm``
+    per weight where the method has one)."""
 
     def __init__(self, name: str, frozen: nn.Module, segments: dict):
         super().__init__()
@@ -87,18 +88,16 @@ class RowSite(nn.Module):
         runs = self.segments.get(self.name)
         if not runs:
             return self.frozen(x)
-        inp, outs = x, []
+        inp = x
         for a, b, cls, mods, lengths in runs:
-            d_in, d_out = cls.batched_deltas(mods, x[a:b], lengths)
-            if d_in is not None:
+            d = cls.batched_input_delta(mods, x[a:b], lengths)
+            if d is not None:
                 if inp is x:
                     inp = x.clone()
-                inp[a:b] += d_in
-            if d_out is not None:
-                outs.append((a, b, d_out))
+                inp[a:b] += d
         out = self.frozen(inp)
-        for a, b, d in outs:
-            out[a:b] += d
+        for a, b, cls, mods, lengths in runs:
+            cls.add_batched_output_delta(out[a:b], mods, x[a:b], lengths)
         return out
 
 

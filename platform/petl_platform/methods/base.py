@@ -67,26 +67,31 @@ class AdapterModule(nn.Module):
     def output_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    # Mixed batches (eval only): consecutive row segments of ``x``, segment ``i`` has ``lengths[i]``
+    # rows and module ``mods[i]``. These loops are the reference; a method may override them with
+    # one gathered ``bmm`` per weight (the Punica / S-LoRA idea), which pays off with many tasks.
     @classmethod
-    def batched_deltas(cls, mods: list[AdapterModule], x: torch.Tensor, lengths: list[int]):
-        """``(input_delta, output_delta)`` of consecutive row segments of ``x`` (segment ``i``:
-        ``lengths[i]`` rows, module ``mods[i]``), each ``None`` when no module has one. Eval only.
-        This loop is the reference; a method may override it with one gathered ``bmm`` per weight
-        (the Punica / S-LoRA idea), which pays off when a batch holds many tasks."""
-        ins, outs, a = [], [], 0
+    def batched_input_delta(cls, mods: list[AdapterModule], x: torch.Tensor, lengths: list[int]):
+        """Every segment's ``input_delta``, concatenated; ``None`` when no module has one."""
+        parts, a = [], 0
         for m, n in zip(mods, lengths):
-            ins.append(m.input_delta(x[a:a + n]))
-            outs.append(m.output_delta(x[a:a + n]))
+            parts.append(m.input_delta(x[a:a + n]))
             a += n
-        return _cat_or_none(ins, lengths), _cat_or_none(outs, lengths)
+        if all(p is None for p in parts):
+            return None
+        ref = next(p for p in parts if p is not None)
+        return torch.cat([p if p is not None else ref.new_zeros((n, *ref.shape[1:])) for p, n in zip(parts, lengths)])
 
-
-def _cat_or_none(parts: list, lengths: list[int]) -> torch.Tensor | None:
-    """Concatenate per-segment deltas; a segment without one adds zeros (``None`` if none has one)."""
-    if all(p is None for p in parts):
-        return None
-    ref = next(p for p in parts if p is not None)
-    return torch.cat([p if p is not None else ref.new_zeros((n, *ref.shape[1:])) for p, n in zip(parts, lengths)])
+    @classmethod
+    def add_batched_output_delta(cls, out: torch.Tensor, mods: list[AdapterModule], x: torch.Tensor,
+                                 lengths: list[int]) -> None:
+        """Add every segment's ``output_delta`` to its rows of ``out`` (the frozen op's output), in place."""
+        a = 0
+        for m, n in zip(mods, lengths):
+            d = m.output_delta(x[a:a + n])
+            if d is not None:
+                out[a:a + n] += d
+            a += n
 
 
 def row_index(lengths: list[int], device) -> torch.Tensor:

@@ -152,15 +152,16 @@ def parse_knobs(body: dict) -> dict:
     return knobs
 
 
-def parse_tasks(value) -> list[str]:
-    """A non-empty list of at most ``MAX_TASKS`` distinct task names (duplicates dropped, order kept)."""
+def parse_tasks(value, limit: int | None = MAX_TASKS) -> list[str]:
+    """A non-empty list of at most ``limit`` distinct task names (duplicates dropped, order kept);
+    ``limit=None`` for a deployment's own task list, which may be long."""
     if isinstance(value, str):
         value = [t for t in value.replace(" ", "").split(",") if t]
     if not isinstance(value, list) or not value or not all(isinstance(t, str) and t.strip() for t in value):
         raise ServeError(400, "tasks must be a non-empty list of task names (or a comma-separated string)")
     tasks = list(dict.fromkeys(t.strip() for t in value))
-    if len(tasks) > MAX_TASKS:
-        raise ServeError(400, f"{len(tasks)} tasks requested; at most {MAX_TASKS} per request")
+    if limit is not None and len(tasks) > limit:
+        raise ServeError(400, f"{len(tasks)} tasks requested; at most {limit} per request")
     long = [t for t in tasks if len(t) > MAX_TASK_NAME]
     if long:
         raise ServeError(400, f"task names are at most {MAX_TASK_NAME} characters; got one of {len(long[0])}")

@@ -77,12 +77,12 @@ class ParallelAdapterMlp(AdapterModule):
         return self.mlp(h) + self.branch_dropout(self.scale * branch)
 
     @classmethod
-    def batched_deltas(cls, mods, x, lengths):
+    def add_batched_output_delta(cls, out, mods, x, lengths) -> None:
         """Every row's own bottleneck with two gathered ``baddbmm``s (one width and input choice)."""
         first = mods[0]
         if len(mods) == 1 or any(m.on_norm != first.on_norm or m.down.weight.shape != first.down.weight.shape
                                  for m in mods):
-            return super().batched_deltas(mods, x, lengths)
+            return super().add_batched_output_delta(out, mods, x, lengths)
         idx = row_index(lengths, x.device)
         h = x.reshape(len(x), -1, x.shape[-1])
         if first.on_norm:
@@ -91,7 +91,7 @@ class ParallelAdapterMlp(AdapterModule):
         wu, bu = (torch.stack([getattr(m.up, k) for m in mods])[idx] for k in ("weight", "bias"))
         scale = torch.tensor([m.scale for m in mods], device=x.device, dtype=x.dtype)[idx].view(-1, 1, 1)
         z = torch.relu(torch.baddbmm(bd.unsqueeze(1), h, wd.transpose(1, 2)))
-        return None, (scale * torch.baddbmm(bu.unsqueeze(1), z, wu.transpose(1, 2))).reshape(x.shape)
+        out.view(len(out), -1, out.shape[-1]).add_(scale * torch.baddbmm(bu.unsqueeze(1), z, wu.transpose(1, 2)))
 
 
 class AdapterModel(PetlModel):

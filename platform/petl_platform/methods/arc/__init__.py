@@ -81,16 +81,16 @@ class ArcLinear(AdapterModule):
         return self.base(x + self.input_delta(x))
 
     @classmethod
-    def batched_deltas(cls, mods, x, lengths):
+    def batched_input_delta(cls, mods, x, lengths):
         """Every row's own ``x W_down C W_up + bias`` with two gathered ``bmm``s (one rank)."""
         if len(mods) == 1 or len({m.coef.shape for m in mods}) > 1:
-            return super().batched_deltas(mods, x, lengths)
+            return super().batched_input_delta(mods, x, lengths)
         idx = row_index(lengths, x.device)
         d = torch.stack([m.down for m in mods])[idx]  # [rows, C, r]
         coef = torch.stack([m.coef for m in mods])[idx].unsqueeze(1)
         bias = torch.stack([m.bias for m in mods])[idx].unsqueeze(1)
         h = x.reshape(len(x), -1, x.shape[-1])
-        return torch.baddbmm(bias, torch.bmm(h, d) * coef, d.transpose(1, 2)).reshape(x.shape), None
+        return torch.baddbmm(bias, torch.bmm(h, d) * coef, d.transpose(1, 2)).reshape(x.shape)
 
     def folded(self) -> nn.Linear:
         d = self.down.detach().double()

@@ -80,25 +80,27 @@ class LoraQKV(AdapterModule):
         return self.base(x) + self.output_delta(x)
 
     @classmethod
-    def batched_deltas(cls, mods, x, lengths):
-        """Every row's own ``s B A x`` with two gathered ``bmm``s per slice (tasks of one rank and
-        target set; others take the reference loop)."""
+    def add_batched_output_delta(cls, out, mods, x, lengths) -> None:
+        """Every row's own ``s B A x`` added into its q / v slice of ``out``: two gathered ``bmm``s
+        per slice (tasks of one rank and target set; others take the reference loop)."""
         first = mods[0]
-        if len(mods) == 1 or any(m.targets != first.targets or m.lora_A[first.targets[0]].shape !=
-                                 first.lora_A[first.targets[0]].shape for m in mods):
-            return super().batched_deltas(mods, x, lengths)
-        idx = row_index(lengths, x.device)
-        scale = torch.tensor([m.scaling for m in mods], device=x.device, dtype=x.dtype)[idx].view(-1, 1, 1)
+        t0 = first.targets[0]
+        if any(m.targets != first.targets or m.lora_A[t0].shape != first.lora_A[t0].shape for m in mods):
+            return super().add_batched_output_delta(out, mods, x, lengths)
         h = x.reshape(len(x), -1, x.shape[-1])
-        parts = []
-        for t in SLICES:
-            if t in first.lora_A:
-                a = torch.stack([m.lora_A[t] for m in mods])[idx]  # [rows, r, in]
-                b = torch.stack([m.lora_B[t] for m in mods])[idx]  # [rows, dim, r]
-                parts.append(torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2)) * scale)
-            else:
-                parts.append(h.new_zeros(()).expand(*h.shape[:-1], first.dim))
-        return None, torch.cat(parts, dim=-1).reshape(*x.shape[:-1], -1)
+        o = out.view(len(out), -1, out.shape[-1])
+        if len(mods) == 1:
+            a_of = {t: first.lora_A[t].T for t in first.targets}
+            b_of = {t: first.lora_B[t].T for t in first.targets}
+            scale = first.scaling
+        else:
+            idx = row_index(lengths, x.device)
+            a_of = {t: torch.stack([m.lora_A[t] for m in mods])[idx].transpose(1, 2) for t in first.targets}
+            b_of = {t: torch.stack([m.lora_B[t] for m in mods])[idx].transpose(1, 2) for t in first.targets}
+            scale = torch.tensor([m.scaling for m in mods], device=x.device, dtype=x.dtype)[idx].view(-1, 1, 1)
+        for i, t in enumerate(SLICES):
+            if t in a_of:  # [rows, T, in] @ ([rows,] in, r) @ ([rows,] r, dim)
+                o[..., i * first.dim:(i + 1) * first.dim] += torch.matmul(torch.matmul(h, a_of[t]), b_of[t]) * scale
 
     def folded(self) -> nn.Linear:
         w = self.base.weight.detach().double().clone()  # new tensor: the frozen one stays untouched
