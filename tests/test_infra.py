@@ -67,7 +67,8 @@ def test_env_example_matches_compose_defaults():
 
 def test_compose_env_names_are_read_by_the_platform():
     own = {"mlflow": {"MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
-                      "MLFLOW_FLASK_SERVER_SECRET_KEY"}, "ray-head": {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}}
+                      "MLFLOW_FLASK_SERVER_SECRET_KEY"}, "ray-head": {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                                                                    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"}}
     own["ray-worker"] = own["ray-head"]
     for name in ("mlflow", "ray-head", "ray-worker"):
         assert set(env(name)) <= set(ENV_VARS) | own[name], name
