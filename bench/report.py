@@ -202,6 +202,34 @@ def figures(out: Path) -> list[dict]:
         figs.append(_fig("kill", "replica killed under load: failed requests", k["failed"], None, 1,
                          f"<= requests in flight on it (<= {k['in_flight_bound']})", k["failed"] <= k["in_flight_bound"],
                          unit="requests", source="serve_load.json", note=f"of {k['requests']}; statuses {k['statuses']}"))
+    # the reliability suite's figures (tests/test_bad_input_corpus.py, tests/test_faults.py with
+    # PETL_CORPUS_OUT=DIR/corpus.json PETL_FAULTS_OUT=DIR), copied next to the bench JSONs
+    if corpus := _load(out, "corpus.json"):
+        counts = corpus["by_status"]
+        figs.append(_fig("corpus", f"bad-input corpus through Ray Serve: {corpus['cases']} cases, responses that are 500",
+                         counts.get("500", 0), None, 1, "0 (and every case its expected status)",
+                         counts.get("500", 0) == 0 and corpus["mismatches"] == 0, unit="responses",
+                         source="corpus.json", note="by status " + ", ".join(f"{k}: {v}" for k, v in counts.items()) +
+                                                   f"; {corpus['mismatches']} cases off their expected status"))
+    if kill := _load(out, "faults_replica_kill.json"):
+        for k in kill["kills"]:
+            figs.append(_fig("faults", f"1 of 2 {k['deployment']} replicas killed under bounded load: failed requests",
+                             k["failed"], None, 1, f"<= in flight on it ({k['in_flight_at_fault']}), all 503 + Retry-After",
+                             k["failed"] <= k["in_flight_at_fault"] and k["failures_503_retry_after_json"], unit="requests",
+                             source="faults_replica_kill.json",
+                             note=f"of {k['requests']}; statuses {k['statuses']}; detected after {k['detect_s']} s; "
+                                  f"max wait after detection {k['max_wait_after_detect_s']} s vs 2x p99 "
+                                  f"{2 * kill['baseline']['p99_s']:.2f} s"))
+    if sweep := _load(out, "faults_node_loss_during_sweep.json"):
+        figs.append(_fig("faults", "node running a sweep trial removed mid-trial: epochs lost", sweep["epochs_lost"], None, 1,
+                         "<= 1 epoch, sweep finishes", sweep["epochs_lost"] <= 1 and sweep["trial_error"] is None,
+                         unit="epochs", source="faults_node_loss_during_sweep.json",
+                         note=f"removed after epoch {sweep['epoch_at_removal']}, resumed from epoch {sweep['resumed_from_epoch']}"))
+    if node := _load(out, "faults_node_loss_while_serving.json"):
+        figs.append(_fig("faults", "node holding serving replicas removed under load: failed requests", node["failed"], None, 1,
+                         f"<= in flight ({node['in_flight_at_fault']})", node["failed"] <= node["in_flight_at_fault"],
+                         unit="requests", source="faults_node_loss_while_serving.json",
+                         note=f"of {node['requests']}; statuses {node['statuses']}; replicas lost {node['replicas_lost']}"))
     if co := _load(out, "colocation_hop.json"):
         figs.append(_fig("co-location", f"trunk states shipped to another replica vs co-located tails, batch {co['batch']}",
                          co["hop_overhead"], co.get("ratio_range"), co.get("repeats", 15), "reported (why tails are co-located)",

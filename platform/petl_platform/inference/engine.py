@@ -288,15 +288,15 @@ class Engine:
             thresholds[i] = model.exit_thresholds_for(thr).tolist() if infos[rows[i].task].runtime == "early_exit" else []
         h = z0.index_select(0, torch.tensor([pos[rows[i].image] for i in order], device=z0.device))
         alive = list(order)
-        segs_dirty = True
+        segs = None  # {task: (start, end)} of the rows still running, redone when rows leave
         for b, blk in enumerate(blocks, 1):
-            if segs_dirty:
-                self._set_segments(alive, rows, sites)
-                segs_dirty = False
+            if segs is None:
+                segs = _segments(alive, rows)
+                self._set_segments(segs, sites)
             h = blk(h)
             self.last_stats["row_blocks"] += len(alive)
             keep = torch.ones(len(alive), dtype=torch.bool)
-            for t, (a, e) in _segments(alive, rows).items():
+            for t, (a, e) in segs.items():
                 stage = infos[t].exits.get(b)
                 if stage is None:
                     continue
@@ -316,15 +316,15 @@ class Engine:
             if not keep.all():
                 h = h[keep.to(h.device)]
                 alive = [i for i, k in zip(alive, keep.tolist()) if k]
-                segs_dirty = True
+                segs = None
             if not alive:
                 break
         self._segments.clear()
 
-    def _set_segments(self, alive, rows, sites) -> None:
+    def _set_segments(self, segs: dict, sites: dict) -> None:
         """Per site, runs of adjacent task segments whose modules share a class."""
         self._segments.clear()
-        for t, (a, e) in _segments(alive, rows).items():
+        for t, (a, e) in segs.items():
             for name, m in sites.get(t, {}).items():
                 runs = self._segments.setdefault(name, [])
                 last = runs[-1] if runs else None
