@@ -94,7 +94,9 @@ def test_node_loss_during_sweep_resumes_trial_from_checkpoint(cluster):
     from petl_platform.training.sweep import run_sweep
 
     st, c, seen = cluster, mlflow.MlflowClient(cluster["settings"].tracking_uri), {}
-    epochs, sweep = 6, "nodeloss-digits-1k"
+    # LoRA, not the linear probe: the probe trains on cached trunk features, so its epochs take
+    # milliseconds and the trial can finish before the node is removed; a LoRA epoch takes seconds
+    epochs, sweep = 4, "nodeloss-digits-1k"
 
     def remove_trial_node_after_a_checkpoint():
         deadline = time.time() + 240
@@ -115,7 +117,7 @@ def test_node_loss_during_sweep_resumes_trial_from_checkpoint(cluster):
     killer.start()
     t0 = time.time()
     try:
-        [s] = run_sweep(["digits-1k"], "linear", st["backbone"], st["settings"], space=["lr=choice(0.01)"],
+        [s] = run_sweep(["digits-1k"], "lora", st["backbone"], st["settings"], space=["lr=choice(0.01)", "rank=choice(2)"],
                         samples=1, epochs=epochs, scheduler="fifo", train={"batch_size": 16}, max_failures=1,
                         name="nodeloss", register=False, progress=False)
     finally:
