@@ -108,6 +108,9 @@ def test_node_loss_during_sweep_resumes_trial_from_checkpoint(cluster):
             if runs and ckpts and "petl.worker_pid" in runs[0].data.tags:
                 pid = int(runs[0].data.tags["petl.worker_pid"])
                 node_id = _node_of_pid(pid)
+                if node_id is None:  # the State API has not listed the worker yet: look again
+                    time.sleep(0.2)
+                    continue
                 seen.update(pid=pid, run_id=runs[0].info.run_id, node=node_id, t=time.time(),
                             epoch_at_removal=len(c.get_metric_history(runs[0].info.run_id, "val_accuracy")))
                 st["cluster"].remove_node(_cluster_node(st["cluster"], node_id), allow_graceful=False)
