@@ -11,19 +11,11 @@ from petl_platform import PetlError, build_model, get_method, list_methods
 from petl_platform.inference import Engine, Row
 from petl_platform.methods import AdapterModule
 from petl_platform.methods.registry import RUNTIMES
+from test_inference import _randomize  # trained-looking random adapter weights, eval mode
 
 PER_ROW = [m for m in list_methods() if get_method(m).runtime == "per_row_adapter"]
 EARLY_EXIT = [m for m in list_methods() if get_method(m).runtime == "early_exit"]
 ATOL = 1e-5
-
-
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
 
 
 def _make(method, backbone, seed, classes=3, **hp):
