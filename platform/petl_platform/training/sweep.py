@@ -228,7 +228,8 @@ def _finalize(grid, settings, task, method, backbone, parsed, epochs, parent) ->
         done = int(m.get("training_iteration", 0) or 0)
         # a PetlError ended the trial (its last result says so), or Ray reports the trial errored
         error = m.get(PETL_ERROR) or (str(ray_error(r.error)) if r.error else None)
-        row = {"run_id": run_id, "params": {k: r.config["search"][k] for k in parsed}, "epochs": done,
+        search = (r.config or {}).get("search", {})  # None when Tune could not read the trial back
+        row = {"run_id": run_id, "params": {k: search.get(k) for k in parsed}, "epochs": done,
                "val_accuracy": None if error else m.get("val_accuracy"),
                "stopped_early": bool(not error and done < epochs), "error": error,
                "checkpoint": r.checkpoint.path if r.checkpoint else None}
