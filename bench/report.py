@@ -45,6 +45,7 @@ SECTIONS = {
     "P4_fidelity": ("p4_train_memory.py", None, P4_FIDELITY, "p4_train_memory_fidelity.json"),
     "P5": ("p5_mixed_tasks.py", ["--quick"], [], "p5_mixed_tasks.json"),
     "P6": ("p6_gflops.py", ["--quick"], [], "p6_gflops.json"),
+    "multitenant": ("multitenant.py", ["--quick"], [], "multitenant.json"),  # P9, P10, P11
     "serve": ("serve_load.py", ["--quick"], [], "serve_load.json"),
     "P7": ("p7_asha_vs_grid.py", ["--quick", "--epochs", "4"], [], "p7_asha_vs_grid.json"),
     "colocation": ("colocation_hop.py", ["--repeats", "7"], [], "colocation_hop.json"),
@@ -152,6 +153,29 @@ def figures(out: Path) -> list[dict]:
                                  v["ratio_median"] >= 0.85 if n == "64" else None, source="p5_mixed_tasks.json",
                                  note=f"{v['img_per_s']:.0f} vs {r['single_img_per_s']:.0f} img/s; answers equal alone "
                                       f"(max diff {r['max_abs_diff_vs_alone']:.0e})"))
+    if mt := _load(out, "multitenant.json"):
+        src, where = "multitenant.json", f"{mt['backbone']}, store: {mt['store']}"
+        for method, r in (mt.get("P9") or {}).items():
+            figs.append(_fig("P9", f"cold load, first request to answer, {method} ({where})", r["cold_ms_p50"],
+                             [r["cold_ms_p50"], r["cold_ms_p99"]], r["loads"], "<= 100 ms", r["met"], unit="ms",
+                             source=src, note=f"p99 {r['cold_ms_p99']} ms; a loaded task answers in {r['warm_ms_p50']} ms"))
+        if r := mt.get("P10"):
+            q = r["quiet"]["p99_ms"]
+            for key, label in (("while_20_cold_loads", "while 20 cold tasks load"), ("while_store_hangs", "while the store hangs")):
+                if key in r:
+                    v = r[key]
+                    figs.append(_fig("P10", f"p99 of a loaded LoRA task {label} vs a quiet replica ({mt['backbone']})",
+                                     v["ratio_p99"], None, v["requests"], "<= 1.5x", v["ratio_p99"] <= 1.5, source=src,
+                                     note=f"p99 {v.get('p99_ms', v.get('hot_p99_ms'))} ms vs {q} ms quiet"))
+        if r := mt.get("P11"):
+            for label, v in r["results"].items():
+                figs.append(_fig("P11", f"{r['tasks']} LoRA tasks, Zipf({r['zipf_s']}) batches of {r['batch']} vs one-task "
+                                        f"batches, store {label.replace('_', ' ')} ({v['budget_mb']} MB)",
+                                 v["ratio_median"], [v["ratio_min"], v["ratio_max"]], r["rounds"], ">= 0.8x", v["met"],
+                                 source=src, note=f"batch p99 {v['batch_p99_ms']} vs {v['single_batch_p99_ms']} ms; "
+                                                  f"{v['resident']} resident, {v['evictions']} evictions; "
+                                                  f"{r['adapter_bytes_per_task'] / 1024:.0f} KB per adapter, RSS "
+                                                  f"+{v['rss_growth_mb_per_resident_task'] * 1024:.0f} KB per resident task"))
     if p6 := _load(out, "p6_gflops.json"):
         for bb, per_batch in p6["backbones"].items():
             for b, r in per_batch.items():

@@ -19,9 +19,11 @@ Which deployment serves a task follows the runtime its method declares (``Method
 Every deployment answers its whole batch (requests x tasks) with one call of the mixed-task engine
 (``petl_platform.inference.Engine``), on the GPU when the replica has one (``num_gpus`` in the
 Serve YAML; ``dtype: bf16`` for half precision). Every replica holds the frozen weights once and
-loads task adapters from the MLflow registry alias
-(``models:/<task>@champion``) on demand: LRU-cached, refreshed when the alias moves, refused (503
-for that task only) when the adapter's backbone fingerprint differs or it holds NaN/inf.
+loads task adapters from the MLflow registry alias (``models:/<task>@champion``) on demand, off the
+event loop, into a byte-budgeted LRU store (``serving/models.py``); alias moves are prefetched in
+the background and swap in once loaded; an adapter whose backbone fingerprint differs or that holds
+NaN/inf is refused (503 for that task only). The servable tasks are every model registered with the
+alias (``serving/catalog.py``): a task registered after the deploy answers on its first request.
 """
 
 from __future__ import annotations
@@ -43,10 +45,9 @@ from petl_platform.backbones import SHIPPED, create_backbone
 from petl_platform.data import make_transform
 from petl_platform.errors import PetlError
 from petl_platform.inference import Engine, Row
-from petl_platform.methods import get_method
 from petl_platform.methods.registry import spec_of
 from petl_platform.serving import ApiKeys, ServeError, TaskModelCache, answer, decode_image, parse_knobs
-from petl_platform.serving.models import describe
+from petl_platform.serving.catalog import Catalog
 from petl_platform.serving.request import MAX_PIXELS, parse_tasks
 from petl_platform.tracking.settings import CHAMPION, TrackingSettings
 
@@ -60,10 +61,6 @@ ROLE_OF_RUNTIME = {"shared_trunk": "trunk", "per_row_adapter": "adapter", "early
 DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def role_of(method: str) -> str:
-    return ROLE_OF_RUNTIME[get_method(method).runtime]
-
-
 def _error(e: ServeError) -> dict:
     """The JSON body of an error: status and a one-line message, never an object address."""
     from petl_platform.serving.request import safe_text
@@ -72,21 +69,29 @@ def _error(e: ServeError) -> dict:
 
 
 class _Replica:
-    """The frozen backbone once per replica (on the GPU when the replica has one), the task-model
-    cache on top of it, and the mixed-task engine that answers a whole batch in one pass. Every
+    """The frozen backbone once per replica (on the GPU when the replica has one), the adapter store
+    on top of it, and the mixed-task engine that answers a whole batch in one pass. Every
     deployment batches across requests AND tasks with ``@serve.batch``: each request carries its
-    task ids as data (``@serve.multiplexed`` would split batches per task)."""
+    task ids as data (``@serve.multiplexed`` would split batches per task). A request whose task is
+    cold waits for that load before it joins a batch, so batches of loaded tasks never wait on it."""
 
-    def __init__(self, backbone: str = SHIPPED, alias: str = CHAMPION, capacity: int = 16, refresh_s: float = 10.0,
-                 dtype: str | None = None):
+    role = ""
+
+    def __init__(self, backbone: str = SHIPPED, alias: str = CHAMPION, capacity: int | None = None,
+                 refresh_s: float = 10.0, dtype: str | None = None, capacity_mb: float = 256.0,
+                 host_mb: float | None = None, load_timeout_s: float = 30.0, warm: list[str] | None = None):
         if dtype not in DTYPES:
             raise PetlError(f"dtype must be one of fp32, bf16, fp16; got {dtype!r}")
         self.backbone = create_backbone(backbone)
         device = "cuda" if torch.cuda.is_available() else None  # a replica with num_gpus sees its GPU
         self.engine = Engine(self.backbone, device=device, dtype=DTYPES[dtype])
-        self.cache = TaskModelCache(self.backbone, TrackingSettings.from_env(), alias, capacity, refresh_s)
-        self.m_cache = Gauge("petl_adapter_cache", description="adapter cache hits/misses/loads/refused per replica",
-                             tag_keys=("kind",))
+        self.cache = TaskModelCache(self.backbone, TrackingSettings.from_env(), alias, capacity, refresh_s,
+                                    capacity_mb=capacity_mb, host_mb=host_mb, load_timeout_s=load_timeout_s,
+                                    prepare=lambda task, model: self.engine.info(task, model).gflops)
+        self.m_cache = Gauge("petl_adapter_store", description="adapter store per replica: resident tasks and bytes, "
+                             "loads, evictions, hits, misses, refused", tag_keys=("kind",))
+        self.m_load = Histogram("petl_adapter_load_ms", description="cold load time of a task adapter",
+                                boundaries=[10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 30000])
         self.m_latency = Histogram("petl_task_latency_ms", description="per-task compute latency in the replica",
                                    boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000], tag_keys=("task",))
         self.m_batch = Histogram("petl_batch_size", description="batch sizes formed by the batcher "
@@ -95,30 +100,47 @@ class _Replica:
                                 boundaries=[1.5, 2.5, 3.5, 4.5, 5.5, 6.5], tag_keys=("task",))
         self.m_rate = Histogram("petl_token_activation_rate", description="DyT measured token activation per batch",
                                 boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], tag_keys=("task",))
+        self._loads_seen = 0
+        self.warm_up(warm or [])
+        self.cache.start()  # the alias refresh, on its own thread from now on
+
+    def warm_up(self, tasks: list[str]) -> None:
+        """Load the named tasks this deployment serves and run each once, before the replica reports
+        ready: the first request is then as fast as the next. A task that cannot load is logged."""
+        mine = {}
+        for t in tasks:
+            try:
+                e = self.cache.get(t)
+            except ServeError as err:
+                log.warning("warm-up: task %s not loaded: %s", t, err)
+                continue
+            if ROLE_OF_RUNTIME[spec_of(e.model).runtime] == self.role:
+                mine[t] = e
+            else:
+                self.cache.drop(t)  # another deployment serves it
+        if mine:
+            x = torch.zeros(1, 3, *self.engine.image_size)
+            self.engine.run(x, [Row(0, t) for t in mine], {t: e.model for t, e in mine.items()})
+        log.info("%s warm: %d of %d named tasks", type(self).__name__, len(mine), len(tasks))
 
     def reconfigure(self, config: dict) -> None:
         """Serve YAML ``user_config``: the batch size and wait timeout of this deployment's batcher."""
-        self.run.set_max_batch_size(int(config.get("max_batch_size", 32)))
-        self.run.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+        self._batch.set_max_batch_size(int(config.get("max_batch_size", 32)))
+        self._batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
 
-    def entries(self, tasks) -> tuple[dict, dict]:
-        """The cached entry of each distinct task of a batch, and the error of each unavailable one."""
-        good, bad = {}, {}
-        try:
-            for t in dict.fromkeys(tasks):
-                try:
-                    good[t] = self.cache.get(t)
-                except ServeError as e:
-                    bad[t] = _error(e)
-        finally:
-            for kind, v in self.cache.stats.items():
-                self.m_cache.set(v, tags={"kind": kind})
-        return good, bad
+    def _metrics(self) -> None:
+        snap = self.cache.snapshot()
+        for kind in ("resident", "resident_bytes", "host_resident", "host_bytes", "loads", "evictions", "hits",
+                     "misses", "refused", "refreshes", "load_timeouts"):
+            self.m_cache.set(snap[kind], tags={"kind": kind})
+        for ms in self.cache.load_ms[len(self.cache.load_ms) - max(0, snap["loads"] - self._loads_seen):]:
+            self.m_load.observe(ms)
+        self._loads_seen = snap["loads"]
 
     @staticmethod
     def row_knobs(e, knobs: dict) -> dict:
         """The engine's knobs for one task of a request: Dyn-* thresholds (from ``threshold`` or a
-        ``budget``), DyT's ``ratio``; other tasks take none."""
+        ``budget``, by the curve stored in the adapter), DyT's ``ratio``; other tasks take none."""
         runtime = spec_of(e.model).runtime
         if runtime == "token_dispatch":
             return {"ratio": knobs["ratio"]} if knobs.get("ratio") is not None else {}
@@ -134,13 +156,40 @@ class _Replica:
             return {"thresholds": list(e.thresholds_for(knobs["budget"]))}
         return {}  # the thresholds calibrated at training time
 
+    async def run(self, x: torch.Tensor, tasks: list[str], knobs: dict) -> dict:
+        """``{task: answer or error}`` for one request: its cold tasks load first (off the event
+        loop, never holding up other requests), then the request joins the mixed-task batch."""
+        cold = [t for t in dict.fromkeys(tasks) if self.cache.resident(t) is None]
+        bad = {}
+        if cold:
+            got = await asyncio.gather(*(self.cache.aget(t) for t in cold), return_exceptions=True)
+            for t, g in zip(cold, got):
+                if isinstance(g, ServeError):
+                    bad[t] = _error(g)
+                elif isinstance(g, BaseException):
+                    raise g
+        ready = [t for t in tasks if t not in bad]
+        out = await self._batch(x, ready, knobs) if ready else {}
+        self._metrics()
+        return {**out, **bad}
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def run(self, xs: list[torch.Tensor], tasks: list[list[str]], knobs: list[dict]) -> list[dict]:
+    async def _batch(self, xs: list[torch.Tensor], tasks: list[list[str]], knobs: list[dict]) -> list[dict]:
         """Per request: ``{task: answer or error}`` for its tasks; the whole batch, every task and
         method in it, is one engine call."""
         self.m_batch.observe(len(xs))
-        entries, bad = await asyncio.to_thread(self.entries, [t for ts in tasks for t in ts])
-        out = [{t: bad[t] for t in ts if t in bad} for ts in tasks]
+        entries, out = {}, [{} for _ in tasks]
+        for t in dict.fromkeys(t for ts in tasks for t in ts):
+            e = self.cache.resident(t)
+            if e is None:  # evicted since its request checked: rare, load it again
+                try:
+                    e = await self.cache.aget(t)
+                except ServeError as err:
+                    for i, ts in enumerate(tasks):
+                        if t in ts:
+                            out[i][t] = _error(err)
+                    continue
+            entries[t] = e
         rows = []
         for i, (ts, k) in enumerate(zip(tasks, knobs)):
             for t in dict.fromkeys(ts):
@@ -153,8 +202,9 @@ class _Replica:
             return out
         t0 = time.perf_counter()
         try:
-            results = await asyncio.to_thread(self.engine.run, torch.stack(xs), rows,
-                                              {t: e.model for t, e in entries.items()})
+            with self.cache.pinned(entries.values()):
+                results = await asyncio.to_thread(self.engine.run, torch.stack(xs), rows,
+                                                  {t: e.model for t, e in entries.items()})
         except PetlError as err:  # a request the engine refuses (e.g. a knob that does not fit)
             for r in rows:
                 out[r.image][r.task] = _error(ServeError(400, f"task {r.task!r}: {err}"))
@@ -178,19 +228,27 @@ class _TrunkBackbone(_Replica):
     heads / side-network tails live here too (co-located: shipping k+1 trunk states to another
     replica copies ~k+1 times the image's activations for nothing)."""
 
+    role = "trunk"
+
 
 class _TaskAdapters(_Replica):
     """LoRA / Adapter / RepAdapter / ARC tasks: frozen ops once for the batch, each row's own deltas."""
+
+    role = "adapter"
 
 
 class _EarlyExitRouter(_Replica):
     """Dyn-* tasks: stage by stage, rows leave at their exit, the rest continue together across
     tasks; per-request budget / threshold."""
 
+    role = "early_exit"
+
 
 class _TokenDispatchRouter(_Replica):
     """DyT tasks: the active tokens of every task in the batch through ONE frozen MLP call per layer;
     per-request ratio."""
+
+    role = "token_dispatch"
 
 
 # ------------------------------------------------------------------------------------------ ingress
@@ -199,24 +257,46 @@ api = FastAPI(title="petl-platform", description="Many vision tasks on one froze
 
 
 class _Ingress:
-    def __init__(self, trunk, adapters, early_exit, token_dispatch, tasks: list[str], backbone: str = SHIPPED,
-                 alias: str = CHAMPION, max_body_mb: float = 10.0, max_pixels: int = MAX_PIXELS):
+    """Auth, validation, decode and fan-out. The catalog of servable tasks is the registry itself
+    (every model with the alias, narrowed by ``task_pattern`` / ``task_tag``), re-read in the
+    background; a task registered since is looked up on its first request."""
+
+    def __init__(self, trunk, adapters, early_exit, token_dispatch, tasks: list[str] | None = None,
+                 backbone: str = SHIPPED, alias: str = CHAMPION, max_body_mb: float = 10.0,
+                 max_pixels: int = MAX_PIXELS, task_pattern: str | None = None, task_tag: str | None = None,
+                 refresh_s: float = 10.0, lookup_timeout_s: float = 10.0):
         self.max_pixels = int(max_pixels)  # decoded size limit, checked from the image header first
         self.handles = {"trunk": trunk, "adapter": adapters, "early_exit": early_exit, "token_dispatch": token_dispatch}
         self.keys = ApiKeys.from_env()
         self.transform = make_transform(create_backbone(backbone))
-        self.alias, self.max_body = alias, int(max_body_mb * 2**20)
+        self.alias, self.max_body, self.lookup_timeout_s = alias, int(max_body_mb * 2**20), lookup_timeout_s
         self.settings = TrackingSettings.from_env()
-        self.tasks = list(dict.fromkeys(tasks))
-        self.catalog = {t: self._describe(t) for t in self.tasks}
+        self.named = list(dict.fromkeys(tasks or []))  # warmed up by the replicas; served like any other
+        self.catalog = Catalog(self.settings, alias, task_pattern, task_tag, refresh_s)
+        self.catalog.start()
+        if not self.catalog.wait_ready(lookup_timeout_s):  # a hung registry: start anyway, serve what loads
+            log.warning("the model registry did not answer within %.0f s; the catalog fills in once it does",
+                        lookup_timeout_s)
         self.m_requests = Counter("petl_requests", description="HTTP requests by status", tag_keys=("status",))
 
-    def _describe(self, task: str) -> dict:
-        """Method, classes and deployment of the version the alias points at (its adapter_config.json)."""
-        row = describe(self.settings, task, self.alias)
-        if "method" in row:
-            row["role"] = role_of(row["method"])
-        return row
+    async def _rows(self, tasks: list[str]) -> dict[str, dict | None]:
+        """Each task's catalog row (its role from the method of the version the alias points at),
+        ``None`` for a task that is not registered with the alias. Tasks the catalog does not list
+        yet are looked up off the event loop, with a time limit."""
+        rows = {t: self.catalog.rows.get(t) for t in tasks}
+        missing = [t for t, r in rows.items() if r is None]
+        if missing:
+            try:
+                found = await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(self.catalog.lookup, t)
+                                                                for t in missing)), self.lookup_timeout_s)
+            except (asyncio.TimeoutError, PetlError) as e:
+                log.warning("task lookup failed: %s", e)
+                raise ServeError(503, "the model registry did not answer; retry later") from None
+            rows.update(zip(missing, found))
+        for r in rows.values():
+            if r is not None and "runtime" in r:
+                r.setdefault("role", ROLE_OF_RUNTIME[r["runtime"]])
+        return rows
 
     def _reply(self, status: int, body: dict) -> JSONResponse:
         self.m_requests.inc(tags={"status": str(status)})
@@ -229,9 +309,10 @@ class _Ingress:
 
     @api.get("/readyz")
     async def readyz(self):
-        """For probes, without a key: counts only, no task names or errors."""
-        ready = sum("error" not in c for c in self.catalog.values())
-        counts = {"tasks_ready": ready, "tasks_total": len(self.catalog)}
+        """For probes, without a key: counts only, no task names, errors or URIs."""
+        rows = list(self.catalog.rows.values())
+        ready = sum("error" not in c for c in rows)
+        counts = {"tasks_ready": ready, "tasks_total": len(rows)}
         if not ready:
             return self._reply(503, {"status": "no task available", **counts})
         return {"status": "ready", **counts}
@@ -242,7 +323,8 @@ class _Ingress:
             key = self.keys.check(request.headers.get("authorization"))
         except ServeError as e:
             return self._reply(e.status, _error(e))
-        return {"tasks": [self.catalog[t] for t in self.keys.visible(key, self.tasks)]}  # only the key's own
+        rows = self.catalog.rows
+        return {"tasks": [rows[t] for t in self.keys.visible(key, sorted(rows))]}  # only the key's own
 
     async def _read(self, request: Request) -> tuple[bytes, dict]:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -300,23 +382,25 @@ class _Ingress:
             image, fields = await self._read(request)
             tasks = parse_tasks(fields.get("tasks"))
             self.keys.check(auth, tasks)  # 403 before 404: a restricted key learns no other task's name
-            unknown = [t for t in tasks if t not in self.catalog]
+            rows = await self._rows(tasks)
+            unknown = [t for t in tasks if rows[t] is None]
             if unknown:
-                mine = self.keys.visible(key, self.tasks)
-                raise ServeError(404, f"unknown task(s) {', '.join(unknown)}; tasks this key may use: "
-                                      f"{', '.join(mine) or 'none'}")
-            down = [t for t in tasks if "error" in self.catalog[t]]
+                mine = self.keys.visible(key, sorted(self.catalog.rows))
+                listed = ", ".join(mine[:20]) + (f" and {len(mine) - 20} more (GET /v1/tasks)" if len(mine) > 20 else "")
+                raise ServeError(404, f"unknown task(s) {', '.join(unknown)}: not registered with alias "
+                                      f"{self.alias!r}; tasks this key may use: {listed or 'none'}")
+            down = [t for t in tasks if "error" in rows[t]]
             if down and len(down) == len(tasks):
-                raise ServeError(503, f"task(s) unavailable: {'; '.join(self.catalog[t]['error'] for t in down)}")
+                raise ServeError(503, f"task(s) unavailable: {'; '.join(rows[t]['error'] for t in down)}")
             knobs = parse_knobs(fields)
-            roles = {t: self.catalog[t].get("role") for t in tasks}
+            roles = {t: rows[t].get("role") for t in tasks}
             if ("budget" in knobs or "threshold" in knobs) and "early_exit" not in roles.values():
                 raise ServeError(400, "budget/threshold apply to early-exit (dyn_*) tasks; none is requested")
             if "ratio" in knobs and "token_dispatch" not in roles.values():
                 raise ServeError(400, "ratio applies to token-dispatch (dyt) tasks; none is requested")
             # off the event loop: a large image takes a replica's CPU for a while
             x = await asyncio.to_thread(decode_image, image, self.transform, self.max_pixels)
-            results = await self._fan_out(x, tasks, roles, knobs)
+            results = await self._fan_out(x, tasks, roles, knobs, rows)
         except ServeError as e:
             return self._reply(e.status, _error(e))
         except HTTPException as e:  # Starlette's own 400 for a malformed multipart body
@@ -337,7 +421,7 @@ class _Ingress:
             return self._reply(status, body)
         return self._reply(200, body)
 
-    async def _fan_out(self, x, tasks, roles, knobs) -> dict:
+    async def _fan_out(self, x, tasks, roles, knobs, rows) -> dict:
         """One call per deployment with all of this request's tasks for it (the task ids travel as
         data, so the deployment's batch mixes tasks and requests)."""
         by_role: dict[str, list[str]] = defaultdict(list)
@@ -352,7 +436,7 @@ class _Ingress:
         for t in tasks:
             reply = done.get(roles[t])
             if roles[t] is None:
-                results[t] = {"error": 503, "detail": f"task {t!r} is unavailable: {self.catalog[t]['error']}"}
+                results[t] = {"error": 503, "detail": f"task {t!r} is unavailable: {rows[t]['error']}"}
             elif isinstance(reply, BaseException):  # e.g. the replica died mid-request: retryable
                 log.warning("task %s failed downstream: %s", t, reply)
                 results[t] = {"error": 503, "detail": f"task {t!r}: the serving replica failed; retry "
@@ -373,24 +457,38 @@ Ingress = serve.deployment(name="Ingress")(serve.ingress(api)(_Ingress))
 
 
 def build_app(args: dict):
-    """Serve app builder (``import_path: serve_apps.petl_app:build_app``). ``args``: ``tasks``
-    (list or comma string), ``backbone``, ``alias``, ``capacity``, ``refresh_s``, ``max_body_mb``,
-    ``dtype`` (fp32 | bf16 | fp16, the replicas' inference precision);
-    ``deployment_options`` (the YAML's ``deployments`` list) when built in-process rather than by
-    ``serve run``/``serve deploy``, which apply that list themselves."""
-    tasks = parse_tasks(args.get("tasks", ""), limit=None)
+    """Serve app builder (``import_path: serve_apps.petl_app:build_app``). ``args``:
+
+    - ``tasks`` (list or comma string, optional): loaded and warmed up before the replicas report
+      ready. Every other task registered with the alias is served on demand, no redeploy needed;
+    - ``task_pattern`` (fnmatch, e.g. ``"team-a-*"``) and ``task_tag`` (``KEY=VALUE`` on the
+      registered model) narrow what is servable;
+    - ``backbone``, ``alias``, ``refresh_s`` (how often the catalog and the aliases are re-read, in
+      the background), ``max_body_mb``, ``max_pixels``, ``dtype`` (fp32 | bf16 | fp16);
+    - the adapter store of each replica: ``capacity_mb`` (LRU budget on the device), ``host_mb``
+      (behind a GPU, in host memory), ``capacity`` (optional cap on resident tasks),
+      ``load_timeout_s`` (a request for a cold task waits at most this long, then gets a 503);
+    - ``deployment_options`` (the YAML's ``deployments`` list) when built in-process rather than by
+      ``serve run``/``serve deploy``, which apply that list themselves."""
+    tasks = parse_tasks(args["tasks"], limit=None) if args.get("tasks") else []
     cpu = {"ray_actor_options": {"num_cpus": float(args.get("num_cpus_per_replica", 0.25))}}
     opts = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in args.get("deployment_options") or []}
 
     def bind(dep, *a, **kw):
         return dep.options(**{**cpu, **opts.get(dep.name, {})}).bind(*a, **kw)
 
+    def opt(key, cast):
+        return cast(args[key]) if args.get(key) is not None else None
+
     common = {"backbone": args.get("backbone", SHIPPED), "alias": args.get("alias", CHAMPION),
-              "capacity": int(args.get("capacity", 16)), "refresh_s": float(args.get("refresh_s", 10.0))}
-    roles = [bind(d, **common, dtype=args.get("dtype")) for d in (TrunkBackbone, TaskAdapters, EarlyExitRouter,
-                                                                  TokenDispatchRouter)]
-    return bind(Ingress, *roles, tasks=tasks, backbone=common["backbone"], alias=common["alias"],
-                max_body_mb=float(args.get("max_body_mb", 10.0)), max_pixels=int(args.get("max_pixels", MAX_PIXELS)))
+              "refresh_s": float(args.get("refresh_s", 10.0))}
+    store = {"capacity": opt("capacity", int), "capacity_mb": float(args.get("capacity_mb", 256.0)),
+             "host_mb": opt("host_mb", float), "load_timeout_s": float(args.get("load_timeout_s", 30.0))}
+    roles = [bind(d, **common, **store, dtype=args.get("dtype"), warm=tasks)
+             for d in (TrunkBackbone, TaskAdapters, EarlyExitRouter, TokenDispatchRouter)]
+    return bind(Ingress, *roles, tasks=tasks, **common, max_body_mb=float(args.get("max_body_mb", 10.0)),
+                max_pixels=int(args.get("max_pixels", MAX_PIXELS)), task_pattern=args.get("task_pattern"),
+                task_tag=args.get("task_tag"))
 
 
 def load_config(path: str, tasks: list[str] | None = None, port: int | None = None) -> dict:

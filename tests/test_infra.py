@@ -24,7 +24,8 @@ SERVICES = yaml.safe_load(COMPOSE.read_text())["services"]
 COMPOSE_TEXT = "\n".join(ln for ln in COMPOSE.read_text().splitlines() if not ln.lstrip().startswith("#"))
 K8S = {d["kind"]: d for f in (ROOT / "infra" / "k8s").glob("*.yaml") for d in yaml.safe_load_all(f.read_text())
        if d and d["metadata"]["name"] != "petl-api-keys"}  # the MLflow/S3 Secret, not the API keys
-CLUSTERS = {"RayCluster": K8S["RayCluster"]["spec"], "RayJob": K8S["RayJob"]["spec"]["rayClusterSpec"]}
+CLUSTERS = {"RayCluster": K8S["RayCluster"]["spec"], "RayJob": K8S["RayJob"]["spec"]["rayClusterSpec"],
+            "RayService": K8S["RayService"]["spec"]["rayClusterConfig"]}
 
 
 def sub(value) -> str:
@@ -127,6 +128,23 @@ def test_k8s_secret_and_clusters():
         gpus = [c["resources"]["limits"].get("nvidia.com/gpu", 0) for c in containers(spec)[1:]]
         assert max(gpus) >= 1 and min(gpus) == 0, kind  # a GPU group and a CPU group
         assert any(p["containerPort"] == 8265 for p in containers(spec)[0]["ports"]), kind
+
+
+def test_gpu_worker_groups_land_on_gpu_nodes_with_the_cuda_image():
+    # the default image build is the CUDA one: PyPI's torch wheels, CUDA runtime in the lock
+    assert re.search(r"^ARG TORCH_INDEX_URL=$", DOCKERFILE, re.M) and "nvidia-cuda-runtime" in _locked()
+    for kind, spec in CLUSTERS.items():
+        for g in spec["workerGroupSpecs"]:
+            pod = g["template"]["spec"]
+            gpus = {c["resources"]["limits"].get("nvidia.com/gpu", 0) for c in pod["containers"]}
+            if gpus == {0}:
+                continue
+            assert all(c["resources"]["requests"].get("nvidia.com/gpu") == c["resources"]["limits"]["nvidia.com/gpu"]
+                       for c in pod["containers"]), (kind, g["groupName"])  # extended resources: requests = limits
+            assert str(g.get("rayStartParams", {}).get("num-gpus", sum(gpus))) == str(sum(gpus)), (kind, g["groupName"])
+            assert any(t["key"] == "nvidia.com/gpu" for t in pod.get("tolerations", [])), (kind, g["groupName"])
+            for c in pod["containers"]:
+                assert not c["image"].endswith(":cpu"), (kind, c["image"])  # the CPU-only build has no CUDA
 
 
 def test_rayjob_entrypoint_runs_petl_sweep():

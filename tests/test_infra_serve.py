@@ -19,9 +19,11 @@ CLUSTER = SERVICE["rayClusterConfig"]
 IN_CLUSTER = yaml.safe_load(SERVICE["serveConfigV2"])
 LOCAL = yaml.safe_load((ROOT / "serve_apps" / "configs" / "local.yaml").read_text())
 PRODUCTION = yaml.safe_load((ROOT / "serve_apps" / "configs" / "production.yaml").read_text())
-CONFIGS = {"rayservice.yaml": IN_CLUSTER, "local.yaml": LOCAL, "production.yaml": PRODUCTION}
+GPU = yaml.safe_load((ROOT / "serve_apps" / "configs" / "gpu.yaml").read_text())
+CONFIGS = {"rayservice.yaml": IN_CLUSTER, "local.yaml": LOCAL, "production.yaml": PRODUCTION, "gpu.yaml": GPU}
 DOCKERFILE = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
 GROUPS = (CLUSTER["headGroupSpec"], *CLUSTER["workerGroupSpecs"])
+HOLD_BACKBONE = {"TrunkBackbone", "TaskAdapters", "EarlyExitRouter", "TokenDispatchRouter"}
 CONTAINERS = [(g, c) for g in GROUPS for c in g["template"]["spec"]["containers"]]  # (group, container), head first
 
 
@@ -41,15 +43,65 @@ def walk(node):  # every dict in a parsed YAML tree
 
 
 def test_same_applications_whose_import_paths_resolve():
-    assert set(apps(IN_CLUSTER)) == set(apps(LOCAL))
+    assert set(apps(IN_CLUSTER)) == set(apps(GPU)) == set(apps(LOCAL))
     assert {a["import_path"] for a in IN_CLUSTER["applications"]} == {a["import_path"] for a in LOCAL["applications"]}
     for name, app in apps(IN_CLUSTER).items():
         module, attr = app["import_path"].split(":")
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
         assert callable(getattr(importlib.import_module(module), attr, None)), app["import_path"]
-        args, local_args = dict(app["args"]), dict(apps(LOCAL)[name]["args"])
-        assert args.pop("tasks") and local_args.pop("tasks"), name  # both serve some task
-        assert args == local_args, name  # only `tasks` may differ
+        args, gpu_args = dict(app["args"]), dict(apps(GPU)[name]["args"])
+        assert args.pop("tasks") and gpu_args.pop("tasks"), name  # both serve some task
+        assert args == gpu_args, name  # the GPU config: only `tasks` may differ
+
+
+def _gpus(d: dict) -> float:
+    return (d.get("ray_actor_options") or {}).get("num_gpus", 0)
+
+
+def _cpus(quantity) -> float:  # a Kubernetes CPU quantity: "8", 8 or "500m"
+    q = str(quantity)
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def test_rayservice_serves_on_gpus_like_gpu_yaml():
+    """The in-cluster config is gpu.yaml's: the four deployments that hold the frozen backbone ask
+    a GPU fraction, the Ingress none, bf16, and a GPU worker group that can hold them all."""
+    assert set(deployments(IN_CLUSTER)) == set(deployments(GPU))
+    for key, d in deployments(IN_CLUSTER).items():
+        assert _gpus(d) == _gpus(deployments(GPU)[key]), key
+        assert d["ray_actor_options"] == deployments(GPU)[key]["ray_actor_options"], key
+        assert (_gpus(d) > 0) == (key[1] in HOLD_BACKBONE), (key, _gpus(d))  # the Ingress: no GPU
+        assert _gpus(d) <= 1, key  # at most one device; fractions let several replicas share it
+    for name, app in apps(IN_CLUSTER).items():
+        assert app["args"].get("dtype") == apps(GPU)[name]["args"].get("dtype") == "bf16", name
+    groups = [g for g in CLUSTER["workerGroupSpecs"]
+              if any(c["resources"]["limits"].get("nvidia.com/gpu", 0) for c in g["template"]["spec"]["containers"])]
+    assert len(groups) == 1 and len(CLUSTER["workerGroupSpecs"]) == 2, "one GPU group beside the CPU group"
+    (c,) = groups[0]["template"]["spec"]["containers"]
+    per_pod = c["resources"]["limits"]["nvidia.com/gpu"]
+    assert per_pod >= 1 and c["resources"]["requests"]["nvidia.com/gpu"] == per_pod
+    assert str(groups[0]["rayStartParams"].get("num-gpus", per_pod)) == str(per_pod)
+    on_gpu = [d for k, d in deployments(IN_CLUSTER).items() if _gpus(d) > 0]
+    fraction = min(_gpus(d) for d in on_gpu)  # as many replicas per pod as its GPUs hold need their CPUs
+    assert _cpus(c["resources"]["limits"]["cpu"]) >= per_pod / fraction * max(d["ray_actor_options"]["num_cpus"]
+                                                                             for d in on_gpu)
+    most = sum(_gpus(d) * d["autoscaling_config"]["max_replicas"] for d in on_gpu)  # every deployment at its max
+    assert groups[0]["maxReplicas"] * per_pod >= most, (groups[0]["maxReplicas"], most)
+
+
+def test_gpu_and_cpu_configs_are_the_same_app():
+    """gpu.yaml = local.yaml + dtype (and GPU-only settings) + GPU fractions: a CPU-only cluster
+    runs the same code and deployments (local.yaml or production.yaml, tested above)."""
+    for name, app in apps(GPU).items():
+        args, cpu_args = dict(app["args"]), dict(apps(LOCAL)[name]["args"])
+        assert args["dtype"] and "dtype" not in cpu_args, name  # CPU replicas infer in fp32
+        assert cpu_args.items() <= args.items(), name  # GPU-only settings may be added, none changed
+    assert set(deployments(GPU)) == set(deployments(LOCAL))
+    for key, d in deployments(GPU).items():
+        cpu = deployments(LOCAL)[key]
+        assert _gpus(cpu) == 0, key
+        assert {k: v for k, v in d.items() if k != "ray_actor_options"} == \
+            {k: v for k, v in cpu.items() if k != "ray_actor_options"}, key
 
 
 def test_deployment_names_are_the_deployments_of_the_module():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from platform_stack import free_port, platform_stack
+from platform_stack import StallProxy, free_port, platform_stack
 
 pytestmark = pytest.mark.slow
 
@@ -65,18 +65,23 @@ def served(tmp_path_factory):
         torch.manual_seed(123)
         other = create_backbone("vit_tiny_patch16_224", **TINY)  # another fingerprint
         _register(st["settings"], other, "letters-1k", "linear")
+        # the replicas reach S3 through a proxy that a test can make hang
+        proxy = StallProxy(int(st["endpoint"].rsplit(":", 1)[1]))
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = proxy.url
         ensure_ray(num_cpus=2)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         from serve_apps.petl_app import build_app
 
         serve.run(build_app({"tasks": [*SERVED, *BROKEN], "backbone": st["backbone"], "refresh_s": 1,
-                             "max_body_mb": 0.25}), name="petl", route_prefix="/")
+                             "max_body_mb": 0.25, "load_timeout_s": 5}), name="petl", route_prefix="/")
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
                               headers={"Authorization": f"Bearer {KEY}"})
         try:
-            yield {**st, "client": client, "models": models, "bb": bb}
+            yield {**st, "client": client, "models": models, "bb": bb, "proxy": proxy}
         finally:
+            proxy.stalled.clear()
+            proxy.close()
             client.close()
             serve.shutdown()
             ray.shutdown()
@@ -155,6 +160,88 @@ def test_moved_alias_is_served(served):
             break
         time.sleep(0.5)
     assert got["version"] == 2
+
+
+def _register_new(settings, backbone, name, method, **hparams):
+    """Register an (untrained) adapter under a new model name: the running server was never told."""
+    from petl_platform.methods import build_model
+    from petl_platform.tracking.runs import log_and_register
+
+    return log_and_register(settings, build_model(method, backbone, 3, **hparams), name, ["a", "b", "c"])
+
+
+def _timed(client, tasks) -> float:
+    t0 = time.perf_counter()
+    r = _predict(client, tasks)
+    assert r.status_code == 200, r.text
+    return time.perf_counter() - t0
+
+
+def test_task_registered_after_start_answers_on_its_first_request(served):
+    c = served["client"]
+    r = _predict(c, ["late-task"])
+    assert r.status_code == 404 and "not registered" in r.json()["detail"]
+    _register_new(served["settings"], served["bb"], "late-task", "lora", rank=2)
+    r = _predict(c, ["late-task"])  # no redeploy, no wait for the next catalog refresh
+    assert r.status_code == 200 and r.json()["results"]["late-task"]["method"] == "lora", r.text
+    assert "late-task" in {t["task"] for t in c.get("/v1/tasks").json()["tasks"]}
+
+
+def test_alias_moved_to_another_method_is_routed_by_the_new_version(served):
+    c = served["client"]
+    _register_new(served["settings"], served["bb"], "moving-task", "linear")
+    first = _predict(c, ["moving-task", "norb_azimuth-1k"])
+    assert first.status_code == 200 and first.json()["results"]["moving-task"]["method"] == "linear"
+    _register_new(served["settings"], served["bb"], "moving-task", "dyn_lora", rank=2)  # another runtime
+    deadline, got = time.time() + 30, None
+    while time.time() < deadline:
+        r = _predict(c, ["moving-task", "norb_azimuth-1k"])
+        assert r.status_code == 200, r.text  # never a failure while the alias moves
+        got = r.json()["results"]["moving-task"]
+        if got["version"] == 2:
+            break
+        time.sleep(0.5)
+    assert (got["version"], got["method"]) == (2, "dyn_lora")
+    r = _predict(c, ["moving-task"], threshold=[0.0])  # an early-exit knob, now accepted for it
+    assert r.status_code == 200 and r.json()["results"]["moving-task"]["exit_stage"] == 1, r.text
+    r = _predict(c, ["moving-task"], budget=0.5)  # no calibration curve in this artifact: a clear 400
+    assert r.status_code == 400 and "threshold" in r.json()["detail"], r.text
+
+
+def test_a_hanging_store_delays_only_the_task_being_loaded(served):
+    """S3 stops answering while a cold LoRA task is requested: that request gets a 503 with
+    Retry-After after the load timeout; a loaded LoRA task on the same deployment keeps its latency;
+    once the store answers again the cold task is served."""
+    import threading
+
+    import httpx
+
+    c, hot = served["client"], "dsprites_loc-1k"
+    _register_new(served["settings"], served["bb"], "cold-task", "lora", rank=2)
+    quiet = [_timed(c, [hot]) for _ in range(10)]
+    cold: dict = {}
+
+    def ask_cold():
+        with httpx.Client(base_url=str(c.base_url), timeout=60, headers=dict(c.headers)) as c2:
+            cold["r"] = _predict(c2, ["cold-task"])
+
+    served["proxy"].stalled.set()
+    try:
+        asker = threading.Thread(target=ask_cold)
+        asker.start()
+        during = []
+        while asker.is_alive() and len(during) < 200:
+            during.append(_timed(c, [hot]))
+        asker.join(60)
+    finally:
+        served["proxy"].stalled.clear()
+    r = cold["r"]
+    assert r.status_code == 503 and r.headers.get("retry-after") and "still loading" in r.json()["detail"], r.text
+    assert len(during) >= 5 and max(during) < max(2.0, 3 * max(quiet)), (quiet, during)  # no stall
+    deadline = time.time() + 30
+    while time.time() < deadline and _predict(c, ["cold-task"]).status_code != 200:
+        time.sleep(0.5)
+    assert _predict(c, ["cold-task"]).status_code == 200
 
 
 def test_bad_inputs_get_their_status_codes(served):

@@ -233,16 +233,24 @@ def cmd_serve(args) -> None:
     config = args.config or os.path.join(os.path.dirname(serve_apps.__file__), "configs", "local.yaml")
     if not os.path.exists(config):
         raise PetlError(f"no Serve config at {config}")
+    if args.deploy and not args.address:
+        raise PetlError("--deploy needs --address http://HEAD:8265")
+    if not args.no_check:  # before any cluster starts: refuse when no requested task is servable
+        from .serving.catalog_report import check, requested
+
+        check(_settings(args), *requested(config, args.tasks))
     if args.deploy:  # `serve deploy` semantics: the cluster's controller takes the config
-        if not args.address:
-            raise PetlError("--deploy needs --address http://HEAD:8265")
         serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
-        raise SystemExit(subprocess.call([serve_cli, "deploy", config, "--address", args.address]))
+        rc = subprocess.call([serve_cli, "deploy", config, "--address", args.address])
+        if rc == 0:
+            print("GET /v1/tasks on the cluster's Serve address lists what is servable", flush=True)
+        raise SystemExit(rc)
     from ray import serve
     from serve_apps.petl_app import run_local
 
     url = run_local(config, [t for t in (args.tasks or "").split(",") if t] or None, args.port)
     print(f"serving on {url}  (docs {url}/docs; Ctrl-C stops)", flush=True)
+    print(f"GET {url}/v1/tasks lists what is servable", flush=True)
     try:
         deadline = time.time() + args.duration if args.duration else None
         while deadline is None or time.time() < deadline:
@@ -411,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--deploy", action="store_true", help="deploy the config to --address instead of running it here")
     sv.add_argument("--address", help="Ray dashboard for --deploy, e.g. http://HEAD:8265")
     sv.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    sv.add_argument("--no-check", action="store_true",
+                    help="skip looking the tasks up in this machine's MLflow registry first (e.g. when only "
+                         "the cluster can reach its registry)")
     sv.set_defaults(fn=cmd_serve)
 
     jb = sub.add_parser("jobs", help="list, read or stop Ray jobs")

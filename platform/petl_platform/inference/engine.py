@@ -24,6 +24,7 @@ weights are (CUDA when the replica has a GPU); ``dtype`` casts the frozen weight
 
 from __future__ import annotations
 
+import json
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
@@ -132,6 +133,7 @@ class Engine:
         self._sites: dict[str, tuple[str, ...]] = {}  # site -> absorbed siblings, in the mixed ViT
         self._mixed = None
         self._merged: OrderedDict = OrderedDict()  # id(model) -> (weakref, merged model)
+        self._measures: dict[str, tuple] = {}  # architecture -> (GFLOPs, exit costs): data-independent runtimes
         self.merge_cache = merge_cache
         self.last_stats: dict = {}
 
@@ -158,12 +160,29 @@ class Engine:
             model.to(device=self.device, dtype=self.dtype).eval()
             spec = spec_of(model)
             per_row = spec.runtime in ("per_row_adapter", "early_exit")
-            info = TaskInfo(spec.runtime, measured_gflops(model, self.image_size, self.device, self.dtype),
-                            model.adapter_sites() if per_row else {},
-                            {b: i for i, b in enumerate(model.exit_blocks())} if per_row else {},
-                            model.exit_costs() if per_row else [1.0])
+            gflops, costs = self._measured(model, spec)
+            info = TaskInfo(spec.runtime, gflops, model.adapter_sites() if per_row else {},
+                            {b: i for i, b in enumerate(model.exit_blocks())} if per_row else {}, costs)
             self._info[model] = info
         return info
+
+    def _measured(self, model: PetlModel, spec) -> tuple[float, list[float]]:
+        """The model's measured full-forward FLOPs and the fraction of them spent at each exit.
+        Where they do not depend on the input (every runtime but token dispatch, whose router
+        decides), tasks of one architecture (method and the names and shapes of its own tensors)
+        cost the same: measured once, not on every cold load."""
+        per_row = spec.runtime in ("per_row_adapter", "early_exit")
+
+        def measure():
+            return (measured_gflops(model, self.image_size, self.device, self.dtype),
+                    model.exit_costs() if per_row else [1.0])
+
+        if spec.runtime == "token_dispatch":
+            return measure()
+        key = json.dumps([model.method, sorted((k, list(v.shape)) for k, v in model.trainable_state_dict().items())])
+        if key not in self._measures:
+            self._measures[key] = measure()
+        return self._measures[key]
 
     # ------------------------------------------------------------------ one call
     def run(self, images: torch.Tensor, rows: Sequence[Row], models: Mapping[str, PetlModel]) -> list[RowResult]:

@@ -1,12 +1,27 @@
-"""Per-replica cache of task models: adapters loaded from the MLflow registry alias
-(``models:/<task>@champion``) onto the replica's one frozen backbone, LRU-evicted, refreshed when
-the alias moves (the new version is loaded before the old one is dropped, so no request is lost).
-An adapter for another backbone fingerprint, or holding NaN/inf, is refused: the task is reported
-unavailable (503) and the other tasks are unaffected. The adapter files are downloaded to a temporary
-directory that is deleted as soon as the model is loaded."""
+"""Per-replica store of task models: adapters loaded from the MLflow registry alias
+(``models:/<task>@champion``) onto the replica's one frozen backbone.
+
+- **Capacity in bytes.** The store keeps adapters under an LRU budget in MB (``capacity_mb``) on
+  the replica's device; on a GPU replica, adapters evicted from the device wait in host memory
+  (``host_mb``) and come back with one copy, not a registry download.
+- **Loads never block the loaded tasks.** A cold task is fetched and built on a small pool of
+  loader threads with no lock held; requests for tasks already resident never wait on it. A
+  registry or artifact store that hangs delays only the task being loaded (its callers get a 503
+  with Retry-After after ``load_timeout_s``).
+- **Alias moves are prefetched.** A background thread checks every ``refresh_s`` whether the alias of
+  a resident task moved; the new version is loaded beside the old one, and swaps in once loaded
+  (a refused version leaves the old one serving). No request ever waits on the check.
+- An adapter for another backbone fingerprint, or holding NaN/inf, is refused: the task is reported
+  unavailable (503) and the other tasks are unaffected. The adapter files are downloaded to a
+  temporary directory that is deleted as soon as the model is loaded.
+
+Dyn-* tasks carry their FLOPs budget -> thresholds curve in the artifact (calibrated on val at
+training time), so serving never needs a task's data."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as cf
 import logging
 import os
 import shutil
@@ -15,21 +30,21 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..errors import NotFoundError, PetlError
 from ..inference.engine import measured_gflops
-from ..methods.registry import spec_of
 from ..tracking.artifacts import load_adapter
 from ..tracking.runs import fetch_adapter, show_model
 from ..tracking.settings import CHAMPION, TrackingSettings
 from .request import ServeError
 
 log = logging.getLogger(__name__)
-BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+MB = 2**20
 
 
 @dataclass
@@ -40,107 +55,282 @@ class TaskEntry:
     method: str
     classes: list[str]
     gflops: float  # measured full-forward GFLOPs per image
-    budget_thresholds: dict[float, list[float]] = field(default_factory=dict)  # Dyn-*: val-calibrated
-    checked_at: float = 0.0
+    nbytes: int = 0  # the task's own tensors (adapter + head), not the shared backbone
+    load_ms: float = 0.0
+    pins: int = 0  # batches running this entry right now: it is not moved off the device meanwhile
+
+    @property
+    def budget_thresholds(self) -> dict[float, list[float]]:
+        return dict(getattr(self.model, "budget_thresholds", None) or {})
 
     def info(self) -> dict:
         return {"task": self.task, "method": self.method, "version": self.version, "classes": self.classes,
-                "gflops_per_image": round(self.gflops, 6), "budgets": sorted(self.budget_thresholds)}
+                "gflops_per_image": round(self.gflops, 6), "budgets": sorted(self.budget_thresholds),
+                "bytes": self.nbytes}
 
     def thresholds_for(self, budget: float) -> list[float]:
-        if not self.budget_thresholds:
-            raise ServeError(400, f"task {self.task!r} has no calibration data on this server for a budget; "
-                                  "send an explicit threshold instead")
-        fitting = [b for b in self.budget_thresholds if b <= budget + 1e-9]
-        return self.budget_thresholds[max(fitting) if fitting else min(self.budget_thresholds)]
+        curve = self.budget_thresholds
+        if not curve:
+            raise ServeError(400, f"task {self.task!r} (version {self.version}) was saved without a budget "
+                                  "calibration (an artifact older than the calibration curve): send an explicit "
+                                  "threshold instead")
+        fitting = [b for b in curve if b <= budget + 1e-9]
+        return list(curve[max(fitting) if fitting else min(curve)])
 
 
-def budget_thresholds(model, task: str, backbone) -> dict[float, list[float]]:
-    """Exit thresholds per FLOPs budget, calibrated on the task's val split when this server has
-    the task offline; ``{}`` otherwise (requests then give explicit thresholds)."""
-    from ..data import get_task, make_transform, to_tensors
-    from ..methods.dyn_exit.calibrate import accuracy_flops_curve
+def own_tensors(model: torch.nn.Module, backbone: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers of ``model`` that are not the shared backbone's."""
+    shared = {id(t) for t in (*backbone.parameters(), *backbone.buffers())}
+    seen, out = set(), []
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in shared and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
 
-    try:
-        data = get_task(task)
-    except PetlError:
-        return {}
-    x, y = to_tensors(*data.splits["val"], make_transform(backbone))
-    curve = accuracy_flops_curve(model, x, y, BUDGETS)
-    return {p["budget"]: p["thresholds"] for p in curve["points"]}
+
+def move_own(model: torch.nn.Module, backbone: torch.nn.Module, device) -> None:
+    """Move only the task's own tensors (``model.to`` would move the shared backbone too)."""
+    for t in own_tensors(model, backbone):
+        t.data = t.data.to(device, non_blocking=True)
 
 
 class TaskModelCache:
-    def __init__(self, backbone, settings: TrackingSettings, alias: str = CHAMPION, capacity: int = 16,
-                 refresh_s: float = 10.0):
-        self.backbone, self.settings, self.alias = backbone, settings, alias
-        self.capacity, self.refresh_s = capacity, refresh_s
-        self.entries: OrderedDict[str, TaskEntry] = OrderedDict()
-        self.unavailable: dict[str, tuple[ServeError, float]] = {}
-        self.stats = {"hits": 0, "misses": 0, "loads": 0, "refused": 0, "evictions": 0, "refreshes": 0}
-        self._lock = threading.RLock()
+    """See the module docstring. ``capacity`` optionally caps the number of resident tasks as well.
+    ``prepare(task, model) -> gflops`` readies a loaded model on the replica (the engine's check,
+    device move and FLOP count); by default the model is moved to the backbone's device and dtype
+    and its FLOPs measured here."""
 
-    def get(self, task: str) -> TaskEntry:
-        now = time.monotonic()
+    def __init__(self, backbone, settings: TrackingSettings, alias: str = CHAMPION, capacity: int | None = None,
+                 refresh_s: float = 10.0, capacity_mb: float = 256.0, host_mb: float | None = None,
+                 load_timeout_s: float = 30.0, load_workers: int = 2,
+                 prepare: Callable[[str, torch.nn.Module], float] | None = None, background: bool = False):
+        if capacity_mb <= 0 or (capacity is not None and capacity < 1):
+            raise PetlError("the adapter store needs capacity_mb > 0 (and capacity >= 1 when given)")
+        self.backbone, self.settings, self.alias = backbone, settings, alias
+        self.capacity, self.refresh_s, self.load_timeout_s = capacity, refresh_s, load_timeout_s
+        frozen = next(backbone.parameters())
+        self.device, self.dtype = frozen.device, frozen.dtype
+        self.budget = int(capacity_mb * MB)
+        # host memory behind the device: only where the device is not the host already
+        self.host_budget = int((host_mb if host_mb is not None else (4 * capacity_mb if self.device.type != "cpu"
+                                                                      else 0)) * MB)
+        self.entries: OrderedDict[str, TaskEntry] = OrderedDict()  # on the device, LRU order
+        self.host: OrderedDict[str, TaskEntry] = OrderedDict()  # evicted from the device, kept on the host
+        self.loading: dict[str, cf.Future] = {}
+        self.unavailable: dict[str, tuple[ServeError, float, int | None]] = {}  # error, when, refused version
+        self.stats = {"hits": 0, "misses": 0, "loads": 0, "refused": 0, "evictions": 0, "refreshes": 0,
+                      "host_hits": 0, "load_timeouts": 0}
+        self.load_ms: list[float] = []  # the last 256 loads
+        self._prepare = prepare or self._default_prepare
+        self._lock = threading.Lock()  # held for bookkeeping only, never across a load or a registry call
+        self._pool = cf.ThreadPoolExecutor(load_workers, thread_name_prefix="petl-load")
+        self._stop = threading.Event()
+        self._refresher = None
+        if background:
+            self.start()
+
+    # ------------------------------------------------------------------ lookups
+    def resident(self, task: str) -> TaskEntry | None:
+        """The task's entry when it is resident (promoted from host memory if it waits there)."""
         with self._lock:
             entry = self.entries.get(task)
             if entry is not None:
-                self.stats["hits"] += 1
                 self.entries.move_to_end(task)
-                if now - entry.checked_at >= self.refresh_s:
-                    entry = self._refresh(entry, now)
+                self.stats["hits"] += 1
                 return entry
+            entry = self.host.pop(task, None)
+            if entry is None:
+                return None
+            move_own(entry.model, self.backbone, self.device)
+            self.entries[task] = entry
+            self.stats["hits"] += 1
+            self.stats["host_hits"] += 1
+            self._evict()
+            return entry
+
+    def load(self, task: str) -> cf.Future:
+        """A future of the task's entry: done at once when resident, else the (shared) load."""
+        entry = self.resident(task)
+        with self._lock:
+            if entry is not None:
+                fut = cf.Future()
+                fut.set_result(entry)
+                return fut
+            fut = self.loading.get(task)
+            if fut is not None:
+                return fut
             self.stats["misses"] += 1
             failed = self.unavailable.get(task)
-            if failed and now - failed[1] < self.refresh_s:
-                raise failed[0]
-            entry = self._load(task)
-            self.entries[task] = entry
-            while len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
-                self.stats["evictions"] += 1
-            return entry
+            if failed and time.monotonic() - failed[1] < self.refresh_s:
+                fut = cf.Future()
+                fut.set_exception(failed[0])
+                return fut
+            fut = self.loading[task] = self._pool.submit(self._load_job, task, f"{task}@{self.alias}")
+            return fut
 
-    def _refresh(self, entry: TaskEntry, now: float) -> TaskEntry:
-        entry.checked_at = now
+    def get(self, task: str, timeout: float | None = None) -> TaskEntry:
+        """The task's entry, loading it if needed (blocking; ``aget`` in async code)."""
         try:
-            version = show_model(self.settings, f"{entry.task}@{self.alias}")["version"]
-        except PetlError as e:  # registry unreachable or alias removed: keep serving what we have
-            log.warning("alias check for %s failed, serving v%s: %s", entry.task, entry.version, e)
-            return entry
-        if version == entry.version:
-            return entry
-        try:
-            new = self._load(entry.task)
-        except ServeError as e:  # the new version is refused: keep the old one, report it
-            log.error("task %s: version %s refused, still serving v%s: %s", entry.task, version, entry.version, e)
-            return entry
-        self.stats["refreshes"] += 1
-        self.entries[entry.task] = new
-        return new
+            return self.load(task).result(self.load_timeout_s if timeout is None else timeout)
+        except cf.TimeoutError:
+            raise self._timed_out(task) from None
 
-    def _load(self, task: str) -> TaskEntry:
-        ref = f"{task}@{self.alias}"
-        with fetched(self.settings, ref) as (path, info):
-            try:
-                model = load_adapter(path, self.backbone)
-            except PetlError as e:
-                self.stats["refused"] += 1
-                err = ServeError(503, f"task {task!r} is unavailable: version {info['version']} refused: "
-                                      f"{self._client_safe(str(e), path, ref)}")
-                self.unavailable[task] = (err, time.monotonic())
-                raise err from None
-        self.unavailable.pop(task, None)
-        self.stats["loads"] += 1
+    async def aget(self, task: str, timeout: float | None = None) -> TaskEntry:
+        """``get`` for the event loop: waits on the load without blocking the loop or other tasks."""
+        entry = self.resident(task)
+        if entry is not None:
+            return entry
+        fut = asyncio.wrap_future(self.load(task))
+        try:  # shield: a caller that gives up must not cancel the load others wait on
+            return await asyncio.wait_for(asyncio.shield(fut), self.load_timeout_s if timeout is None else timeout)
+        except asyncio.TimeoutError:
+            raise self._timed_out(task) from None
+
+    def _timed_out(self, task: str) -> ServeError:
+        self.stats["load_timeouts"] += 1
+        return ServeError(503, f"task {task!r} is still loading (the model registry or artifact store is slow); "
+                               "retry shortly")
+
+    @contextmanager
+    def pinned(self, entries):
+        """Keep ``entries`` on the device while a batch runs them."""
+        with self._lock:
+            for e in entries:
+                e.pins += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for e in entries:
+                    e.pins -= 1
+
+    def drop(self, task: str) -> None:
+        with self._lock:
+            self.entries.pop(task, None)
+            self.host.pop(task, None)
+
+    # ------------------------------------------------------------------ loading
+    def _default_prepare(self, task: str, model) -> float:
+        model.to(device=self.device, dtype=self.dtype)  # the backbone is there already: a no-op for it
+        return measured_gflops(model, self.backbone.patch_embed.img_size, self.device, self.dtype)
+
+    def _load_job(self, task: str, ref: str) -> TaskEntry:
+        """Fetch, build and ready one version, with no lock held; then insert it (or record why not)."""
+        t0 = time.perf_counter()
+        version = None
+        try:
+            with fetched(self.settings, ref) as (path, info):
+                version = info["version"]
+                try:
+                    model = load_adapter(path, self.backbone)
+                    gflops = self._prepare(task, model)
+                except PetlError as e:
+                    raise ServeError(503, f"task {task!r} is unavailable: version {version} refused: "
+                                          f"{self._client_safe(str(e), path, ref)}") from None
+        except ServeError as e:
+            with self._lock:
+                if self.loading.get(task) is not None and ref.endswith(f"@{self.alias}"):
+                    self.loading.pop(task, None)
+                if e.status == 503 and version is not None:
+                    self.stats["refused"] += 1
+                    self.unavailable[task] = (e, time.monotonic(), version)
+            raise
+        except BaseException:
+            with self._lock:
+                self.loading.pop(task, None)
+            raise
         classes = list(model.classes or [str(i) for i in range(model.num_classes)])  # set by load_adapter
-        frozen = next(self.backbone.parameters())  # the replica's device and precision
-        model.to(device=frozen.device, dtype=frozen.dtype)
-        entry = TaskEntry(task, model, info["version"], model.method, classes,
-                          measured_gflops(model, self.backbone.patch_embed.img_size, frozen.device, frozen.dtype),
-                          checked_at=time.monotonic())
-        if spec_of(model).runtime == "early_exit":
-            entry.budget_thresholds = budget_thresholds(model, task, self.backbone)
+        nbytes = sum(t.numel() * t.element_size() for t in own_tensors(model, self.backbone))
+        ms = 1000 * (time.perf_counter() - t0)
+        entry = TaskEntry(task, model, version, model.method, classes, gflops, nbytes, ms)
+        with self._lock:
+            old = self.entries.get(task) or self.host.get(task)
+            if old is None or old.version != version:
+                if old is not None:
+                    self.stats["refreshes"] += 1
+                self.host.pop(task, None)
+                self.entries[task] = entry  # a swap: batches already running keep the old model
+                self.entries.move_to_end(task)
+            else:
+                entry = old
+            self.unavailable.pop(task, None)
+            if ref.endswith(f"@{self.alias}"):
+                self.loading.pop(task, None)
+            self.stats["loads"] += 1
+            self.load_ms = [*self.load_ms[-255:], ms]
+            self._evict(keep=task)
         return entry
+
+    def _evict(self, keep: str | None = None) -> None:
+        """Least recently used first: off the device (to the host when it has room), then out."""
+        def over() -> bool:
+            used = sum(e.nbytes for e in self.entries.values())
+            return used > self.budget or (self.capacity is not None and len(self.entries) > self.capacity)
+
+        for task in list(self.entries):
+            if not over():
+                break
+            e = self.entries[task]
+            if task == keep or e.pins:
+                continue
+            del self.entries[task]
+            self.stats["evictions"] += 1
+            if self.host_budget >= e.nbytes:
+                move_own(e.model, self.backbone, "cpu")
+                self.host[task] = e
+        while self.host and sum(e.nbytes for e in self.host.values()) > self.host_budget:
+            self.host.popitem(last=False)
+
+    # ------------------------------------------------------------------ alias refresh
+    def refresh_once(self) -> None:
+        """Prefetch the new version of every resident task whose alias moved; forget a refusal
+        once its alias points elsewhere. Runs in the background thread, never in a request."""
+        with self._lock:
+            resident = {t: e.version for t, e in (*self.host.items(), *self.entries.items())}
+            refused = {t: v for t, (_, _, v) in self.unavailable.items()}
+        for task, have in {**refused, **resident}.items():
+            if self._stop.is_set():
+                return
+            try:
+                version = show_model(self.settings, f"{task}@{self.alias}")["version"]
+            except PetlError as e:  # registry unreachable or alias removed: keep serving what we have
+                log.warning("alias check for %s failed (serving v%s): %s", task, have, e)
+                continue
+            if task in refused and version != refused[task]:
+                with self._lock:
+                    self.unavailable.pop(task, None)
+            if task in resident and version != have:
+                try:
+                    self._pool.submit(self._load_job, task, f"{task}/{version}").result()
+                except ServeError as e:  # the new version is refused: the old one keeps serving
+                    log.error("task %s: version %s refused, still serving v%s: %s", task, version, have, e)
+
+    def start(self) -> None:
+        if self._refresher is None:
+            def loop():
+                while not self._stop.wait(self.refresh_s):
+                    try:
+                        self.refresh_once()
+                    except Exception:  # noqa: BLE001 - the loop must outlive any one fault
+                        log.exception("alias refresh failed")
+
+            self._refresher = threading.Thread(target=loop, name="petl-alias-refresh", daemon=True)
+            self._refresher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def snapshot(self) -> dict:
+        """Figures for metrics and the bench: resident tasks and bytes, loads, evictions, latency."""
+        with self._lock:
+            lat = sorted(self.load_ms)
+            return {**self.stats, "resident": len(self.entries), "resident_bytes": sum(e.nbytes for e in self.entries.values()),
+                    "host_resident": len(self.host), "host_bytes": sum(e.nbytes for e in self.host.values()),
+                    "loading": len(self.loading),
+                    "load_ms_p50": round(lat[len(lat) // 2], 2) if lat else None,
+                    "load_ms_max": round(lat[-1], 2) if lat else None}
 
     def _client_safe(self, message: str, path, ref: str) -> str:
         """``message`` without this server's file paths: the adapter copy and the backbone file."""
@@ -160,23 +350,25 @@ def fetched(settings: TrackingSettings, ref: str):
         try:
             path, info = fetch_adapter(settings, ref, dst=tmp)
         except NotFoundError:
-            task, alias = ref.split("@", 1)
-            raise ServeError(404, f"task {task!r} has no registered version under alias {alias!r}") from None
+            task, at, alias = ref.partition("@") if "@" in ref else ref.partition("/")
+            what = f"under alias {alias!r}" if at == "@" else f"{alias}"
+            raise ServeError(404, f"task {task!r} has no registered version {what}") from None
         except PetlError as e:
             log.error("cannot fetch %s: %s", ref, e)
-            raise ServeError(503, f"task {ref.split('@', 1)[0]!r} is unavailable: the model registry or artifact "
+            raise ServeError(503, f"task {ref.replace('/', '@').split('@', 1)[0]!r} is unavailable: the model registry or artifact "
                                   "store did not answer; retry later") from None
         yield path, info
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def describe(settings: TrackingSettings, task: str, alias: str = CHAMPION) -> dict:
-    """The catalog row of ``task``: method and classes of the version ``alias`` points at (its
-    ``adapter_config.json``), or ``{"task", "error"}`` with a client-safe message."""
+def describe(settings: TrackingSettings, task: str, alias: str = CHAMPION, version: int | None = None) -> dict:
+    """The catalog row of ``task``: method and classes of the version ``alias`` points at (or of
+    ``version``), read from its ``adapter_config.json``; or ``{"task", "error"}`` with a client-safe
+    message."""
     from ..tracking.artifacts import read_adapter_config
 
-    ref = f"{task}@{alias}"
+    ref = f"{task}/{version}" if version is not None else f"{task}@{alias}"
     try:
         with fetched(settings, ref) as (path, info):
             try:

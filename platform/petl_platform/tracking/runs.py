@@ -186,17 +186,45 @@ def promote(settings: TrackingSettings, name: str, version: str, alias: str = CH
 
 def fetch_adapter(settings: TrackingSettings, ref: str, dst: str | None = None) -> tuple[Path, dict]:
     """Download the adapter of ``models:/name@alias`` (or ``name/version``) to a local directory;
-    returns ``(path, version_info)``. Works for every artifact store MLflow can read (S3 included)."""
+    returns ``(path, version_info)``. Works for every artifact store MLflow can read; an ``s3://``
+    source is read with one shared boto3 client (a list and one GET per file), which is what a
+    serving replica does on every cold task load."""
     import mlflow.artifacts
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # adapters are small; no bars in logs
-    info = show_model(settings, ref)
+    name, ver = split_model_ref(ref)
+    mv = _version(client(settings), name, ver)
+    info = {"name": name, "version": int(mv.version), "run_id": mv.run_id, "source": mv.source,
+            "tags": dict(mv.tags or {}), "status": mv.status}
     dst = dst or tempfile.mkdtemp(prefix=f"petl-{info['name']}-v{info['version']}-")
     os.makedirs(dst, exist_ok=True)
     try:
+        if mv.source.startswith("s3://"):
+            return _download_s3(mv.source, Path(dst)), info
         path = mlflow.artifacts.download_artifacts(artifact_uri=info["source"], dst_path=dst,
                                                    tracking_uri=settings.tracking_uri)
+    except PetlError:
+        raise
     except Exception as e:  # noqa: BLE001 - S3 / filesystem errors of many kinds
         raise PetlError(f"cannot download {info['name']} v{info['version']} from {info['source']}: "
                         f"{str(e).splitlines()[0][:200]}") from None
     return Path(path), info
+
+
+def _download_s3(source: str, dst: Path) -> Path:
+    """An adapter directory ``s3://bucket/prefix`` into ``dst/<prefix name>``: its two files
+    (weights and config), fetched side by side with the shared client, no listing needed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .artifacts import CONFIG, WEIGHTS
+    from .settings import shared_s3_client
+
+    bucket, _, prefix = source[len("s3://"):].partition("/")
+    prefix = prefix.rstrip("/")
+    s3 = shared_s3_client()
+    out = dst / Path(prefix).name
+    out.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(2) as pool:
+        for f in [pool.submit(s3.download_file, bucket, f"{prefix}/{name}", str(out / name)) for name in (WEIGHTS, CONFIG)]:
+            f.result()
+    return out

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -106,6 +107,20 @@ def s3_client(fail_fast: bool = False):
 
     config = Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}) if fail_fast else None
     return boto3.client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None, config=config)
+
+
+_S3_CLIENTS: dict = {}
+_S3_LOCK = threading.Lock()
+
+
+def shared_s3_client():
+    """One boto3 S3 client per endpoint for the process (clients are thread-safe and costly to
+    create: a serving replica reuses this one for every adapter it downloads)."""
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+    with _S3_LOCK:
+        if endpoint not in _S3_CLIENTS:
+            _S3_CLIENTS[endpoint] = s3_client()
+        return _S3_CLIENTS[endpoint]
 
 
 def check_s3(url: str) -> None:
