@@ -202,7 +202,7 @@ def test_alias_moved_to_another_method_is_routed_by_the_new_version(served):
             break
         time.sleep(0.5)
     assert (got["version"], got["method"]) == (2, "dyn_lora")
-    r = _predict(c, ["moving-task"], threshold=[0.0])  # an early-exit knob, now accepted for it
+    r = _predict(c, ["moving-task"], threshold=[0.01])  # an early-exit knob, now accepted for it
     assert r.status_code == 200 and r.json()["results"]["moving-task"]["exit_stage"] == 1, r.text
     r = _predict(c, ["moving-task"], budget=0.5)  # no calibration curve in this artifact: a clear 400
     assert r.status_code == 400 and "threshold" in r.json()["detail"], r.text

@@ -69,13 +69,13 @@ class TaskEntry:
                 "bytes": self.nbytes}
 
     def thresholds_for(self, budget: float) -> list[float]:
-        curve = self.budget_thresholds
-        if not curve:
-            raise ServeError(400, f"task {self.task!r} (version {self.version}) was saved without a budget "
-                                  "calibration (an artifact older than the calibration curve): send an explicit "
-                                  "threshold instead")
-        fitting = [b for b in curve if b <= budget + 1e-9]
-        return list(curve[max(fitting) if fitting else min(curve)])
+        """The thresholds of the curve stored in the adapter for ``budget``; 400 when it has none."""
+        from ..methods.dyn_exit.calibrate import thresholds_for_budget
+
+        try:
+            return thresholds_for_budget(self.budget_thresholds, budget)
+        except PetlError as e:
+            raise ServeError(400, f"task {self.task!r} (version {self.version}): {e}") from None
 
 
 def own_tensors(model: torch.nn.Module, backbone: torch.nn.Module) -> list[torch.Tensor]:

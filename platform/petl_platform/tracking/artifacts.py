@@ -1,5 +1,6 @@
 """Adapter artifacts: ``adapter.safetensors`` (adapter + head, never backbone weights) and
-``adapter_config.json`` (method, hyperparameters, task, classes, backbone name + fingerprint)."""
+``adapter_config.json`` (method, hyperparameters, task, classes, backbone name + fingerprint, and for
+early-exit methods the val-calibrated ``budget_thresholds`` curve: see methods/dyn_exit/calibrate.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,17 @@ CONFIG = "adapter_config.json"
 
 def save_adapter(model, path, task: str | None = None, classes: list[str] | None = None,
                  extra: dict | None = None) -> Path:
-    """Write ``model``'s trainable state and config to directory ``path``; returns the path."""
+    """Write ``model``'s trainable state and config to directory ``path``; returns the path.
+    ``extra`` adds config keys, e.g. ``budget_curve``'s ``budget_thresholds`` (checked here). A
+    model that carries its curve (``model.budget_thresholds``, set by ``finetune`` and
+    ``load_adapter``) keeps it unless ``extra`` gives another."""
+    from ..methods.dyn_exit.calibrate import budget_key
+
     path = Path(path)
+    carried = getattr(model, "budget_thresholds", None)
+    if carried and "budget_thresholds" not in (extra or {}):
+        extra = {"budget_thresholds": {budget_key(b): [float(t) for t in ts] for b, ts in carried.items()},
+                 "budget_calibration": dict(getattr(model, "budget_calibration", None) or {}), **(extra or {})}
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
     config = {
@@ -30,6 +40,7 @@ def save_adapter(model, path, task: str | None = None, classes: list[str] | None
         "backbone_fingerprint": model.backbone_fingerprint, "library_version": __version__,
         "num_trainable": model.num_trainable(), **(extra or {}),
     }
+    _budget_curve(model, config.get("budget_thresholds"), str(path / CONFIG))  # never write one load refuses
     tmp = path / f".{WEIGHTS}.{os.getpid()}.tmp"
     save_file(state, str(tmp), metadata={"method": model.method, "backbone_fingerprint": model.backbone_fingerprint})
     os.replace(tmp, path / WEIGHTS)
@@ -51,8 +62,20 @@ def read_adapter_config(path) -> dict:
     return cfg
 
 
+def _budget_curve(model, raw, source: str) -> dict[float, list[float]]:
+    from ..methods.dyn_exit.calibrate import parse_budget_curve
+    from ..methods.registry import spec_of
+
+    stages = model.stages if spec_of(model).runtime == "early_exit" else None
+    return parse_budget_curve(raw, stages, source)
+
+
 def load_adapter(path, backbone, strict_fingerprint: bool = True):
-    """Rebuild the task model saved at ``path`` on ``backbone``; refuse another backbone."""
+    """Rebuild the task model saved at ``path`` on ``backbone``; refuse another backbone.
+
+    ``model.budget_thresholds`` is the artifact's ``{budget: [threshold per early exit]}`` curve
+    (``{}`` for an artifact saved without one), ``model.budget_calibration`` what it was calibrated
+    on; a malformed curve refuses the artifact."""
     from ..methods import build_model
 
     cfg = read_adapter_config(path)
@@ -70,4 +93,7 @@ def load_adapter(path, backbone, strict_fingerprint: bool = True):
     model.load_trainable_state(state, source=str(Path(path) / WEIGHTS))
     model.task = cfg.get("task")
     model.classes = cfg.get("classes")
+    model.budget_thresholds = _budget_curve(model, cfg.get("budget_thresholds"), str(Path(path) / CONFIG))
+    calibration = cfg.get("budget_calibration")
+    model.budget_calibration = calibration if isinstance(calibration, dict) and model.budget_thresholds else {}
     return model.eval()

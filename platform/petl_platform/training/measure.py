@@ -1,6 +1,7 @@
 """Measured (never counted) inference costs of a task model, logged after every epoch: FLOPs from
 ``torch.utils.flop_counter`` over the ops that really ran, throughput in images per second, and
-for dynamic methods the exit distribution (Dyn-*) or the token activation rate (DyT)."""
+for dynamic methods the exit distribution (Dyn-*) or the token activation rate (DyT); and for
+early-exit methods the budget curve every saved adapter carries (``budget_calibration``)."""
 
 from __future__ import annotations
 
@@ -27,14 +28,38 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> 
     return correct / max(1, len(x))
 
 
+def exit_probabilities(model, x: torch.Tensor) -> torch.Tensor | None:
+    """Every exit's softmax over ``x`` for early-exit methods (one pass), else None."""
+    if spec_of(model).runtime != "early_exit":
+        return None
+    from ..methods.dyn_exit.calibrate import exit_probabilities as probs_of
+
+    return probs_of(model, x)
+
+
+def budget_calibration(model, x_val: torch.Tensor, y_val: torch.Tensor, probs: torch.Tensor | None = None) -> dict:
+    """The ``adapter_config.json`` entries that let serving pick exit thresholds for a FLOPs budget
+    without the task's data (``budget_curve`` on val); ``{}`` for methods without early exits.
+    ``probs``: ``exit_probabilities(model, x_val)`` when already computed."""
+    if spec_of(model).runtime != "early_exit":
+        return {}
+    from ..methods.dyn_exit.calibrate import budget_curve
+
+    return budget_curve(model, x_val, y_val, probs=probs)
+
+
 @torch.no_grad()
-def inference_metrics(model, x: torch.Tensor, y: torch.Tensor, max_images: int = 256) -> dict:
+def inference_metrics(model, x: torch.Tensor, y: torch.Tensor, max_images: int = 256,
+                      exit_probs: torch.Tensor | None = None) -> dict:
     """``gflops_per_image`` (full forward, measured), ``img_per_s`` over up to ``max_images`` of
     ``x``, and per method: ``exit_frac_s{k}`` / ``exit_flops_fraction`` / ``exit_accuracy`` at a
-    val-calibrated 50 % budget (Dyn-*), ``activation_rate`` / ``flops_ratio`` (DyT)."""
+    val-calibrated 50 % budget (Dyn-*), ``activation_rate`` / ``flops_ratio`` (DyT).
+    ``exit_probs``: ``exit_probabilities(model, x)`` (all of ``x``) when the caller has it."""
     model.eval()
     dev = _device(model)
     x, y = x[:max_images], y[:max_images]
+    if exit_probs is not None:
+        exit_probs = exit_probs[:, :max_images]
     probe = x[:8].to(dev)
     with FlopCounterMode(display=False) as counter:
         model(probe)
@@ -49,7 +74,7 @@ def inference_metrics(model, x: torch.Tensor, y: torch.Tensor, max_images: int =
     if runtime == "early_exit":
         from ..methods.dyn_exit.calibrate import accuracy_flops_curve
 
-        point = accuracy_flops_curve(model, x, y, [EXIT_BUDGET])["points"][0]
+        point = accuracy_flops_curve(model, x, y, [EXIT_BUDGET], probs=exit_probs)["points"][0]
         out.update({"exit_accuracy": point["accuracy"], "exit_flops_fraction": point["flops_fraction"]})
         out.update({f"exit_frac_s{k + 1}": f for k, f in enumerate(point["exit_fractions"])})
     elif runtime == "token_dispatch":

@@ -1,7 +1,8 @@
 """Ray Tune sweeps over a method's hyperparameters (dropout rates, gradient-mask rate, rank, ...):
 ASHA early stopping on validation accuracy, one trial set per task, per-trial resources, a
 concurrency limit, resumable experiments; every trial an MLflow run under one parent run per task;
-the best trial's adapter registered as model ``<task>`` with alias ``champion``."""
+the best trial's adapter registered as model ``<task>`` with alias ``challenger``, and ``champion``
+moved to it only when it is at least as good on the same val split (``tracking.runs.register_challenger``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from ..data.registry import task_slug
 from ..errors import PetlError
-from ..tracking.runs import ADAPTER_PATH, RunLogger, client, git_commit, mark_failed, register_adapter
+from ..tracking.runs import ADAPTER_PATH, CHALLENGER, RunLogger, client, git_commit, mark_failed
 from ..tracking.settings import CHAMPION, TrackingSettings
 from .distributed import ray_error
 from .trial import PETL_ERROR, TRAIN_KEYS
@@ -104,13 +105,14 @@ def run_sweep(tasks: list[str], method: str, backbone: str, settings: TrackingSe
               gpus_per_trial: float | None = None, max_failures: int = 1, name: str | None = None,
               resume: bool = False, experiment: str = "petl", register: bool = True,
               model_name: str = "{task}", alias: str = CHAMPION, budget: float | None = None,
-              address: str | None = None, progress: bool = True) -> list[dict]:
-    """Sweep ``method`` on each task; returns one summary per task (trials, best, registered version)."""
+              address: str | None = None, progress: bool = True, promote: bool = False) -> list[dict]:
+    """Sweep ``method`` on each task; returns one summary per task (trials, best, registered version
+    and the champion decision). ``promote`` moves ``alias`` to the best trial unconditionally."""
     from ..backbones import create_backbone
     from ..data import check_task_name
     from ..methods import get_method
     from .distributed import ensure_ray, storage
-    from .run import check_budget, train_config
+    from .run import check_budget, train_config, val_split_id
 
     # Everything that can be checked is checked before Ray or any trial starts.
     if not tasks:
@@ -129,6 +131,11 @@ def run_sweep(tasks: list[str], method: str, backbone: str, settings: TrackingSe
     parsed = parse_space(space if space else default_space(method, depth), method)
     if not parsed:
         raise PetlError(f"nothing to search for {method!r}: give --space NAME=DIST(ARGS)")
+    if promote and not register:
+        raise PetlError("--promote moves the champion to the registered best trial: drop --no-register")
+    if register and alias == CHALLENGER:
+        raise PetlError(f"--alias {CHALLENGER} is reserved for the newest version; pick another champion alias")
+    splits = {t: val_split_id(t) for t in tasks} if register else {}  # the data must load before any trial
     settings.prepare()
     path, fs = storage(settings.storage_path)
     name = name or method
@@ -140,7 +147,8 @@ def run_sweep(tasks: list[str], method: str, backbone: str, settings: TrackingSe
         gpus = gpus_per_trial if gpus_per_trial is not None else (0.5 if torch.cuda.is_available() else 0)
         return [_sweep_task(t, method, backbone, settings, parsed, samples, epochs, train, hparams or {}, scheduler,
                             grace_period, reduction_factor, max_concurrent, cpus_per_trial, gpus, max_failures,
-                            f"{name}-{task_slug(t)}", path, fs, resume, experiment, register, model_name, alias, budget, progress)
+                            f"{name}-{task_slug(t)}", path, fs, resume, experiment, register, model_name, alias, budget, progress,
+                            split_id=splits.get(t), promote=promote)
                 for t in tasks]
     finally:
         if started is not None:
@@ -165,7 +173,7 @@ def _parent_run(settings, experiment, sweep_name, task, method, parsed, resume) 
 
 def _sweep_task(task, method, backbone, settings, parsed, samples, epochs, train, hparams, scheduler, grace,
                 rf, max_concurrent, cpus, gpus, max_failures, sweep_name, path, fs, resume, experiment, register,
-                model_name, alias, budget, progress) -> dict:
+                model_name, alias, budget, progress, split_id=None, promote=False) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -206,12 +214,13 @@ def _sweep_task(task, method, backbone, settings, parsed, samples, epochs, train
                             "trial_epochs": summary["trial_epochs"], "trials": len(summary["trials"]),
                             "trials_stopped_early": sum(t["stopped_early"] for t in summary["trials"])}, step=0)
         if register and summary["best"]:
+            from .run import register_run
+
             b = summary["best"]
-            mv = register_adapter(settings, b["run_id"], model_name.format(task=task_slug(task), method=method), alias,
-                                  tags={"task": task, "method": method, "val_accuracy": b["val_accuracy"],
-                                        "sweep": sweep_name})
-            summary["registered"] = {"name": mv.name, "version": int(mv.version), "alias": alias}
-            parent.set_tags({"petl.registered": f"{mv.name}/{mv.version}"})
+            reg = register_run(settings, task, method, b["run_id"], b["val_accuracy"], model_name=model_name,
+                               alias=alias, promote=promote, split_id=split_id, tags={"sweep": sweep_name})
+            summary["registered"] = reg
+            parent.set_tags({"petl.registered": f"{reg['name']}/{reg['version']}", "petl.promotion": reg["reason"]})
         if not summary["best"]:
             raise PetlError(f"every trial of sweep {sweep_name!r} failed; first error: {summary['trials'][0]['error']}")
     return summary
@@ -220,6 +229,8 @@ def _sweep_task(task, method, backbone, settings, parsed, samples, epochs, train
 def _finalize(grid, settings, task, method, backbone, parsed, epochs, parent) -> dict:
     """Close every trial's MLflow run (ASHA-stopped trials are killed mid-run: their adapter is
     logged here from their last checkpoint), pick the best, log the sweep's plots."""
+    from ..methods import get_method
+
     c = client(settings)
     trials = []
     for r in grid:
@@ -250,7 +261,7 @@ def _finalize(grid, settings, task, method, backbone, parsed, epochs, parent) ->
     with tempfile.TemporaryDirectory() as tmp:
         for key in parsed:
             parent.log_figure(_scatter(trials, key, Path(tmp) / f"val_accuracy_vs_{key}.png"))
-        if best and method.startswith("dyn_"):
+        if best and get_method(method).runtime == "early_exit":
             best_ckpt = next(r.checkpoint for r in grid if (r.metrics or {}).get("mlflow_run_id") == best["run_id"])
             for png in _exit_plots(best_ckpt, backbone, task, Path(tmp)):
                 parent.log_figure(png)

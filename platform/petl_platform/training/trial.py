@@ -19,7 +19,7 @@ from ..tracking.artifacts import save_adapter
 from ..tracking.runs import ADAPTER_PATH, RunLogger
 from ..tracking.settings import TrackingSettings
 from .loop import TrainConfig, peak_memory_mb, train
-from .measure import accuracy, inference_metrics
+from .measure import accuracy, budget_calibration, exit_probabilities, inference_metrics
 from .run import dynamic_summary, prepare_finetune
 
 TRAIN_KEYS = frozenset(f.name for f in fields(TrainConfig))
@@ -81,17 +81,20 @@ def run_trial(config: dict, *, report, get_checkpoint, checkpoint_cls, rank: int
                 report(metrics)
                 return
             final = epoch + 1 == cfg.epochs
-            metrics.update(inference_metrics(model, *tensors["val"]))
+            x_val, y_val = tensors["val"]
+            probs = exit_probabilities(model, x_val)  # early exits only: one val pass for both uses below
+            metrics.update(inference_metrics(model, x_val, y_val, exit_probs=probs))
             if final:
                 metrics["test_accuracy"] = accuracy(model, *tensors["test"])
                 metrics["trainable_params"] = model.num_trainable()
                 metrics["peak_mem_mb"] = peak_memory_mb(next(model.parameters()).device)
                 if config.get("budget") is not None:  # DyT's activation is already in inference_metrics
-                    summary = dynamic_summary(model, tensors, config["budget"])
+                    summary = dynamic_summary(model, tensors, config["budget"], probs)
                     metrics["budget_test_accuracy"] = summary["dynamic_test"]["accuracy"]
                     metrics["budget_flops_fraction"] = summary["dynamic_test"]["flops_fraction"]
             save_adapter(model, ckdir / ADAPTER_PATH, task=task, classes=data.classes,
-                         extra={"metrics": {k: metrics[k] for k in ("val_accuracy", "test_accuracy") if k in metrics}})
+                         extra={"metrics": {k: metrics[k] for k in ("val_accuracy", "test_accuracy") if k in metrics},
+                                **budget_calibration(model, x_val, y_val, probs)})
             (ckdir / META).write_text(json.dumps({"run_id": logger.run_id, "epoch": epoch + 1}))
             logger.log_metrics(metrics, step=epoch + 1)
             if final:

@@ -27,7 +27,8 @@ import logging
 from ..base import PetlModel
 from ..config import check
 from ..registry import MethodSpec, get_method, list_methods, register_method
-from .calibrate import accuracy_flops_curve, calibrate, exit_probabilities, save_curve_png
+from .calibrate import (BUDGETS, accuracy_flops_curve, budget_curve, calibrate, exit_probabilities,
+                        parse_budget_curve, save_curve_png, thresholds_for_budget)
 from .model import DynExitMixin, make_dyn_model_class, stage_weights
 
 log = logging.getLogger(__name__)
@@ -142,5 +143,6 @@ def register_dyn_variants() -> list[str]:
     return done
 
 
-__all__ = ["DYN_FIELD_NAMES", "DynExitMixin", "EXCLUDED", "accuracy_flops_curve", "calibrate", "eligible",
-           "exit_probabilities", "register_dyn_variants", "save_curve_png", "stage_weights"]
+__all__ = ["BUDGETS", "DYN_FIELD_NAMES", "DynExitMixin", "EXCLUDED", "accuracy_flops_curve", "budget_curve",
+           "calibrate", "eligible", "exit_probabilities", "parse_budget_curve", "register_dyn_variants",
+           "save_curve_png", "stage_weights", "thresholds_for_budget"]

@@ -11,9 +11,17 @@ of exits ``1..i``, from ``model.flop_profile()``). The search, not fixed by the 
    stays within the budget and raises validation accuracy (ties: fewer FLOPs); up to 3 passes.
 
 Objective: maximise validation accuracy subject to mean FLOPs / full-depth FLOPs <= ``budget``.
+
+The budget curve travels with the adapter: whenever training writes a Dyn-* artifact it stores
+``budget_curve``'s output (thresholds per budget in ``BUDGETS``, calibrated on val) in
+``adapter_config.json``; ``load_adapter`` checks it with ``parse_budget_curve`` and serving picks
+thresholds with ``thresholds_for_budget``, so a server never needs a task's data.
 """
 
 from __future__ import annotations
+
+import logging
+import math
 
 import numpy as np
 import torch
@@ -21,16 +29,30 @@ import torch
 from ...errors import PetlError
 from .model import NEVER
 
+log = logging.getLogger(__name__)
+
 N_CANDIDATES = 101
+# A FLOPs budget is a fraction of full depth. Slightly above 1 is meaningful: exiting at the last
+# stage also pays for the earlier exits' heads.
+BUDGET_MAX = 1.5
+# The budgets every Dyn-* artifact is calibrated for (the single definition; serving picks among them).
+BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def model_input(model, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the model's own device and in its dtype (a served model may be bf16 / fp16)."""
+    p = next(model.vit.parameters())
+    return x.to(device=p.device, dtype=p.dtype)
 
 
 @torch.no_grad()
 def exit_probabilities(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Softmax of every exit, ``(S, N, C)``, full depth (one pass per batch)."""
     model.eval()
-    device = model.exit_thresholds.device
-    parts = [torch.stack([z.float().softmax(-1) for z in model.all_exit_logits(x[i:i + batch_size].to(device))]).cpu()
-             for i in range(0, len(x), batch_size)]
+    parts = [torch.stack([z.float().softmax(-1) for z in model.all_exit_logits(model_input(model, x[i:i + batch_size]))])
+             .cpu() for i in range(0, len(x), batch_size)]
+    if not parts:
+        return torch.empty(model.stages, 0, model.num_classes)
     return torch.cat(parts, dim=1)
 
 
@@ -48,11 +70,25 @@ def _simulate(conf: np.ndarray, correct: np.ndarray, cost: np.ndarray, thr: np.n
     return correct[stage, cols].mean(), cost[stage].mean(), stage
 
 
+def _simulate_many(conf: np.ndarray, correct: np.ndarray, cost: np.ndarray, thrs: np.ndarray):
+    """``_simulate``'s accuracy and mean cost for K threshold vectors at once (``thrs``: (K, S-1)),
+    in chunks of a few million (threshold, sample) pairs to bound memory on large val splits."""
+    step = max(1, 4_000_000 // max(1, conf.size))
+    accs, costs = [], []
+    for k in range(0, len(thrs), step):
+        passed = conf[None] >= thrs[k:k + step, :, None]  # (k, S-1, N)
+        stage = np.where(passed.any(1), passed.argmax(1), conf.shape[0])  # first exit reached, else the last
+        accs.append(correct[stage, np.arange(conf.shape[1])].mean(1))
+        costs.append(cost[stage].mean(1))
+    return np.concatenate(accs), np.concatenate(costs)
+
+
 def search_thresholds(conf: np.ndarray, correct: np.ndarray, cost: np.ndarray, budget: float):
     """Thresholds for exits ``1..S-1`` maximising accuracy s.t. mean cost <= budget (see module doc).
 
     ``conf``: (S-1, N) max probabilities of the early exits; ``correct``: (S, N) bools;
     ``cost``: (S,) FLOPs fractions. Returns ``(thresholds, accuracy, cost, feasible)``.
+    Candidates are simulated in one vectorised batch per step and kept in order, as one by one.
     """
     qs = np.linspace(0, 1, N_CANDIDATES)
     cands = [np.unique(np.append(np.quantile(c, qs), NEVER)) for c in conf]
@@ -62,42 +98,45 @@ def search_thresholds(conf: np.ndarray, correct: np.ndarray, cost: np.ndarray, b
         return flops <= budget + 1e-12 and (best is None or acc > best[1] + 1e-12
                                            or (abs(acc - best[1]) <= 1e-12 and flops < best[2]))
 
-    best = None
-    for t in shared:
-        thr = np.full(len(conf), t)
-        acc, flops, _ = _simulate(conf, correct, cost, thr)
-        if better(acc, flops, best):
-            best = (thr, acc, flops)
+    def scan(thrs, best):
+        changed = False
+        for thr, acc, flops in zip(thrs, *_simulate_many(conf, correct, cost, thrs)):
+            if better(acc, flops, best):
+                best, changed = (thr, float(acc), float(flops)), True
+        return best, changed
+
+    best, _ = scan(np.repeat(shared[:, None], len(conf), axis=1), None)
     if best is None:  # even exiting everything at exit 1 is over budget: cheapest setting
         thr = np.zeros(len(conf))
         acc, flops, _ = _simulate(conf, correct, cost, thr)
         return thr, acc, flops, False
     for _ in range(3):
         changed = False
-        for s in range(len(conf)):
-            for c in cands[s]:
-                thr = best[0].copy()
-                thr[s] = c
-                acc, flops, _ = _simulate(conf, correct, cost, thr)
-                if better(acc, flops, best):
-                    best, changed = (thr, acc, flops), True
+        for s in range(len(conf)):  # candidates for exit s, the other exits fixed at the best so far
+            thrs = np.repeat(best[0][None], len(cands[s]), axis=0)
+            thrs[:, s] = cands[s]
+            best, moved = scan(thrs, best)
+            changed |= moved
         if not changed:
             break
-    return best[0], best[1], best[2], True
+    return best[0].copy(), best[1], best[2], True
 
 
 def _search(model, probs: torch.Tensor, y: torch.Tensor, budget: float):
-    if not 0 < budget <= 1.5:
-        raise PetlError(f"budget is a fraction of the full-depth FLOPs, e.g. 0.5; got {budget}")
+    if not 0 < budget <= BUDGET_MAX:
+        raise PetlError(f"budget is a fraction of the full-depth FLOPs, 0 < budget <= {BUDGET_MAX} (e.g. 0.5); "
+                        f"got {budget}")
     conf = probs[:-1].amax(-1).numpy()
     correct = (probs.argmax(-1) == y.cpu()[None]).numpy()
     return search_thresholds(conf, correct, exit_costs(model), budget)
 
 
-def calibrate(model, x_val: torch.Tensor, y_val: torch.Tensor, budget: float, batch_size: int = 256) -> dict:
+def calibrate(model, x_val: torch.Tensor, y_val: torch.Tensor, budget: float, batch_size: int = 256,
+              probs: torch.Tensor | None = None) -> dict:
     """Search per-exit thresholds on ``(x_val, y_val)`` for a FLOPs ``budget`` (fraction of
-    full depth, e.g. 0.5) and store them in ``model.exit_thresholds`` (saved with the adapter)."""
-    probs = exit_probabilities(model, x_val, batch_size)
+    full depth, e.g. 0.5) and store them in ``model.exit_thresholds`` (saved with the adapter).
+    ``probs``: ``exit_probabilities(model, x_val)`` when the caller already has it."""
+    probs = exit_probabilities(model, x_val, batch_size) if probs is None else probs
     thr, acc, flops, feasible = _search(model, probs, y_val, budget)
     model.exit_thresholds.copy_(torch.as_tensor(thr, dtype=model.exit_thresholds.dtype))
     full_acc = (probs[-1].argmax(-1) == y_val.cpu()).float().mean().item()
@@ -109,11 +148,10 @@ def calibrate(model, x_val: torch.Tensor, y_val: torch.Tensor, budget: float, ba
 def evaluate_dynamic(model, x: torch.Tensor, y: torch.Tensor, thresholds=None, batch_size: int = 256) -> dict:
     """Accuracy and *measured* FLOPs fraction of ``predict_dynamic`` over ``(x, y)``."""
     model.eval()
-    device = model.exit_thresholds.device
     correct, flops, full = 0, 0, 0
     stages = torch.zeros(model.stages, dtype=torch.long)
     for i in range(0, len(x), batch_size):
-        out = model.predict_dynamic(x[i:i + batch_size].to(device), thresholds)
+        out = model.predict_dynamic(model_input(model, x[i:i + batch_size]), thresholds)
         correct += (out["logits"].argmax(-1).cpu() == y[i:i + batch_size]).sum().item()
         flops, full = flops + out["flops"], full + out["full_flops"]
         stages += torch.bincount(out["exit_stage"] - 1, minlength=model.stages)
@@ -122,10 +160,12 @@ def evaluate_dynamic(model, x: torch.Tensor, y: torch.Tensor, thresholds=None, b
             "exit_fractions": (stages.float() / n).tolist()}
 
 
-def accuracy_flops_curve(model, x_val, y_val, budgets, x_test=None, y_test=None, batch_size: int = 256) -> dict:
+def accuracy_flops_curve(model, x_val, y_val, budgets, x_test=None, y_test=None, batch_size: int = 256,
+                         probs: torch.Tensor | None = None) -> dict:
     """For each budget: thresholds calibrated on val, then measured on test (when given). The
-    model's stored thresholds are left unchanged."""
-    probs = exit_probabilities(model, x_val, batch_size)
+    model's stored thresholds are left unchanged. ``probs``: ``exit_probabilities(model, x_val)``
+    when the caller already has it."""
+    probs = exit_probabilities(model, x_val, batch_size) if probs is None else probs
     x_eval, y_eval = (x_test, y_test) if x_test is not None else (x_val, y_val)
     full = evaluate_dynamic(model, x_eval, y_eval, [NEVER] * (model.stages - 1), batch_size)
     points = []
@@ -137,6 +177,85 @@ def accuracy_flops_curve(model, x_val, y_val, budgets, x_test=None, y_test=None,
                        "accuracy": measured["accuracy"], "flops_fraction": measured["flops_fraction"],
                        "exit_fractions": measured["exit_fractions"]})
     return {"split": "test" if x_test is not None else "val", "full_accuracy": full["accuracy"], "points": points}
+
+
+def budget_key(budget: float) -> str:
+    """How a budget is spelled in ``adapter_config.json`` (JSON keys are strings): ``"0.5"``."""
+    return repr(float(budget))
+
+
+def budget_curve(model, x_val: torch.Tensor, y_val: torch.Tensor, budgets=BUDGETS,
+                 probs: torch.Tensor | None = None, batch_size: int = 256) -> dict:
+    """The ``adapter_config.json`` entries of a trained Dyn-* model: per budget, the thresholds of
+    exits ``1..S-1`` calibrated on ``(x_val, y_val)``, and what the calibration saw.
+
+    ``{"budget_thresholds": {"0.3": [t_1, ..., t_{S-1}], ...}, "budget_calibration": {"split":
+    "val", "samples": N, "full_accuracy": a, "per_budget": {"0.3": {"accuracy", "flops_fraction",
+    "feasible"}, ...}}}``. Accuracy and FLOPs are the search's own, simulated from one pass of every
+    exit over val (``probs``, reused when the caller has it): exactly what ``predict_dynamic``
+    runs, without a second pass per budget. ``{}`` when there is nothing to calibrate on (an empty
+    split, or non-finite outputs: such an artifact is refused on load anyway).
+    """
+    probs = exit_probabilities(model, x_val, batch_size) if probs is None else probs
+    if probs.shape[1] == 0 or not torch.isfinite(probs).all():
+        log.warning("%s: no budget calibration stored (%s)", getattr(model, "method", "model"),
+                    "empty val split" if probs.shape[1] == 0 else "non-finite exit outputs on val")
+        return {}
+    y = torch.as_tensor(y_val).cpu()
+    thresholds, per_budget = {}, {}
+    for b in budgets:
+        thr, acc, flops, feasible = _search(model, probs, y, b)
+        thresholds[budget_key(b)] = [float(t) for t in thr]
+        per_budget[budget_key(b)] = {"accuracy": float(acc), "flops_fraction": float(flops), "feasible": bool(feasible)}
+    full = (probs[-1].argmax(-1) == y).float().mean().item()
+    return {"budget_thresholds": thresholds,
+            "budget_calibration": {"split": "val", "samples": int(probs.shape[1]), "full_accuracy": full,
+                                   "per_budget": per_budget}}
+
+
+def parse_budget_curve(raw, stages: int | None, source: str) -> dict[float, list[float]]:
+    """``adapter_config.json``'s ``budget_thresholds`` as ``{budget: [threshold per early exit]}``;
+    ``{}`` when absent (an artifact saved before calibrations travelled with it). ``stages`` is the
+    model's number of exits (None: a method without early exits, which must not carry a curve).
+    Anything else is refused with a PetlError naming ``source``."""
+    if raw is None or raw == {}:
+        return {}
+    fix = "re-save the adapter by training again, or delete the key to serve it with explicit thresholds only"
+    if stages is None:
+        raise PetlError(f"{source}: budget_thresholds is only for early-exit methods (dyn_*), "
+                        f"but this adapter has none; {fix}")
+    if not isinstance(raw, dict):
+        raise PetlError(f"{source}: budget_thresholds must map a FLOPs budget to thresholds, "
+                        f"got {type(raw).__name__}; {fix}")
+    curve = {}
+    for key, thr in raw.items():
+        try:
+            budget = float(key)
+        except (TypeError, ValueError):
+            budget = math.nan
+        if not 0 < budget <= BUDGET_MAX:  # also refuses NaN
+            raise PetlError(f"{source}: budget_thresholds key {key!r} is not a FLOPs budget "
+                            f"in (0, {BUDGET_MAX}]; {fix}")
+        ok = (isinstance(thr, list) and len(thr) == stages - 1
+              and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in thr))
+        if not ok:
+            raise PetlError(f"{source}: budget_thresholds[{key!r}] must be a list of {stages - 1} finite numbers "
+                            f"(one per early exit), got {thr!r}; {fix}")
+        curve[budget] = [float(t) for t in thr]
+    return curve
+
+
+def thresholds_for_budget(curve: dict, budget: float) -> list[float]:
+    """The early-exit thresholds to serve a request for ``budget`` (fraction of full-depth FLOPs):
+    those of the largest calibrated budget <= ``budget``, or of the smallest when none fits."""
+    if not curve:
+        raise PetlError("this adapter was saved without a budget calibration (an older artifact): "
+                        "send explicit thresholds")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= BUDGET_MAX:
+        raise PetlError(f"budget is a fraction of the full-depth FLOPs, 0 < budget <= {BUDGET_MAX} (e.g. 0.5); "
+                        f"got {budget!r}")
+    fitting = [b for b in curve if b <= budget + 1e-9]
+    return list(curve[max(fitting) if fitting else min(curve)])
 
 
 def save_curve_png(curve: dict, path, title: str = "Dyn-Adapter: accuracy vs FLOPs") -> str:
