@@ -47,6 +47,7 @@ SECTIONS = {
     "P6": ("p6_gflops.py", ["--quick"], [], "p6_gflops.json"),
     "multitenant": ("multitenant.py", ["--quick"], [], "multitenant.json"),  # P9, P10, P11
     "serve": ("serve_load.py", ["--quick"], [], "serve_load.json"),
+    "predict": ("batch_predict.py", ["--quick"], [], "batch_predict.json"),  # petl predict (Ray Data) vs in-process
     "P7": ("p7_asha_vs_grid.py", ["--quick", "--epochs", "4"], [], "p7_asha_vs_grid.json"),
     "colocation": ("colocation_hop.py", ["--repeats", "7"], [], "colocation_hop.json"),
     "dyt_curve": ("dyt_curve.py", None, [], "dyt_curve.json"),  # None: not in --quick
@@ -176,6 +177,13 @@ def figures(out: Path) -> list[dict]:
                                                   f"{v['resident']} resident, {v['evictions']} evictions; "
                                                   f"{r['adapter_bytes_per_task'] / 1024:.0f} KB per adapter, RSS "
                                                   f"+{v['rss_growth_mb_per_resident_task'] * 1024:.0f} KB per resident task"))
+    if bp := _load(out, "batch_predict.json"):
+        figs.append(_fig("predict", f"petl predict (Ray Data, {bp['ray_data_actors']} {bp['ray_data_device']} actor(s)) vs "
+                                    f"the in-process engine, {bp['images']} images x {bp['tasks']} LoRA tasks, batch "
+                                    f"{bp['batch']} ({bp['backbone']})", bp["ratio"], None, 1, "reported", None,
+                         source="batch_predict.json",
+                         note=f"{bp['ray_data_img_per_s']:.1f} vs {bp['in_process_img_per_s']:.1f} img/s; Ray end to end "
+                              f"(reads, decoding, actor start-up, parquet), in-process engine calls only"))
     if p6 := _load(out, "p6_gflops.json"):
         for bb, per_batch in p6["backbones"].items():
             for b, r in per_batch.items():

@@ -46,7 +46,7 @@ def _register_many(settings, bb, n_linear: int, dyn_task: str):
 
     probe, _ = finetune("digits-1k", "linear", bb.petl_name, backbone_model=bb,
                         train_overrides={"epochs": 3, "progress": False})
-    dyn, _ = finetune(dyn_task, "dyn_lora", bb.petl_name, backbone_model=bb, budget=0.5,
+    dyn, dyn_r = finetune(dyn_task, "dyn_lora", bb.petl_name, backbone_model=bb, budget=0.5,
                       train_overrides={"epochs": 3, "progress": False})
     names = []
     for i in range(n_linear + 1):
@@ -54,7 +54,9 @@ def _register_many(settings, bb, n_linear: int, dyn_task: str):
         if i < n_linear:
             torch.manual_seed(i)
             torch.nn.init.normal_(probe.head.weight, std=0.02)
-        log_and_register(settings, model, task, get_task("digits-1k" if i < n_linear else dyn_task).classes, "bench")
+        metrics = None if i < n_linear else {"val_accuracy": dyn_r["val_accuracy"], "test_accuracy": dyn_r["accuracy"]}
+        log_and_register(settings, model, task, get_task("digits-1k" if i < n_linear else dyn_task).classes, "bench",
+                         metrics=metrics)  # the re-seeded probes are not the trained one: no accuracy of theirs
         names.append(task)
     return names[:-1]
 

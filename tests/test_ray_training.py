@@ -48,6 +48,12 @@ def test_two_worker_ray_train_logs_to_mlflow_and_s3(stack):
     run = _client(stack).get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["petl.world_size"] == "2" and run.data.tags["petl.method"] == "lora"
+    # what `petl train --register` does with the result: the Ray Train run's adapter becomes a version
+    from petl_platform.training.run import register_run
+
+    reg = register_run(stack["settings"], "digits-1k", "lora", out["mlflow_run_id"], out["val_accuracy"],
+                       model_name="{task}-{method}")
+    assert (reg["name"], reg["version"], reg["decision"]) == ("digits-1k-lora", 1, "first")
     assert len(run.data.tags["petl.backbone_fingerprint"]) == 16  # sha256 prefix
     assert {"val_accuracy", "train_loss", "gflops_per_image", "img_per_s", "test_accuracy"} <= set(run.data.metrics)
     assert [m.step for m in _client(stack).get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
@@ -86,6 +92,11 @@ def test_asha_sweep_registers_champion_with_artifacts_in_s3(stack, tmp_path):
     # The registry: alias champion on the best trial, downloadable from S3 and loadable.
     champion = c.get_model_version_by_alias("digits-1k", "champion")
     assert champion.run_id == best["run_id"] and s["registered"]["version"] == int(champion.version)
+    # the first registration of a model: no champion to beat, so it moves (and is also the challenger)
+    reg = s["registered"]
+    assert (reg["champion_moved"], reg["decision"], reg["val_accuracy"]) == (True, "first", best["val_accuracy"])
+    assert champion.tags["petl.val_split"].startswith("digits-1k:val") and champion.tags["petl.promotion"] == reg["reason"]
+    assert c.get_model_version_by_alias("digits-1k", "challenger").version == champion.version
     path, info = fetch_adapter(stack["settings"], "models:/digits-1k@champion", str(tmp_path / "dl"))
     model = load_adapter(path, create_backbone(stack["backbone"]))
     assert model.method == "dyn_linear" and info["run_id"] == best["run_id"]
@@ -95,6 +106,7 @@ def test_asha_sweep_registers_champion_with_artifacts_in_s3(stack, tmp_path):
     v2 = register_adapter(stack["settings"], other["run_id"], "digits-1k", alias=None)
     assert main(["registry", "promote", "digits-1k", str(v2.version), "--json"]) == 0
     assert c.get_model_version_by_alias("digits-1k", "champion").version == v2.version
+    assert c.get_model_version("digits-1k", v2.version).tags["petl.promotion"].startswith("manual: champion moved")
     assert main(["registry", "promote", "digits-1k", "99"]) == 2  # no such version: one line, exit 2
 
 

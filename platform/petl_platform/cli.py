@@ -85,11 +85,24 @@ def _settings(args):
                                      getattr(args, "storage_path", None))
 
 
+def _print_registered(r: dict) -> None:
+    """The champion decision of one registration, in one line."""
+    where = f"@{r['alias']}" if r["champion_moved"] else f"@challenger ({r['alias']} stays v{r['champion_version']})"
+    print(f"  registered models:/{r['name']}{where} (version {r['version']}): {r['reason']}")
+
+
 def cmd_train(args) -> None:
+    if args.promote and not args.register:
+        raise PetlError("--promote forces the champion move of --register: add --register")
+    if args.register and args.local:
+        raise PetlError("--register needs the MLflow run a Ray Train fine-tune logs; --local logs nothing to MLflow: "
+                        "drop --local (a local Ray cluster is started when --address is not given)")
     if args.local:
         return _train_local(args)
     from .training.distributed import run_train
+    from .training.run import register_run, val_split_id
 
+    split_id = val_split_id(args.task) if args.register else None  # the data must load before training starts
     result = run_train(args.task, args.method, args.backbone, _settings(args), hparams=_parse_sets(args.set),
                        train=_train_overrides(args), workers=args.workers, use_gpu=args.gpu,
                        cpus_per_worker=args.cpus_per_worker, budget=args.budget, experiment=args.experiment,
@@ -99,6 +112,10 @@ def cmd_train(args) -> None:
         from pathlib import Path
 
         shutil.copytree(Path(result["checkpoint"]) / "adapter", args.out, dirs_exist_ok=True)
+    if args.register:
+        result["registered"] = register_run(_settings(args), args.task, args.method, result.get("mlflow_run_id"),
+                                            result.get("val_accuracy"), model_name=args.model_name,
+                                            promote=args.promote, split_id=split_id, tags={"job": result.get("name")})
     if args.json:
         print(json.dumps(result, default=str))
         return
@@ -110,6 +127,8 @@ def cmd_train(args) -> None:
               f"{result['budget_flops_fraction']:.0%} of full-depth FLOPs")
     if args.out:
         print(f"adapter saved to {args.out}")
+    if args.register:
+        _print_registered(result["registered"])
 
 
 def _train_local(args) -> None:
@@ -141,6 +160,8 @@ def _sweep_suite(args, settings) -> None:
     if args.task or args.resume:
         raise PetlError("--suite vtab1k takes its tasks from --vtab-root (and --datasets), not --task; "
                         "--resume is not supported (rerun the missing --datasets under a new --name)")
+    if args.promote:
+        raise PetlError("--promote does not apply to --suite vtab1k: the suite registers each final fit itself")
     s = run_vtab_suite(args.vtab_root, args.method, args.backbone, settings,
                        datasets=[d for d in (args.datasets or "").split(",") if d] or None, space=args.space,
                        samples=args.samples, epochs=args.epochs or 10,
@@ -176,7 +197,7 @@ def cmd_sweep(args) -> None:
                           cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                           max_failures=args.max_failures, name=args.name, resume=args.resume,
                           experiment=args.experiment, register=args.register, model_name=args.model_name,
-                          alias=args.alias, budget=args.budget, address=args.address)
+                          alias=args.alias, budget=args.budget, address=args.address, promote=args.promote)
     if args.json:
         print(json.dumps(summaries, default=str))
         return
@@ -185,8 +206,7 @@ def cmd_sweep(args) -> None:
         print(f"{s['task']} / {s['method']}: {len(s['trials'])} trials, {s['trial_epochs']} trial-epochs "
               f"(full grid: {s['grid_epochs']}), best val accuracy {b['val_accuracy']:.4f} with {b['params']}")
         if "registered" in s:
-            r = s["registered"]
-            print(f"  registered models:/{r['name']}@{r['alias']} (version {r['version']})")
+            _print_registered(s["registered"])
     print(f"MLflow UI: mlflow ui --backend-store-uri {settings.tracking_uri}")
 
 
@@ -303,6 +323,19 @@ def cmd_registry(args) -> None:
             print(f"{r['name']:24} versions {r['versions']}  aliases {aliases}")
     else:
         print(f"{out['name']} v{out['version']} aliases {out['aliases'] or '-'} run {out['run_id']}\n  {out['source']}")
+        if out["tags"].get("petl.promotion"):
+            print(f"  {out['tags']['petl.promotion']}")
+
+
+def cmd_predict(args) -> None:
+    from .inference.batch import predict_dataset
+
+    out = predict_dataset(args.tasks.split(","), args.input, args.output, _settings(args), backbone=args.backbone,
+                          alias=args.alias, batch_size=args.batch_size, address=args.address,
+                          progress=not args.no_progress, concurrency=args.concurrency)
+    print(json.dumps(out) if args.json else
+          f"{out['images']} images ({out['errors']} unreadable) -> {out['output']} in {out['wall_s']:.1f}s "
+          f"({out['img_per_s']:.1f} img/s, {out['actors']} {out['device']} actor(s))")
 
 
 def cmd_demo(args) -> None:
@@ -381,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--gpu", action="store_true", help="one GPU per worker")
     tr.add_argument("--local", action="store_true", help="run the plain-torch loop in this process, no Ray/MLflow")
     tr.add_argument("--out", help="also copy the adapter artifact to this directory")
+    tr.add_argument("--register", action="store_true", help="register the adapter as alias challenger; champion "
+                    "moves to it when its val accuracy is >= the champion's on the same val split")
+    tr.add_argument("--promote", action="store_true", help="with --register: move champion to it regardless")
+    tr.add_argument("--model-name", default="{task}", help="registered model name; {task} and {method} expand")
     tr.set_defaults(fn=cmd_train)
 
     sw = sub.add_parser("sweep", help="Ray Tune search (ASHA) over a method's hyperparameters; registers the champion")
@@ -398,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--resume", action="store_true", help="continue the sweep --name from its Ray storage")
     sw.add_argument("--no-register", dest="register", action="store_false")
     sw.add_argument("--model-name", default="{task}", help="registered model name; {task} and {method} expand")
-    sw.add_argument("--alias", default="champion")
+    sw.add_argument("--alias", default="champion", help="the alias moved only when the best trial is at least as "
+                    "good on the same val split (every registration also gets alias challenger)")
+    sw.add_argument("--promote", action="store_true", help="move --alias to the best trial regardless")
     sw.add_argument("--suite", choices=["vtab1k"], help="the VTAB-1k protocol over --vtab-root: per dataset a sweep "
                     "on train800/val200, then the best config on train800val200, tested once on test")
     sw.add_argument("--vtab-root", metavar="ROOT", help="--suite vtab1k: ROOT/<dataset>/{train800,val200,train800val200,test}.txt")
@@ -441,6 +480,20 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--json", action="store_true")
     rg.set_defaults(fn=cmd_registry)
 
+    pr = sub.add_parser("predict", help="score a folder or s3:// prefix of images for many tasks (Ray Data) into parquet")
+    pr.add_argument("--tasks", required=True, help="comma-separated registered tasks")
+    pr.add_argument("--input", required=True, help="a folder of images (recursive) or s3://bucket/prefix")
+    pr.add_argument("--output", required=True, help="the parquet file to write")
+    pr.add_argument("--alias", default="champion")
+    pr.add_argument("--backbone", default=SHIPPED)
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--concurrency", type=int, help="actors (default: one per GPU, else from the cluster's CPUs)")
+    pr.add_argument("--address", help="Ray cluster (HOST:6379, auto, ray://HOST:10001; default: a local one)")
+    pr.add_argument("--tracking-uri")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(fn=cmd_predict)
+
     d = sub.add_parser("demo", help="fine-tune a few offline tasks on the shipped backbone and print a table")
     d.add_argument("--tasks", default="digits-1k,dsprites_loc-1k,clevr_count-1k")
     d.add_argument("--methods", default="linear")
@@ -453,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run every benchmark side by side; write bench/results/<date>/report.md")
     b.add_argument("--quick", action="store_true", help="the reduced suite (under 15 min on 2 cores)")
-    b.add_argument("--only", help="comma list of sections (params, P1-P4, P6, serve, P7, colocation, dyt_curve, fidelity)")
+    b.add_argument("--only", help="comma list of sections (params, P1-P6, multitenant (P9-P11), predict, serve, P7, colocation, dyt_curve, fidelity)")
     b.add_argument("--out", help="output directory (default bench/results/<today>)")
     b.add_argument("--report", action="store_true", help="only re-render the report from the JSONs in --out")
     b.set_defaults(fn=cmd_bench)

@@ -54,7 +54,8 @@ def run_demo(tasks: list[str], methods: list[str], backbone: str, epochs: int | 
     if sweep:
         _sweep(tasks[0], sweep, backbone, sweep_samples, sweep_epochs)
         for task in tasks[1:]:  # the linear probes join the sweep's champion in the registry
-            _register(models[f"{task}/linear"], task)
+            _register(models[f"{task}/linear"], task,
+                      next(r for r in rows if r["task"] == task and r["method"] == "linear"))
         _serve(tasks, backbone, budget=0.3)
     print(f"\ndemo finished in {time.time() - t0:.0f}s")
     return rows
@@ -98,12 +99,13 @@ def _sweep(task: str, method: str, backbone: str, samples: int, epochs: int) -> 
     print(f"  MLflow UI: mlflow ui --backend-store-uri {settings.tracking_uri}")
 
 
-def _register(model, task: str) -> None:
+def _register(model, task: str, result: dict) -> None:
     from .tracking.runs import log_and_register
     from .tracking.settings import TrackingSettings
 
     mv = log_and_register(TrackingSettings.from_env(), model, task, get_task(task).classes,
-                          run_name=f"demo {task} {model.method}")
+                          run_name=f"demo {task} {model.method}",
+                          metrics={"val_accuracy": result["val_accuracy"], "test_accuracy": result["accuracy"]})
     print(f"  registered {task} ({model.method}) as models:/{task}@champion (version {mv.version})")
 
 

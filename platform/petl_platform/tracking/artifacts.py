@@ -26,6 +26,7 @@ def save_adapter(model, path, task: str | None = None, classes: list[str] | None
     model that carries its curve (``model.budget_thresholds``, set by ``finetune`` and
     ``load_adapter``) keeps it unless ``extra`` gives another."""
     from ..methods.dyn_exit.calibrate import budget_key
+    from .pyfunc import write_mlmodel
 
     path = Path(path)
     carried = getattr(model, "budget_thresholds", None)
@@ -45,6 +46,7 @@ def save_adapter(model, path, task: str | None = None, classes: list[str] | None
     save_file(state, str(tmp), metadata={"method": model.method, "backbone_fingerprint": model.backbone_fingerprint})
     os.replace(tmp, path / WEIGHTS)
     (path / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_mlmodel(path, config)  # every adapter directory is an MLflow Model (tracking/pyfunc.py)
     return path
 
 

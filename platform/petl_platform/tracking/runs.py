@@ -17,6 +17,9 @@ from ..errors import NotFoundError, PetlError
 from .settings import CHAMPION, TrackingSettings
 
 ADAPTER_PATH = "adapter"  # artifact directory of every run that trained an adapter
+CHALLENGER = "challenger"  # alias of the newest registered version, whether or not it became champion
+SPLIT_TAG = "petl.val_split"  # identity of the val split a version's metric was measured on
+PROMOTION_TAG = "petl.promotion"  # why an alias moved (or did not), on the version and the model
 
 
 def git_commit() -> str:
@@ -116,14 +119,92 @@ def register_adapter(settings: TrackingSettings, run_id: str, name: str, alias: 
     return mv
 
 
+def register_challenger(settings: TrackingSettings, run_id: str, name: str, *, value: float, split_id: str,
+                        metric: str = "val_accuracy", promote: bool = False, tags: dict | None = None,
+                        champion: str = CHAMPION) -> dict:
+    """Register run ``run_id``'s adapter as a new version of ``name`` with alias ``challenger``,
+    and move alias ``champion`` to it only when there is no champion yet, when its ``metric`` is
+    >= the champion's on the same val split (tag ``petl.val_split``), or when ``promote`` forces
+    it. The decision is tagged (``petl.promotion``) on the version and the model, and returned."""
+    if champion == CHALLENGER:
+        raise PetlError(f"alias {CHALLENGER!r} is reserved for the newest version; pick another champion alias")
+    if not math.isfinite(value):
+        raise PetlError(f"cannot register {name!r}: its {metric} is {value}, not a number to compare")
+    c = client(settings)
+    current = _alias_target(c, name, champion)
+    mv = register_adapter(settings, run_id, name, CHALLENGER,
+                          tags={**(tags or {}), metric: value, SPLIT_TAG: split_id})
+    decision, reason = _decide(current, int(mv.version), value, split_id, metric, promote, champion)
+    moved = decision in ("first", "promoted", "forced")
+    if moved:
+        c.set_registered_model_alias(name, champion, mv.version)
+    _record(c, name, mv.version, f"{decision}: {reason}")
+    return {"name": name, "version": int(mv.version), "alias": champion, "champion_moved": moved,
+            "champion_version": int(mv.version) if moved else int(current.version),
+            "previous_champion": int(current.version) if current else None, "decision": decision,
+            "reason": f"{decision}: {reason}", metric: value, "val_split": split_id}
+
+
+def _alias_target(c, name: str, alias: str):
+    """The version ``alias`` points at, or None (no such model, or no such alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = (c.get_registered_model(name).aliases or {}).get(alias)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return c.get_model_version(name, version) if version else None
+
+
+def _decide(current, version: int, value: float, split_id: str, metric: str, promote: bool,
+            champion: str) -> tuple[str, str]:
+    """``(decision, reason)``: first / promoted / forced move the champion alias; kept does not."""
+    new = f"challenger v{version} {metric} {value:.4f}"
+    if current is None:
+        return "first", f"no {champion} yet; {new} on val split {split_id}"
+    tags = dict(current.tags or {})
+    old_split, old_value = tags.get(SPLIT_TAG), _float(tags.get(metric))
+    old = f"{champion} v{current.version} " + (f"{metric} {old_value:.4f}" if old_value is not None else f"(no {metric})")
+    if promote:
+        return "forced", f"{new} replaces {old} (--promote)"
+    if old_value is None:
+        return "kept", f"{old} has no {metric} tag to compare with; {new} stays challenger (--promote to force)"
+    if old_split != split_id:
+        return "kept", (f"{new} was measured on val split {split_id}, {old} on {old_split or 'an unrecorded one'}; "
+                        "not comparable (--promote to force)")
+    if value >= old_value:
+        return "promoted", f"{new} >= {old} on val split {split_id}"
+    return "kept", f"{new} < {old} on val split {split_id}"
+
+
+def _float(text) -> float | None:
+    try:
+        return float(text) if text is not None and math.isfinite(float(text)) else None
+    except ValueError:
+        return None
+
+
+def _record(c, name: str, version, reason: str) -> None:
+    c.set_model_version_tag(name, str(version), PROMOTION_TAG, reason[:5000])
+    c.set_registered_model_tag(name, PROMOTION_TAG, f"v{version} {reason}"[:5000])
+
+
 def log_and_register(settings: TrackingSettings, model, name: str, classes: list[str], experiment: str = "petl",
-                     run_name: str | None = None, alias: str | None = CHAMPION):
+                     run_name: str | None = None, alias: str | None = CHAMPION, metrics: dict | None = None):
     """Log ``model``'s adapter as a new MLflow run and register it as the next version of ``name``
-    (alias ``alias`` moved to it), for models trained outside a sweep. Returns the ``ModelVersion``."""
+    (alias ``alias`` moved to it), for models trained outside a sweep. The run records the method,
+    ``hparams.<name>`` for each hyperparameter, ``num_trainable`` and ``metrics`` (e.g.
+    ``val_accuracy``, ``test_accuracy``; non-finite values are skipped). Returns the ``ModelVersion``."""
     from .artifacts import save_adapter
 
     with tempfile.TemporaryDirectory() as d, RunLogger(settings, experiment, run_name=run_name or name,
                                                        tags={"petl.task": name, "petl.method": model.method}) as run:
+        run.log_params({"method": model.method, "num_trainable": model.num_trainable(),
+                        **{f"hparams.{k}": v for k, v in model.config.to_dict().items()}})
+        if metrics:
+            run.log_metrics(metrics, step=0)
         save_adapter(model, d, task=name, classes=classes)
         run.log_artifacts(d, ADAPTER_PATH)
     return register_adapter(settings, run.run_id, name, alias, tags={"task": name, "method": model.method})
@@ -178,9 +259,13 @@ def show_model(settings: TrackingSettings, ref: str) -> dict:
 
 
 def promote(settings: TrackingSettings, name: str, version: str, alias: str = CHAMPION) -> dict:
+    """``petl registry promote``: the manual override, recorded like the automatic decisions."""
     c = client(settings)
     mv = _version(c, name, str(version))
+    was = _alias_target(c, name, alias)
     c.set_registered_model_alias(name, alias, mv.version)
+    _record(c, name, mv.version, f"manual: {alias} moved to v{mv.version} by `petl registry promote`"
+                                 + (f" (was v{was.version})" if was else ""))
     return show_model(settings, f"{name}/{mv.version}")
 
 

@@ -112,7 +112,7 @@ def run_sweep(tasks: list[str], method: str, backbone: str, settings: TrackingSe
     from ..data import check_task_name
     from ..methods import get_method
     from .distributed import ensure_ray, storage
-    from .run import check_budget, train_config, val_split_id
+    from .run import check_budget, train_config
 
     # Everything that can be checked is checked before Ray or any trial starts.
     if not tasks:
@@ -135,7 +135,6 @@ def run_sweep(tasks: list[str], method: str, backbone: str, settings: TrackingSe
         raise PetlError("--promote moves the champion to the registered best trial: drop --no-register")
     if register and alias == CHALLENGER:
         raise PetlError(f"--alias {CHALLENGER} is reserved for the newest version; pick another champion alias")
-    splits = {t: val_split_id(t) for t in tasks} if register else {}  # the data must load before any trial
     settings.prepare()
     path, fs = storage(settings.storage_path)
     name = name or method
@@ -148,7 +147,7 @@ def run_sweep(tasks: list[str], method: str, backbone: str, settings: TrackingSe
         return [_sweep_task(t, method, backbone, settings, parsed, samples, epochs, train, hparams or {}, scheduler,
                             grace_period, reduction_factor, max_concurrent, cpus_per_trial, gpus, max_failures,
                             f"{name}-{task_slug(t)}", path, fs, resume, experiment, register, model_name, alias, budget, progress,
-                            split_id=splits.get(t), promote=promote)
+                            promote=promote)
                 for t in tasks]
     finally:
         if started is not None:
@@ -173,7 +172,7 @@ def _parent_run(settings, experiment, sweep_name, task, method, parsed, resume) 
 
 def _sweep_task(task, method, backbone, settings, parsed, samples, epochs, train, hparams, scheduler, grace,
                 rf, max_concurrent, cpus, gpus, max_failures, sweep_name, path, fs, resume, experiment, register,
-                model_name, alias, budget, progress, split_id=None, promote=False) -> dict:
+                model_name, alias, budget, progress, promote=False) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -216,9 +215,11 @@ def _sweep_task(task, method, backbone, settings, parsed, samples, epochs, train
         if register and summary["best"]:
             from .run import register_run
 
+            # the val split's identity is read here, on the driver, after the trials: bad data is a
+            # trial's error (tests/test_training_failures.py), not a pre-flight one
             b = summary["best"]
             reg = register_run(settings, task, method, b["run_id"], b["val_accuracy"], model_name=model_name,
-                               alias=alias, promote=promote, split_id=split_id, tags={"sweep": sweep_name})
+                               alias=alias, promote=promote, tags={"sweep": sweep_name})
             summary["registered"] = reg
             parent.set_tags({"petl.registered": f"{reg['name']}/{reg['version']}", "petl.promotion": reg["reason"]})
         if not summary["best"]:
