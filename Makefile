@@ -48,8 +48,12 @@ debs: $(DEB_STAMP)
 demo: venv
 	$(VENV)/bin/petl demo
 
+# The fault suite builds its own multi-node cluster: it runs in a pytest process of its own, so no
+# state an earlier test module left in the process (Ray, Tune, Serve globals) reaches it.
+# (Exit 5 = nothing selected, e.g. PYTEST_ARGS='-m "not slow"'.)
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS) --ignore=tests/test_faults.py
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests/test_faults.py || [ $$? -eq 5 ]
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -70,6 +70,7 @@ def cluster(tmp_path_factory):
             "dashboard_port": free_port(), "_system_config": FAST_NODE_FAILURE})
         for _ in range(2):
             c.add_node(num_cpus=1)
+        c.wait_for_nodes()
         ray.init(address=c.address, logging_level=logging.WARNING)
         try:
             yield {**st, "cluster": c, "add_worker": lambda: c.add_node(num_cpus=1)}
