@@ -28,3 +28,12 @@ def tiny_backbone8():
 def images():
     torch.manual_seed(1)
     return torch.randn(4, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The shared 2-core machine runs tiny models several times faster single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,14 +18,7 @@ from petl_platform.methods.dyn_exit.calibrate import budget_key, evaluate_dynami
 from petl_platform.tracking.artifacts import CONFIG, load_adapter, save_adapter
 from petl_platform.training.measure import budget_calibration
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The shared 2-core machine runs tiny models several times faster single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster single-threaded
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,9 @@ from petl_platform.methods.dyn_exit import (DYN_FIELD_NAMES, EXCLUDED, accuracy_
 from petl_platform.methods.dyn_exit.calibrate import evaluate_dynamic
 from petl_platform.tracking.artifacts import load_adapter, save_adapter
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster single-threaded
+
 TOKEN_SEQUENTIAL = ["linear", "lora", "adapter", "repadapter", "arc", "arc_att"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The shared 2-core machine runs tiny models several times faster single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _present(names):

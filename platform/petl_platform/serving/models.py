@@ -264,23 +264,22 @@ class TaskModelCache:
 
     def _evict(self, keep: str | None = None) -> None:
         """Least recently used first: off the device (to the host when it has room), then out."""
-        def over() -> bool:
-            used = sum(e.nbytes for e in self.entries.values())
-            return used > self.budget or (self.capacity is not None and len(self.entries) > self.capacity)
-
+        used = sum(e.nbytes for e in self.entries.values())
         for task in list(self.entries):
-            if not over():
+            if used <= self.budget and (self.capacity is None or len(self.entries) <= self.capacity):
                 break
             e = self.entries[task]
             if task == keep or e.pins:
                 continue
             del self.entries[task]
+            used -= e.nbytes
             self.stats["evictions"] += 1
             if self.host_budget >= e.nbytes:
                 move_own(e.model, self.backbone, "cpu")
                 self.host[task] = e
-        while self.host and sum(e.nbytes for e in self.host.values()) > self.host_budget:
-            self.host.popitem(last=False)
+        held = sum(e.nbytes for e in self.host.values())
+        while self.host and held > self.host_budget:
+            held -= self.host.popitem(last=False)[1].nbytes
 
     # ------------------------------------------------------------------ alias refresh
     def refresh_once(self) -> None:
