@@ -15,13 +15,21 @@ Runs are appended to ``fidelity_runs.jsonl`` (a rerun skips what is there), then
 reads ``p4_train_memory_fidelity.json`` (P4 on the same backbone) from the same directory when
 ``petl bench`` ran that section there.
 
-    nice .venv/bin/python bench/fidelity.py --out-dir bench/results/<date> [--quick]
+``--fair`` is the fair basis: each method's learning rate is chosen per task on val (the selection
+``petl sweep`` makes: best val accuracy over a grid of the recipe's lr x 1/3, x 1, x 3, seed 0,
+run in-process), with >= 10 epochs for every method and the probe alike, then tested with 3 seeds
+at that lr (seed 0 is the sweep's own run). It writes ``fidelity_fair_runs.jsonl`` and
+``fidelity_fair.json`` next to the default basis, method by method, so a partial run reports every
+method it finished and a rerun resumes.
+
+    nice .venv/bin/python bench/fidelity.py --out-dir bench/results/<date> [--quick | --fair]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -46,7 +54,10 @@ def _logits(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def run_one(bb, task: str, method: str, seed: int, epochs: int) -> dict:
+LR_GRID = (1 / 3, 1.0, 3.0)  # --fair: multiples of the method's recipe lr, chosen per task on val
+
+
+def run_one(bb, task: str, method: str, seed: int, epochs: int, lr: float | None = None) -> dict:
     from petl_platform.data import get_task, task_tensors
     from petl_platform.methods import get_method
     from petl_platform.methods.registry import spec_of
@@ -54,14 +65,14 @@ def run_one(bb, task: str, method: str, seed: int, epochs: int) -> dict:
     from petl_platform.training.measure import inference_metrics
     from petl_platform.training.run import finetune
 
-    overrides = {"seed": seed, "progress": False, "device": "cpu", "epochs": epochs}
+    overrides = {"seed": seed, "progress": False, "device": "cpu", "epochs": epochs, **({"lr": lr} if lr else {})}
     model, res = finetune(task, method, bb.petl_name, HPARAMS.get(method), overrides, backbone_model=bb)
     data = task_tensors(get_task(task), bb)
     (x_val, y_val), (x_test, y_test) = data["val"], data["test"]
     model.eval()
     rec = {"task": task, "method": method, "seed": seed, "epochs": res["epochs"], "accuracy": res["accuracy"],
            "val_accuracy": res["val_accuracy"], "trainable_params": res["trainable_params"],
-           "train_wall_s": res["train_wall_s"]}
+           "train_wall_s": res["train_wall_s"], "lr": lr}
     deployed = model
     if get_method(method).mergeable and method != "linear":
         deployed = model.merged().eval()
@@ -242,6 +253,58 @@ def plots(agg: dict, out_dir: Path) -> list[str]:
     return paths
 
 
+def fair_runs(bb, tasks: list[str], methods: list[str], seeds: list[int], epochs: int, log: Path,
+              runs: list[dict]) -> None:
+    """The fair basis, one (task, method) at a time: the lr sweep on val (seed ``seeds[0]``), then the
+    other seeds at the chosen lr. Appends to ``log``; what is there already is skipped."""
+    from tqdm import tqdm
+
+    from petl_platform.methods import get_method
+    from petl_platform.training.loop import TrainConfig
+
+    def record(rec, t0, **extra):
+        rec.update(wall_s=round(time.time() - t0, 1), **extra)
+        with log.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        runs.append(rec)
+
+    cells = [(t, m) for t in tasks for m in methods]
+    for task, method in (bar := tqdm(cells, desc="fidelity (fair)", unit="method")):
+        base = TrainConfig.from_dict({**get_method(method).recipe}, "training").lr
+        for mult in LR_GRID:
+            lr = base * mult
+            if not any(r["task"] == task and r["method"] == method and r["phase"] == "sweep" and
+                       math.isclose(r["lr"], lr) for r in runs):
+                bar.set_postfix_str(f"{method} {task} lr {lr:.2g}")
+                t0 = time.time()
+                record(run_one(bb, task, method, seeds[0], epochs, lr), t0, phase="sweep", lr_multiple=mult)
+        sweep = [r for r in runs if r["task"] == task and r["method"] == method and r["phase"] == "sweep"]
+        best = max(sweep, key=lambda r: (r["val_accuracy"], -abs(math.log(r["lr_multiple"]))))
+        for seed in seeds[1:]:
+            if not any(r["task"] == task and r["method"] == method and r["phase"] == "seed" and r["seed"] == seed
+                       for r in runs):
+                bar.set_postfix_str(f"{method} {task} seed {seed}")
+                t0 = time.time()
+                record(run_one(bb, task, method, seed, epochs, best["lr"]), t0, phase="seed",
+                       lr_multiple=best["lr_multiple"])
+
+
+def fair_selected(runs: list[dict], seeds: list[int]) -> list[dict]:
+    """Per (task, method): the sweep run with the best val accuracy (as seed ``seeds[0]``) and the
+    other seeds' runs at its lr; cells whose seeds are not all done are left out."""
+    out = []
+    for task, method in dict.fromkeys((r["task"], r["method"]) for r in runs):
+        sweep = [r for r in runs if r["task"] == task and r["method"] == method and r["phase"] == "sweep"]
+        if len(sweep) < len(LR_GRID):
+            continue
+        best = max(sweep, key=lambda r: (r["val_accuracy"], -abs(math.log(r["lr_multiple"]))))
+        rest = [r for r in runs if r["task"] == task and r["method"] == method and r["phase"] == "seed"
+                and r["seed"] in seeds[1:]]
+        if len(rest) == len(seeds) - 1:
+            out += [best, *rest]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", required=True)
@@ -250,6 +313,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=4, help="epochs of every method")
     ap.add_argument("--quick", action="store_true", help="2 epochs")
+    ap.add_argument("--fair", action="store_true", help="lr chosen per task on val, >= 10 epochs, 3 seeds "
+                    "(fidelity_fair_runs.jsonl / fidelity_fair.json)")
     ap.add_argument("--backbone", default=None, help="default: the shipped backbone")
     ap.add_argument("--aggregate-only", action="store_true")
     args = ap.parse_args(argv)
@@ -258,12 +323,17 @@ def main(argv=None) -> int:
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "fidelity_runs.jsonl"
+    log = out / ("fidelity_fair_runs.jsonl" if args.fair else "fidelity_runs.jsonl")
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     done = {(r["task"], r["method"], r["seed"]) for r in runs}
     epochs = 2 if args.quick else args.epochs
+    if args.fair:
+        epochs = max(10, args.epochs)
+        if not args.aggregate_only:
+            fair_runs(create_backbone(args.backbone or SHIPPED), args.tasks, args.methods, args.seeds, epochs, log, runs)
+        runs = fair_selected(runs, args.seeds)
     todo = [(s, t, m) for s in args.seeds for t in args.tasks for m in args.methods if (t, m, s) not in done]
-    if todo and not args.aggregate_only:
+    if todo and not args.aggregate_only and not args.fair:
         from tqdm import tqdm
 
         bb = create_backbone(args.backbone or SHIPPED)
@@ -280,11 +350,17 @@ def main(argv=None) -> int:
     agg = aggregate([r for r in runs if r["task"] in args.tasks and r["method"].split(" ")[0] in args.methods
                      and r["seed"] in args.seeds],
                     json.loads(p4_path.read_text()) if p4_path.exists() else None)
-    agg.update(seeds=args.seeds, epochs=epochs, backbone=args.backbone or SHIPPED, plots=plots(agg, out))
-    (out / "fidelity.json").write_text(json.dumps(agg, indent=2) + "\n")
+    agg.update(seeds=args.seeds, epochs=epochs, backbone=args.backbone or SHIPPED,
+               plots=[] if args.fair else plots(agg, out))
+    if args.fair:
+        agg.update(basis=f"lr per task on val over recipe lr x {', x '.join(f'{m:.3g}' for m in LR_GRID)}, "
+                         f"{epochs} epochs every method, seeds {args.seeds}",
+                   chosen_lr={f"{r['method']}/{r['task']}": {"lr": r["lr"], "multiple": r["lr_multiple"]}
+                              for r in runs if r["phase"] == "sweep"})
+    (out / ("fidelity_fair.json" if args.fair else "fidelity.json")).write_text(json.dumps(agg, indent=2) + "\n")
     for c in agg["claims"]:
         print(f"[{'met' if c['met'] else 'NOT met' if c['met'] is not None else 'n/a'}] {c['claim']}: {c['measured']}")
-    print(f"wrote {out / 'fidelity.json'}")
+    print(f"wrote {out / ('fidelity_fair.json' if args.fair else 'fidelity.json')}")
     return 0
 
 

@@ -52,6 +52,8 @@ SECTIONS = {
     "colocation": ("colocation_hop.py", ["--repeats", "7"], [], "colocation_hop.json"),
     "dyt_curve": ("dyt_curve.py", None, [], "dyt_curve.json"),  # None: not in --quick
     "fidelity": ("fidelity.py", ["--aggregate-only"], [], "fidelity.json"),
+    # lr chosen per task on val, >= 10 epochs every method, 3 seeds (hours on 2 cores; resumable)
+    "fidelity_fair": ("fidelity.py", None, ["--fair"], "fidelity_fair.json"),
 }
 
 
@@ -203,7 +205,8 @@ def figures(out: Path) -> list[dict]:
     if p7 := _load(out, "p7_asha_vs_grid.json"):
         rs = [r["compute_ratio"] for r in p7["rounds"]]
         gaps = [r["best_gap_pt"] for r in p7["rounds"]]
-        figs.append(_fig("P7", f"ASHA vs full grid ({p7['grid_points']} points x {p7['epochs']} epochs, {p7['method']}, {p7['task']}): "
+        figs.append(_fig("P7", f"ASHA (reduction factor {p7.get('reduction_factor', 3):g}) vs full grid ({p7['grid_points']} points x "
+                               f"{p7['epochs']} epochs, {p7['method']}, {p7['task']}): "
                                "trial-epochs", p7["compute_ratio_median"], [min(rs), max(rs)], len(rs), "<= 0.333x",
                          p7["compute_ratio_median"] <= 1 / 3, source="p7_asha_vs_grid.json",
                          note=f"{p7['rounds'][0]['asha']['trial_epochs']} vs {p7['rounds'][0]['fifo']['trial_epochs']} "
@@ -295,9 +298,11 @@ def _met(m) -> str:
 
 def fidelity_md(fid: dict) -> list[str]:
     tasks = fid["tasks"]
+    recipe = (f"trains {fid['epochs']} epochs with its default recipe (lr, weight decay)" if "basis" not in fid else
+              f"has its lr chosen per task on val ({fid['basis']}); the chosen lr multiples: "
+              + ", ".join(f"{k} x{v['multiple']:.3g}" for k, v in fid["chosen_lr"].items()))
     lines = [f"Shipped backbone `{fid['backbone']}`, {len(tasks)} tasks x {len(fid['seeds'])} seeds "
-             f"({', '.join(map(str, fid['seeds']))}); every method trains {fid['epochs']} epochs with its default recipe "
-             "(lr, weight decay). Accuracy is test top-1, mean +- std "
+             f"({', '.join(map(str, fid['seeds']))}); every method {recipe}. Accuracy is test top-1, mean +- std "
              "over seeds; GFLOPs are measured per image for the deployed form (mergeable methods merged); img/s is the "
              "median over runs at batch 64 (noisy on this shared 2-core machine); train memory is P4's fresh-process "
              "peak where P4 ran in this directory.", "",
@@ -348,6 +353,9 @@ def render(out: Path, runs: dict, quick: bool) -> str:
                      f"{_met(f['met'])} | {f['note']} |")
     lines += ["", "## Fidelity to the papers (relative claims, offline data)", ""]
     lines += fidelity_md(fid) if fid else ["Not run in this directory (`petl bench --only fidelity`)."]
+    fair = _load(out, "fidelity_fair.json")
+    lines += ["", "### The fair basis: lr chosen per task on val, >= 10 epochs, 3 seeds", ""]
+    lines += fidelity_md(fair) if fair else ["Not run in this directory (`petl bench --only fidelity_fair`)."]
     pngs = sorted(p.name for p in out.glob("*.png"))
     if pngs:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]

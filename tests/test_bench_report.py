@@ -63,6 +63,26 @@ def test_fidelity_claims_follow_the_figures():
     assert agg["dyt_activation_per_layer"]["a"] == [0.4, 0.6]
 
 
+def test_fair_basis_picks_each_cells_lr_on_val_and_reports_it():
+    """--fair: per (task, method) the sweep run with the best VAL accuracy stands for seed 0 (not the
+    best test accuracy), the other seeds must be at its lr, and an unfinished cell is left out."""
+    fid, report = _module("fidelity"), _module("report")
+    runs = []
+    for mult, val, test in ((1 / 3, 0.60, 0.90), (1.0, 0.70, 0.50), (3.0, 0.65, 0.95)):
+        runs.append(_run("lora", "a", 0, test, phase="sweep", lr=1e-3 * mult, lr_multiple=mult, val_accuracy=val))
+    runs += [_run("lora", "a", s, 0.52, phase="seed", lr=1e-3, lr_multiple=1.0, val_accuracy=0.7) for s in (1, 2)]
+    runs += [_run("linear", "a", 0, 0.4, phase="sweep", lr=1e-2 * m, lr_multiple=m, val_accuracy=0.4)
+             for m in fid.LR_GRID]  # its seeds 1 and 2 are missing: not reported yet
+    chosen = fid.fair_selected(runs, [0, 1, 2])
+    assert {r["method"] for r in chosen} == {"lora"} and len(chosen) == 3
+    assert next(r for r in chosen if r["seed"] == 0)["accuracy"] == 0.50  # picked on val (0.70), not test
+    agg = fid.aggregate(chosen)
+    agg.update(seeds=[0, 1, 2], epochs=10, backbone="b", basis="lr per task on val, 10 epochs",
+               chosen_lr={"lora/a": {"lr": 1e-3, "multiple": 1.0}})
+    md = "\n".join(report.fidelity_md(agg))
+    assert "lora/a x1" in md and "| lora | 1,000 |" in md and "51.3 +- 1.2" in md
+
+
 def test_unknown_section_is_one_line_exit_2(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--only", "P99", "--out", str(tmp_path)])
