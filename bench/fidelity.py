@@ -151,7 +151,7 @@ def claims(rows, runs, by, tasks, p4) -> list[dict]:
         losers = [r["method"] for r in others if r["mean_accuracy"] <= lin]
         gaps = ", ".join(f"{r['method']} {100 * (r['mean_accuracy'] - lin):+.1f}" for r in others)
         out.append(_claim("every method beats the linear probe on average", f"pt vs probe: {gaps}",
-                          "all > 0 pt", not losers, f"not beating it: {', '.join(losers)}" if losers else ""))
+                          "all > 0 pt", not losers if others else None, f"not beating it: {', '.join(losers)}" if losers else ""))
     dyn = [m for m in row if m.startswith("dyn_") and "budget" not in row[m]]
     for m in dyn:
         full = statistics.fmean(r["dyn"]["full_accuracy"] for r in runs if r["method"] == m)

@@ -76,3 +76,20 @@ def test_shipped_backbone_and_model_card():
     bb = create_backbone(SHIPPED)
     assert len(bb.blocks) == 12 and bb.patch_embed.img_size == (32, 32)
     assert bb.fingerprint == create_backbone(SHIPPED).fingerprint
+
+
+def test_timm_name_without_weights_warns_once(caplog, monkeypatch, tmp_path, tiny_backbone):
+    from petl_platform.backbones import factory
+
+    monkeypatch.setattr(factory, "_WARNED", set())
+    path = tmp_path / "w.pth"
+    torch.save(tiny_backbone.state_dict(), path)
+    with caplog.at_level("WARNING", logger=factory.__name__):
+        create_backbone("vit_tiny_patch16_224", **TINY)
+        create_backbone("vit_tiny_patch16_224", **TINY)  # once per name and process
+        create_backbone(f"vit_tiny_patch16_224@{path}", **TINY)  # weights given: no warning
+        create_backbone(SHIPPED)
+    msgs = [r.getMessage() for r in caplog.records if r.name == factory.__name__]
+    assert len(msgs) == 1, msgs
+    assert msgs[0].startswith("vit_tiny_patch16_224 has no pretrained weights here") and "random" in msgs[0]
+    assert "ARCH@FILE" in msgs[0]

@@ -150,9 +150,9 @@ def test_sweep_cli_prints_the_decision(monkeypatch, capsys, registry):
            "decision": "kept", "reason": "kept: challenger v4 val_accuracy 0.5850 < champion v3 val_accuracy 0.6990"}
     seen = {}
 
-    def fake_run_sweep(tasks, method, backbone, settings, **kw):
-        seen.update(kw)
-        return [{"task": tasks[0], "method": method, "trials": [{}], "trial_epochs": 1, "grid_epochs": 1,
+    def fake_run_sweep(spec):
+        seen.update(promote=spec.promote)
+        return [{"task": spec.tasks[0], "method": spec.method, "trials": [{}], "trial_epochs": 1, "grid_epochs": 1,
                  "best": {"val_accuracy": 0.585, "params": {}}, "registered": reg}]
 
     monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)

@@ -94,6 +94,7 @@ def _cluster_node(cluster, node_id: str):
 
 # ------------------------------------------------------------------------------- node loss: sweep
 def test_node_loss_during_sweep_resumes_trial_from_checkpoint(cluster):
+    from petl_platform.training.spec import SweepSpec
     from petl_platform.training.sweep import run_sweep
 
     st, c, seen = cluster, mlflow.MlflowClient(cluster["settings"].tracking_uri), {}
@@ -123,9 +124,10 @@ def test_node_loss_during_sweep_resumes_trial_from_checkpoint(cluster):
     killer.start()
     t0 = time.time()
     try:
-        [s] = run_sweep(["digits-1k"], "lora", st["backbone"], st["settings"], space=["lr=choice(0.01)", "rank=choice(2)"],
-                        samples=1, epochs=epochs, scheduler="fifo", train={"batch_size": 16}, max_failures=3,
-                        name="nodeloss", register=False, progress=False)
+        [s] = run_sweep(SweepSpec(tasks=("digits-1k",), method="lora", backbone=st["backbone"], settings=st["settings"],
+                                  space=("lr=choice(0.01)", "rank=choice(2)"), samples=1, epochs=epochs,
+                                  scheduler="fifo", train={"batch_size": 16}, max_failures=3, name="nodeloss",
+                                  register=False, progress=False))
     finally:
         killer.join(5)
         st["add_worker"]()  # the replacement node the next tests expect (an autoscaler's job)

@@ -12,6 +12,7 @@ import mlflow
 import pytest
 
 from platform_stack import platform_stack, s3_keys
+from petl_platform.training.spec import SweepSpec, TrainSpec
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +42,8 @@ def _artifact_keys(st, run_id: str) -> list[str]:
 def test_two_worker_ray_train_logs_to_mlflow_and_s3(stack):
     from petl_platform.training.distributed import run_train
 
-    out = run_train("digits-1k", "lora", stack["backbone"], stack["settings"], hparams={"rank": 2},
-                    train={"epochs": 2, "batch_size": 32}, workers=2, name="train-2w")
+    out = run_train(TrainSpec(task="digits-1k", method="lora", backbone=stack["backbone"], settings=stack["settings"],
+                              hparams={"rank": 2}, train={"epochs": 2, "batch_size": 32}, workers=2, name="train-2w"))
     assert out["workers"] == 2 and 0.0 <= out["test_accuracy"] == out["accuracy"] <= 1.0
     assert out["trainable_params"] > 0 and out["peak_mem_mb"] > 0 and out["wall_s"] > 0
     run = _client(stack).get_run(out["mlflow_run_id"])
@@ -70,9 +71,10 @@ def test_asha_sweep_registers_champion_with_artifacts_in_s3(stack, tmp_path):
     from petl_platform.training.sweep import run_sweep
 
     # One good learning rate first, then three that cannot learn: ASHA must cut the three at rung 1.
-    [s] = run_sweep(["digits-1k"], "dyn_linear", stack["backbone"], stack["settings"],
-                    space=["lr=grid(0.05,1e-6,1e-6,1e-6)", "p_m=choice(0.0,0.2)"], samples=1, epochs=4,
-                    train={"batch_size": 32, "warmup_epochs": 0}, max_concurrent=2, name="asha", progress=False)
+    [s] = run_sweep(SweepSpec(tasks=("digits-1k",), method="dyn_linear", backbone=stack["backbone"],
+                              settings=stack["settings"], space=("lr=grid(0.05,1e-6,1e-6,1e-6)", "p_m=choice(0.0,0.2)"),
+                              samples=1, epochs=4, train={"batch_size": 32, "warmup_epochs": 0}, max_concurrent=2,
+                              name="asha", progress=False))
     assert len(s["trials"]) == 4 and all(t["error"] is None for t in s["trials"])
     assert any(t["stopped_early"] for t in s["trials"]) and s["trial_epochs"] < s["grid_epochs"]
     best = s["best"]
@@ -130,9 +132,10 @@ def test_killed_worker_trial_resumes_from_checkpoint(stack):
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
-    [s] = run_sweep(["digits-1k"], "linear", stack["backbone"], stack["settings"], space=["lr=choice(0.01)"],
-                    samples=1, epochs=6, scheduler="fifo", train={"batch_size": 16}, max_failures=1, name="kill",
-                    register=False, progress=False)
+    [s] = run_sweep(SweepSpec(tasks=("digits-1k",), method="linear", backbone=stack["backbone"],
+                              settings=stack["settings"], space=("lr=choice(0.01)",), samples=1, epochs=6,
+                              scheduler="fifo", train={"batch_size": 16}, max_failures=1, name="kill",
+                              register=False, progress=False))
     killer.join(5)
     assert "pid" in seen, "the trial never checkpointed"
     [t] = s["trials"]

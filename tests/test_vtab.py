@@ -273,6 +273,7 @@ def test_suite_end_to_end_on_ray_with_mlflow(tree, tmp_path, capsys):
         assert rc == 0, out
         assert "| cifar | natural | 100 |" in out and "mean of group means (2 of 3 groups)" in out
         assert "mean of datasets (3 of 19)" in out and "missing (not averaged): caltech101" in out
+        assert "registered models:/vtab1k-eurosat-linear version 1: first" in out  # challenger rule, first version
         c = mlflow.MlflowClient(st["settings"].tracking_uri)
         exp = c.get_experiment_by_name("petl")
         [suite] = c.search_runs([exp.experiment_id], "tags.`petl.role` = 'vtab_suite'")
@@ -294,3 +295,4 @@ def test_suite_end_to_end_on_ray_with_mlflow(tree, tmp_path, capsys):
         assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["summary.json", "summary.md"]
         assert c.get_model_version_by_alias("vtab1k-eurosat-linear", "champion").run_id in {
             r.info.run_id for r in children}
+        assert c.get_model_version_by_alias("vtab1k-eurosat-linear", "challenger").version == "1"

@@ -91,31 +91,53 @@ def _print_registered(r: dict) -> None:
     print(f"  registered models:/{r['name']}{where} (version {r['version']}): {r['reason']}")
 
 
+def _train_spec(args):
+    from .training.spec import TrainSpec
+
+    return TrainSpec(task=args.task, method=args.method, backbone=args.backbone, settings=_settings(args),
+                     hparams=_parse_sets(args.set), train=_train_overrides(args), budget=args.budget,
+                     workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                     experiment=args.experiment, name=args.name, address=args.address,
+                     max_failures=args.max_failures, local=args.local, register=args.register,
+                     promote=args.promote, model_name=args.model_name)
+
+
+def _sweep_spec(args):
+    from .training.spec import SweepSpec
+    from .training.vtab_suite import DEFAULT_MODEL_NAME
+
+    return SweepSpec(tasks=tuple(t for t in (args.task or "").split(",") if t), method=args.method,
+                     backbone=args.backbone, settings=_settings(args), space=tuple(args.space or ()) or None,
+                     samples=args.samples, epochs=args.epochs or 10,
+                     train={k: v for k, v in _train_overrides(args).items() if k != "epochs"},
+                     hparams=_parse_sets(args.set), budget=args.budget, scheduler=args.scheduler,
+                     grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+                     max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
+                     gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures, name=args.name,
+                     resume=args.resume, experiment=args.experiment, register=args.register, alias=args.alias,
+                     promote=args.promote, address=args.address, suite=args.suite, vtab_root=args.vtab_root,
+                     datasets=tuple(d for d in (args.datasets or "").split(",") if d) or None,
+                     model_name=DEFAULT_MODEL_NAME if args.suite and args.model_name == "{task}" else args.model_name)
+
+
 def cmd_train(args) -> None:
-    if args.promote and not args.register:
-        raise PetlError("--promote forces the champion move of --register: add --register")
-    if args.register and args.local:
-        raise PetlError("--register needs the MLflow run a Ray Train fine-tune logs; --local logs nothing to MLflow: "
-                        "drop --local (a local Ray cluster is started when --address is not given)")
-    if args.local:
-        return _train_local(args)
+    spec = _train_spec(args)
+    if spec.local:
+        return _train_local(spec, args)
     from .training.distributed import run_train
     from .training.run import register_run, val_split_id
 
-    split_id = val_split_id(args.task) if args.register else None  # the data must load before training starts
-    result = run_train(args.task, args.method, args.backbone, _settings(args), hparams=_parse_sets(args.set),
-                       train=_train_overrides(args), workers=args.workers, use_gpu=args.gpu,
-                       cpus_per_worker=args.cpus_per_worker, budget=args.budget, experiment=args.experiment,
-                       name=args.name, address=args.address, max_failures=args.max_failures)
+    result = run_train(spec)  # validates the spec before any cluster starts
     if args.out and result.get("checkpoint"):
         import shutil
         from pathlib import Path
 
         shutil.copytree(Path(result["checkpoint"]) / "adapter", args.out, dirs_exist_ok=True)
     if args.register:
-        result["registered"] = register_run(_settings(args), args.task, args.method, result.get("mlflow_run_id"),
-                                            result.get("val_accuracy"), model_name=args.model_name,
-                                            promote=args.promote, split_id=split_id, tags={"job": result.get("name")})
+        result["registered"] = register_run(spec.settings, spec.task, spec.method, result.get("mlflow_run_id"),
+                                            result.get("val_accuracy"), model_name=spec.model_name,
+                                            promote=spec.promote, split_id=val_split_id(spec.task),
+                                            tags={"job": result.get("name")})
     if args.json:
         print(json.dumps(result, default=str))
         return
@@ -131,11 +153,12 @@ def cmd_train(args) -> None:
         _print_registered(result["registered"])
 
 
-def _train_local(args) -> None:
+def _train_local(spec, args) -> None:
     from .training.run import run_finetune
 
-    result = run_finetune(args.task, args.method, backbone=args.backbone, hparams=_parse_sets(args.set),
-                          train_overrides=_train_overrides(args), out=args.out, budget=args.budget)
+    spec.validate()
+    result = run_finetune(spec.task, spec.method, backbone=spec.backbone, hparams=spec.hparams,
+                          train_overrides=spec.train, out=args.out, budget=spec.budget)
     if args.json:
         print(json.dumps(result))
     else:
@@ -152,26 +175,11 @@ def _train_local(args) -> None:
             print(f"adapter saved to {args.out}")
 
 
-def _sweep_suite(args, settings) -> None:
-    from .training.vtab_suite import DEFAULT_MODEL_NAME, format_table, run_vtab_suite
+def _sweep_suite(spec, args) -> None:
+    from .training.vtab_suite import format_table, run_vtab_suite
 
-    if not args.vtab_root:
-        raise PetlError("--suite vtab1k needs --vtab-root ROOT (ROOT/<dataset>/{train800,val200,train800val200,test}.txt)")
-    if args.task or args.resume:
-        raise PetlError("--suite vtab1k takes its tasks from --vtab-root (and --datasets), not --task; "
-                        "--resume is not supported (rerun the missing --datasets under a new --name)")
-    if args.promote:
-        raise PetlError("--promote does not apply to --suite vtab1k: the suite registers each final fit itself")
-    s = run_vtab_suite(args.vtab_root, args.method, args.backbone, settings,
-                       datasets=[d for d in (args.datasets or "").split(",") if d] or None, space=args.space,
-                       samples=args.samples, epochs=args.epochs or 10,
-                       train={k: v for k, v in _train_overrides(args).items() if k != "epochs"},
-                       hparams=_parse_sets(args.set), scheduler=args.scheduler, grace_period=args.grace_period,
-                       reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent,
-                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                       max_failures=args.max_failures, name=args.name, experiment=args.experiment,
-                       register=args.register, alias=args.alias, address=args.address,
-                       model_name=DEFAULT_MODEL_NAME if args.model_name == "{task}" else args.model_name)
+    settings = spec.settings
+    s = run_vtab_suite(spec)  # validates the spec before Ray starts
     print(json.dumps(s, default=str) if args.json else format_table(s))
     if not args.json:
         print(f"MLflow suite run {s['parent_run_id']}: mlflow ui --backend-store-uri {settings.tracking_uri}")
@@ -184,20 +192,11 @@ def _sweep_suite(args, settings) -> None:
 def cmd_sweep(args) -> None:
     from .training.sweep import run_sweep
 
-    settings = _settings(args)
-    if args.suite:
-        return _sweep_suite(args, settings)
-    if not args.task or args.vtab_root or args.datasets:
-        raise PetlError("petl sweep needs --task T[,T2] (--vtab-root and --datasets go with --suite vtab1k)")
-    summaries = run_sweep([t for t in args.task.split(",") if t], args.method, args.backbone, settings,
-                          space=args.space, samples=args.samples, epochs=args.epochs or 10,
-                          train={k: v for k, v in _train_overrides(args).items() if k != "epochs"},
-                          hparams=_parse_sets(args.set), scheduler=args.scheduler, grace_period=args.grace_period,
-                          reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent,
-                          cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                          max_failures=args.max_failures, name=args.name, resume=args.resume,
-                          experiment=args.experiment, register=args.register, model_name=args.model_name,
-                          alias=args.alias, budget=args.budget, address=args.address, promote=args.promote)
+    spec = _sweep_spec(args)
+    if spec.suite:
+        return _sweep_suite(spec, args)
+    settings = spec.settings
+    summaries = run_sweep(spec)  # validates the spec before Ray or any trial starts
     if args.json:
         print(json.dumps(summaries, default=str))
         return
@@ -225,22 +224,9 @@ def cmd_submit(args) -> None:
 
 
 def _precheck(ns) -> None:
-    """The checks that need no data or cluster: task and method names, hyperparameters, space."""
-    from .data import check_task_name
-    from .methods import get_method
-
-    if getattr(ns, "suite", None) and not ns.vtab_root:
-        raise PetlError("--suite vtab1k needs --vtab-root ROOT (the path on the cluster)")
-    if not ns.task and not getattr(ns, "suite", None):
-        raise PetlError(f"petl {ns.cmd} needs --task")
-    for task in [t for t in (ns.task or "").split(",") if t]:
-        check_task_name(task)
-    get_method(ns.method).config_cls.from_dict(_parse_sets(ns.set), ns.method)
-    from .training.run import check_budget
-    check_budget(ns.method, ns.budget)
-    if getattr(ns, "space", None):
-        from .training.sweep import parse_space
-        parse_space(ns.space, ns.method)
+    """What can be checked before submitting (``validate(names_only=True)``): the data, weights,
+    stores and cluster are the cluster's, whose ``petl train``/``petl sweep`` checks them."""
+    (_sweep_spec if ns.cmd == "sweep" else _train_spec)(ns).validate(names_only=True)
 
 
 def cmd_serve(args) -> None:
@@ -269,7 +255,13 @@ def cmd_serve(args) -> None:
     from serve_apps.petl_app import run_local
 
     url = run_local(config, [t for t in (args.tasks or "").split(",") if t] or None, args.port)
-    print(f"serving on {url}  (docs {url}/docs; Ctrl-C stops)", flush=True)
+    import signal
+
+    def stop(signum, frame):  # `kill PID` stops like Ctrl-C (Serve shut down), not with Ray's stack dump
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"serving on {url}  (docs {url}/docs; Ctrl-C or kill stops)", flush=True)
     print(f"GET {url}/v1/tasks lists what is servable", flush=True)
     try:
         deadline = time.time() + args.duration if args.duration else None
@@ -428,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--samples", type=int, default=8, help="trials per task (x the grid size for grid(...))")
     sw.add_argument("--scheduler", default="asha", choices=["asha", "fifo"])
     sw.add_argument("--grace-period", type=int, default=1)
-    sw.add_argument("--reduction-factor", type=float, default=3)
+    sw.add_argument("--reduction-factor", type=float, default=4, help="ASHA's (Tune's default: 4)")
     sw.add_argument("--max-concurrent", type=int)
     sw.add_argument("--cpus-per-trial", type=float, default=1)
     sw.add_argument("--gpus-per-trial", type=float, help="fractional GPUs per trial (default 0.5 where there are GPUs)")

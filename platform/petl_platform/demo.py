@@ -52,13 +52,44 @@ def run_demo(tasks: list[str], methods: list[str], backbone: str, epochs: int | 
               f"{r['trainable_params']:>10,} {r['epochs']:>6} {r['wall_s']:>7.1f}")
     _multi_task(bb, models, tasks[0])
     if sweep:
-        _sweep(tasks[0], sweep, backbone, sweep_samples, sweep_epochs)
-        for task in tasks[1:]:  # the linear probes join the sweep's champion in the registry
-            _register(models[f"{task}/linear"], task,
-                      next(r for r in rows if r["task"] == task and r["method"] == "linear"))
-        _serve(tasks, backbone, budget=0.3)
+        from .training.distributed import ensure_ray
+
+        key = _serve_env()  # before the cluster starts: its replicas inherit the environment
+        # one quiet local cluster for the sweep and Serve: Ray's own output stays in its log files
+        started = ensure_ray(log_to_driver=False)
+        try:
+            _sweep(tasks[0], sweep, backbone, sweep_samples, sweep_epochs)
+            for task in tasks[1:]:  # the linear probes join the sweep's champion in the registry
+                _register(models[f"{task}/linear"], task,
+                          next(r for r in rows if r["task"] == task and r["method"] == "linear"))
+            _serve(tasks, backbone, 0.3, key, own_cluster=started is not None)
+        finally:
+            if started is not None:
+                import ray
+                ray.shutdown()
+                print("  Serve and the local Ray cluster shut down")
     print(f"\ndemo finished in {time.time() - t0:.0f}s")
+    _next_steps(tasks, methods, petl, sweep)
     return rows
+
+
+def _next_steps(tasks: list[str], methods: list[str], petl: list[str], sweep: str | None) -> None:
+    """What the demo did, where it went, and three commands to try next."""
+    from .tracking.settings import TrackingSettings
+
+    s = TrackingSettings.from_env()
+    did = [f"trained {', '.join(methods)} on {len(tasks)} tasks" + (f" and {', '.join(petl)} on {tasks[0]}" if petl else ""),
+           "answered every task in one call with the trunk shared"]
+    if sweep:
+        did += [f"swept {sweep} on {tasks[0]} with Ray Tune (every trial an MLflow run) and registered the champions",
+                "served them with Ray Serve over HTTP, then shut it down"]
+    print("\nWhat the demo did: " + "; ".join(did) + ".")
+    if sweep:
+        print(f"Runs and the registry are in {s.tracking_uri}; artifacts under {s.artifact_root}.")
+    print("Next (after `source .venv/bin/activate`, or call .venv/bin/petl):")
+    print("  petl registry list                               # the registered tasks and their aliases")
+    print(f"  mlflow ui --backend-store-uri {s.tracking_uri}  # runs, metrics, plots")
+    print(f"  petl train --task {tasks[0]} --method lora --register   # a challenger (README.md: Quickstart)")
 
 
 def _multi_task(bb, models: dict, image_task: str) -> None:
@@ -81,13 +112,15 @@ def _sweep(task: str, method: str, backbone: str, samples: int, epochs: int) -> 
     """A small ASHA sweep through Ray Tune on a local cluster, every trial an MLflow run."""
     from .tracking.runs import list_models
     from .tracking.settings import TrackingSettings
+    from .training.spec import SweepSpec
     from .training.sweep import run_sweep
 
     settings = TrackingSettings.from_env()
     print(f"\nRay Tune: {samples} trials of {method} on {task} (ASHA over p_shallow, p_deep, p_m, rank; "
           f"{epochs} epochs max), 2 at a time", flush=True)
-    [s] = run_sweep([task], method, backbone, settings, samples=samples, epochs=epochs, max_concurrent=2,
-                    name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}", progress=False)
+    [s] = run_sweep(SweepSpec(tasks=(task,), method=method, backbone=backbone, settings=settings, samples=samples,
+                              epochs=epochs, max_concurrent=2, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+                              progress=False))
     for t in s["trials"]:
         params = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
         status = "stopped by ASHA" if t["stopped_early"] else ("FAILED" if t["error"] else "completed")
@@ -109,12 +142,26 @@ def _register(model, task: str, result: dict) -> None:
     print(f"  registered {task} ({model.method}) as models:/{task}@champion (version {mv.version})")
 
 
-def _serve(tasks: list[str], backbone: str, budget: float) -> None:
+def _serve_env() -> str:
+    """A one-off API key for the demo's requests, and the proxy's error middleware; both are read
+    from the environment by the cluster's processes, so this runs before the cluster starts."""
+    import os
+    import secrets
+
+    from serve_apps.petl_app import use_proxy_middleware
+
+    key = f"demo-{secrets.token_hex(8)}"
+    os.environ["PETL_API_KEYS"] = f"{key}=*"
+    use_proxy_middleware()
+    return key
+
+
+def _serve(tasks: list[str], backbone: str, budget: float, key: str, own_cluster: bool = False) -> None:
     """Serve the registered champions with Ray Serve, send real requests over HTTP, shut down."""
     import base64
     import io
+    import logging
     import os
-    import secrets
 
     import httpx
     import ray
@@ -122,18 +169,19 @@ def _serve(tasks: list[str], backbone: str, budget: float) -> None:
     from ray import serve
 
     import serve_apps
-    from serve_apps.petl_app import build_app, load_config, use_proxy_middleware
+    from serve_apps.petl_app import build_app, load_config
 
     from .training.distributed import ensure_ray
 
-    key = f"demo-{secrets.token_hex(8)}"
-    os.environ["PETL_API_KEYS"] = f"{key}=*"
     cfg = load_config(os.path.join(os.path.dirname(serve_apps.__file__), "configs", "local.yaml"), tasks)
     print(f"\nRay Serve: serving {', '.join(tasks)} from the registry (alias champion) on one shared backbone")
-    use_proxy_middleware()
-    started = ensure_ray()
+    started = ensure_ray(log_to_driver=False)
+    own_cluster = own_cluster or started is not None
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's own Serve INFO lines
     try:
-        serve.start(http_options={**cfg["http_options"], "host": "127.0.0.1"})
+        # replicas, proxy and controller log to files under the Ray session, at WARNING, no access log
+        serve.start(http_options={**cfg["http_options"], "host": "127.0.0.1"},
+                    logging_config={"log_level": "WARNING", "enable_access_log": False})
         serve.run(build_app({**cfg["args"], "backbone": backbone}), name=cfg["name"], route_prefix="/")
         url = f"http://127.0.0.1:{cfg['http_options'].get('port', 8000)}"
         image = get_task(tasks[0]).splits["test"][0][0]
@@ -152,7 +200,11 @@ def _serve(tasks: list[str], backbone: str, budget: float) -> None:
             bad = c.post("/v1/predict", json={**body, "tasks": ["no-such-task"]})
             print(f"  an unknown task -> HTTP {bad.status_code}: {bad.json()['detail'][:70]}...")
     finally:
-        serve.shutdown()
+        # On a cluster of our own, ray.shutdown() ends Serve with it: serve.shutdown() first only adds
+        # Ray's "Task ServeController.graceful_shutdown failed ... will be retried" warning (the
+        # controller kills itself while the driver's call to it waits).
+        if not own_cluster:
+            serve.shutdown()
         if started is not None:
             ray.shutdown()
-    print("  Serve shut down")
+            print("  Serve and the local Ray cluster shut down")

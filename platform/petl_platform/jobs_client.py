@@ -37,10 +37,16 @@ def runtime_env(env: dict[str, str]) -> dict:
 
 
 def connect(address: str):
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    from .ray_auth import auth_error, prepare_dashboard
+
+    prepare_dashboard(address)  # a token-auth cluster: send the token, or say where to put it
     try:
         return JobSubmissionClient(address)
+    except AuthenticationError:
+        raise auth_error(address) from None
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PetlError(f"cannot reach the Ray Jobs API at {address}: {first[:200]}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import PetlError
+
+log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED = "petl_vit_t12_p4_32"  # the offline-pretrained 12-block ViT that ships with the package
@@ -122,11 +125,26 @@ def create_backbone(name_or_path: str = SHIPPED, pretrained: bool = False, **ove
             _apply_weights(model, load_weights_file(path), path)
     else:
         model = _build(name_or_path, overrides, pretrained=pretrained)
+        if not pretrained:
+            _warn_random(name_or_path)
     model.requires_grad_(False)
     model.eval()
     model.petl_name = name_or_path
     model.fingerprint = fingerprint(model)
     return model
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_random(name: str) -> None:
+    """A bare timm name is built with random weights (nothing is downloaded at run time): say so,
+    once per name and process, since every accuracy on such a backbone is meaningless."""
+    if name not in _WARNED:
+        _WARNED.add(name)
+        log.warning("%s has no pretrained weights here (nothing is downloaded at run time): its weights are "
+                    "random. Pass a weights file as ARCH@FILE (e.g. %s@weights.safetensors, or a JAX .npz) or use the "
+                    "shipped %s", name, name, SHIPPED)
 
 
 def structural_config(model: nn.Module) -> dict:

@@ -33,6 +33,7 @@ def git_commit() -> str:
 def client(settings: TrackingSettings):
     import mlflow
 
+    settings.open_store()  # a new embedded store gets its Default experiment under the artifact root
     return mlflow.MlflowClient(settings.tracking_uri)
 
 

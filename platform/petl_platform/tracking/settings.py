@@ -78,6 +78,7 @@ class TrackingSettings:
         """Create local directories and check every remote store up front; one-line errors."""
         if self.tracking_uri.startswith("sqlite:///"):
             Path(self.tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            self.open_store()
         for where in (self.artifact_root, self.storage_path):
             if where and where.startswith("s3://"):
                 check_s3(where)
@@ -86,10 +87,28 @@ class TrackingSettings:
         check_tracking(self.tracking_uri)
         return self
 
+    def open_store(self) -> None:
+        """Create a new embedded (sqlite) store with this artifact root. MLflow creates experiment
+        ``Default`` (id 0) when it first opens a database, under ``./mlruns`` of the *working
+        directory* unless the store is opened with a root; opened here first, ``Default`` lives
+        under the artifact root ($PETL_HOME/mlartifacts/0) like every other experiment."""
+        key = (self.tracking_uri, self.artifact_root)
+        if key in _OPENED or not self.tracking_uri.startswith("sqlite:///") or not self.artifact_root:
+            return
+        db = Path(self.tracking_uri[len("sqlite:///"):])
+        if not db.exists():
+            if not db.parent.is_dir():  # prepare() creates it; MLflow's own error otherwise
+                return
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(self.tracking_uri, _as_uri(self.artifact_root))
+        _OPENED.add(key)
+
     def experiment(self, name: str) -> str:
         """The id of MLflow experiment ``name``, created with this artifact root if new."""
         import mlflow
 
+        self.open_store()
         client = mlflow.MlflowClient(self.tracking_uri)
         exp = client.get_experiment_by_name(name)
         if exp is not None:
@@ -99,6 +118,14 @@ class TrackingSettings:
         if root:
             location = f"{root.rstrip('/')}/{name}" if "://" in root else Path(root, name).absolute().as_uri()
         return client.create_experiment(name, artifact_location=location)
+
+
+_OPENED: set = set()  # (tracking URI, artifact root) pairs open_store has seen in this process
+
+
+def _as_uri(root: str) -> str:
+    """An artifact root as a URI: ``s3://...`` as is, a directory as an absolute ``file://`` URI."""
+    return root if "://" in root else Path(root).absolute().as_uri()
 
 
 def s3_client(fail_fast: bool = False):

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from ..errors import PetlError
-from ..tracking.settings import TrackingSettings, forwarded_env
+from ..tracking.settings import forwarded_env
+
+if TYPE_CHECKING:
+    from .spec import TrainSpec
 
 
 def check_address(address: str) -> None:
@@ -25,12 +29,16 @@ def check_address(address: str) -> None:
         socket.create_connection((host, port), timeout=3).close()
     except OSError as e:
         raise PetlError(f"cannot reach Ray cluster at {host}:{port} ({e.strerror or e}); is `ray start --head` running?") from None
+    if not address.startswith("ray://"):  # a GCS: settle token auth now, not in ray.init's retries
+        from ..ray_auth import prepare_gcs
+        prepare_gcs(f"{host}:{port}")
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None):
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True):
     """Connect to ``address``, to the cluster of the Ray job this runs in, or start a local
     cluster. Returns the ``RayContext`` when this call initialised Ray (the caller then shuts it
-    down), else None."""
+    down), else None. ``log_to_driver=False`` leaves the workers' and actors' output in Ray's log
+    files (``petl demo``: the terminal shows only progress and results)."""
     import ray
 
     if ray.is_initialized():
@@ -38,7 +46,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
     if address:
         check_address(address)
     in_job = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
-    kwargs = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    kwargs = {"log_to_driver": log_to_driver, "configure_logging": True, "logging_level": "WARNING"}
     if not in_job:  # inside a Ray job the job's runtime_env already carries the env vars
         # Settings only: credentials come from the cluster's environment. A cluster started
         # here inherits this process's environment; a remote one has its own (Secret, .env).
@@ -51,6 +59,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
         return ray.init(address=address or (None if in_job else "local"), **kwargs)
     except ConnectionError as e:
         raise PetlError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS')}: {e}") from None
+    except ray.exceptions.AuthenticationError:
+        from ..ray_auth import auth_error
+        raise auth_error(address or os.environ.get("RAY_ADDRESS")) from None
 
 
 def storage(path: str):
@@ -109,61 +120,54 @@ def ray_error(e: BaseException) -> PetlError:
     return PetlError(f"training failed: {type(x).__name__}" + (f": {first[:300]}" if first else ""))
 
 
-def run_train(task: str, method: str, backbone: str, settings: TrackingSettings, hparams: dict | None = None,
-              train: dict | None = None, workers: int = 2, use_gpu: bool = False, cpus_per_worker: float = 1,
-              budget: float | None = None, experiment: str = "petl", name: str | None = None,
-              address: str | None = None, max_failures: int = 1, tags: dict | None = None) -> dict:
-    """Fine-tune through Ray Train: ``workers`` data-parallel ranks, checkpoints in Ray storage,
-    metrics and the adapter in MLflow. Returns the last reported metrics + run id + checkpoint."""
+def run_train(spec: TrainSpec) -> dict:
+    """Fine-tune through Ray Train: ``spec.workers`` data-parallel ranks, checkpoints in Ray
+    storage, metrics and the adapter in MLflow. ``spec`` is validated first, before any cluster
+    starts. Returns the last reported metrics + run id + checkpoint."""
+    spec.validate()
+    return fit_checked(spec)
+
+
+def fit_checked(spec: TrainSpec) -> dict:
+    """``run_train`` for a spec already validated (the VTAB suite's final fits)."""
     import time
 
-    from ..data import check_task_name
-    from ..methods import get_method
     from ..tracking.runs import git_commit
-    from .run import check_budget, train_config
     from .trial import ray_train_worker, trial_config
 
-    from ..backbones import create_backbone
-
-    check_task_name(task)
-    get_method(method).config_cls.from_dict(hparams or {}, method)
-    train_config(method, train or {})
-    check_budget(method, budget)
-    create_backbone(backbone)  # an unknown name or a bad weights file fails here, not on a worker
-    if workers < 1:
-        raise PetlError("--workers must be >= 1")
-    settings.prepare()
+    task, method, settings, name = spec.task, spec.method, spec.settings, spec.name
     t0 = time.time()
-    started = ensure_ray(address, num_cpus=None)
+    started = ensure_ray(spec.address, num_cpus=None)
     try:
         import ray.train
         from ray.train.torch import TorchTrainer
 
         name = name or f"train-{task}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
         path, fs = storage(settings.storage_path)
-        res = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-        config = trial_config(task, method, backbone, settings, experiment, hparams, train, budget,
-                              tags={"mlflow.source.git.commit": git_commit(), "petl.job": name, **(tags or {})},
+        res = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
+        config = trial_config(task, method, spec.backbone, settings, spec.experiment, spec.hparams, spec.train,
+                              spec.budget, tags={"mlflow.source.git.commit": git_commit(), "petl.job": name, **spec.tags},
                               run_name=name)
         # Ray retries any worker failure; a PetlError (bad data, bad hyperparameters) fails the
         # same way every time. So Ray gets no retries, and a failure is retried here, by type: a
         # PetlError never, anything else (a dead worker or node) up to max_failures times, each
         # rerun of the same name and storage resuming from the run's latest checkpoint.
-        for attempt in range(max_failures + 1):
+        for attempt in range(spec.max_failures + 1):
             trainer = TorchTrainer(
                 ray_train_worker, train_loop_config=config,
-                scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=res),
+                scaling_config=ray.train.ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
+                                                       resources_per_worker=res),
                 run_config=ray.train.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                                                failure_config=ray.train.FailureConfig(max_failures=0)))
             try:
                 result = trainer.fit()
                 break
             except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the workers' exceptions
-                if user_error(e) is not None or attempt == max_failures:
+                if user_error(e) is not None or attempt == spec.max_failures:
                     raise ray_error(e) from None
         out = dict(result.metrics or {})
         out.update(accuracy=out.get("test_accuracy"), wall_s=round(time.time() - t0, 2), task=task, method=method,
-                   workers=workers, name=name,
+                   workers=spec.workers, name=name,
                    checkpoint=result.checkpoint.path if result.checkpoint else None)
         return out
     finally:

@@ -11,10 +11,10 @@ from ..backbones import create_backbone
 from ..errors import PetlError
 from ..data import check_task_name, get_task, task_tensors
 from ..methods import build_model, get_method
-from ..methods.dyn_exit.calibrate import BUDGET_MAX
 from ..methods.registry import spec_of
 from .loop import TrainConfig, seed_everything, train
 from .measure import budget_calibration, exit_probabilities
+from .spec import check_budget
 
 
 def train_config(method: str, overrides: dict) -> TrainConfig:
@@ -42,18 +42,6 @@ def prepare_finetune(task: str, method: str, backbone: str, hparams: dict | None
     seed_everything(cfg.seed)  # the method's own initialisation is part of the seeded run
     model = build_model(method, bb, len(data.classes), **hparams)
     return model, tensors, data, cfg
-
-
-def check_budget(method: str, budget: float | None) -> None:
-    """``--budget`` calibrates early exits: only Dyn-* methods have them, and it must be a finite
-    fraction in (0, BUDGET_MAX]. Checked before any data, cluster or training."""
-    if budget is None:
-        return
-    if not isinstance(budget, (int, float)) or not math.isfinite(budget) or not 0 < budget <= BUDGET_MAX:
-        raise PetlError(f"--budget is the fraction of full-depth FLOPs the early exits may spend, "
-                        f"0 < budget <= {BUDGET_MAX} (e.g. 0.5); got {budget}")
-    if get_method(method).runtime != "early_exit":
-        raise PetlError(f"--budget applies to early-exit methods (dyn_*), not {method!r}")
 
 
 def dynamic_summary(model, tensors: dict, budget: float | None, val_probs=None) -> dict:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from ..data.registry import task_slug
 from ..errors import PetlError
-from ..tracking.runs import ADAPTER_PATH, CHALLENGER, RunLogger, client, git_commit, mark_failed
-from ..tracking.settings import CHAMPION, TrackingSettings
+from ..tracking.runs import ADAPTER_PATH, RunLogger, client, git_commit, mark_failed
 from .distributed import ray_error
+from .spec import SweepSpec
 from .trial import PETL_ERROR, TRAIN_KEYS
 
 DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
@@ -98,57 +98,27 @@ def _tune_trial(config: dict) -> None:
     ray_tune_trial(config)
 
 
-def run_sweep(tasks: list[str], method: str, backbone: str, settings: TrackingSettings,
-              space: list[str] | None = None, samples: int = 8, epochs: int = 10, train: dict | None = None,
-              hparams: dict | None = None, scheduler: str = "asha", grace_period: int = 1,
-              reduction_factor: float = 3, max_concurrent: int | None = None, cpus_per_trial: float = 1,
-              gpus_per_trial: float | None = None, max_failures: int = 1, name: str | None = None,
-              resume: bool = False, experiment: str = "petl", register: bool = True,
-              model_name: str = "{task}", alias: str = CHAMPION, budget: float | None = None,
-              address: str | None = None, progress: bool = True, promote: bool = False) -> list[dict]:
-    """Sweep ``method`` on each task; returns one summary per task (trials, best, registered version
-    and the champion decision). ``promote`` moves ``alias`` to the best trial unconditionally."""
-    from ..backbones import create_backbone
-    from ..data import check_task_name
-    from ..methods import get_method
-    from .distributed import ensure_ray, storage
-    from .run import check_budget, train_config
+def run_sweep(spec: SweepSpec) -> list[dict]:
+    """Sweep ``spec.method`` on each of ``spec.tasks``; returns one summary per task (trials, best,
+    registered version and the champion decision). ``spec`` is validated first, before Ray or any
+    trial starts."""
+    return sweep_checked(spec, spec.validate())
 
-    # Everything that can be checked is checked before Ray or any trial starts.
-    if not tasks:
-        raise PetlError("--task needs at least one task")
-    for t in tasks:
-        check_task_name(t)
-    get_method(method).config_cls.from_dict(hparams or {}, method)
-    if scheduler not in ("asha", "fifo"):
-        raise PetlError(f"unknown scheduler {scheduler!r}; use asha or fifo")
-    if samples < 1 or epochs < 1:
-        raise PetlError("--samples and --epochs must be >= 1")
-    train = {**(train or {}), "epochs": epochs}
-    train_config(method, train)
-    check_budget(method, budget)
-    depth = len(create_backbone(backbone).blocks)
-    parsed = parse_space(space if space else default_space(method, depth), method)
-    if not parsed:
-        raise PetlError(f"nothing to search for {method!r}: give --space NAME=DIST(ARGS)")
-    if promote and not register:
-        raise PetlError("--promote moves the champion to the registered best trial: drop --no-register")
-    if register and alias == CHALLENGER:
-        raise PetlError(f"--alias {CHALLENGER} is reserved for the newest version; pick another champion alias")
-    settings.prepare()
-    path, fs = storage(settings.storage_path)
-    name = name or method
+
+def sweep_checked(spec: SweepSpec, parsed: dict) -> list[dict]:
+    """``run_sweep`` for a spec already validated; ``parsed``: what ``spec.validate()`` returned."""
+    import torch
+
+    from .distributed import ensure_ray, storage
+
+    path, fs = storage(spec.settings.storage_path)
     # One checkpoint per trial-epoch is the point here; Tune's sync-frequency warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started = ensure_ray(address)
+    started = ensure_ray(spec.address)
     try:
-        import torch
-        gpus = gpus_per_trial if gpus_per_trial is not None else (0.5 if torch.cuda.is_available() else 0)
-        return [_sweep_task(t, method, backbone, settings, parsed, samples, epochs, train, hparams or {}, scheduler,
-                            grace_period, reduction_factor, max_concurrent, cpus_per_trial, gpus, max_failures,
-                            f"{name}-{task_slug(t)}", path, fs, resume, experiment, register, model_name, alias, budget, progress,
-                            promote=promote)
-                for t in tasks]
+        gpus = spec.gpus_per_trial if spec.gpus_per_trial is not None else (0.5 if torch.cuda.is_available() else 0)
+        return [_sweep_task(spec, t, parsed, f"{spec.name or spec.method}-{task_slug(t)}", path, fs, gpus)
+                for t in spec.tasks]
     finally:
         if started is not None:
             import ray
@@ -170,13 +140,13 @@ def _parent_run(settings, experiment, sweep_name, task, method, parsed, resume) 
     return parent
 
 
-def _sweep_task(task, method, backbone, settings, parsed, samples, epochs, train, hparams, scheduler, grace,
-                rf, max_concurrent, cpus, gpus, max_failures, sweep_name, path, fs, resume, experiment, register,
-                model_name, alias, budget, progress, promote=False) -> dict:
+def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path: str, fs, gpus: float) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .trial import trial_config
+
+    settings, method, resume, epochs = spec.settings, spec.method, spec.resume, spec.epochs
 
     exp_path = f"{path.rstrip('/')}/{sweep_name}"
     exists = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
@@ -185,46 +155,81 @@ def _sweep_task(task, method, backbone, settings, parsed, samples, epochs, train
     if exists and not resume:
         raise PetlError(f"sweep {sweep_name!r} already exists under {settings.storage_path}; "
                         "pass --resume to continue it or --name to start another")
-    parent = _parent_run(settings, experiment, sweep_name, task, method, parsed, resume)
+    parent = _parent_run(settings, spec.experiment, sweep_name, task, method, parsed, resume)
     with parent:
-        trainable = tune.with_resources(_tune_trial, {"cpu": cpus, "gpu": gpus})
+        trainable = tune.with_resources(_tune_trial, {"cpu": spec.cpus_per_trial, "gpu": gpus})
         if resume:
             tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
         else:
-            config = trial_config(task, method, backbone, settings, experiment, hparams, {**train, "progress": False},
-                                  budget, tags={"mlflow.parentRunId": parent.run_id, "petl.sweep": sweep_name,
-                                                "mlflow.source.git.commit": git_commit()})
+            config = trial_config(task, method, spec.backbone, settings, spec.experiment, spec.hparams,
+                                  {**spec.train, "epochs": epochs, "progress": False}, spec.budget,
+                                  tags={"mlflow.parentRunId": parent.run_id, "petl.sweep": sweep_name,
+                                        "mlflow.source.git.commit": git_commit()})
             config["search"] = to_tune(parsed)
-            sched = (ASHAScheduler(max_t=epochs, grace_period=grace, reduction_factor=rf) if scheduler == "asha"
-                     else FIFOScheduler())
+            sched = (ASHAScheduler(max_t=epochs, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+                     if spec.scheduler == "asha" else FIFOScheduler())
             tuner = tune.Tuner(
                 trainable, param_space=config,
-                tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=sched, num_samples=samples,
-                                            max_concurrent_trials=max_concurrent),
+                tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=sched,
+                                            num_samples=spec.samples, max_concurrent_trials=spec.max_concurrent),
                 run_config=tune.RunConfig(name=sweep_name, storage_path=path, storage_filesystem=fs,
-                                          failure_config=tune.FailureConfig(max_failures=max_failures),
+                                          failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                          verbose=1 if progress else 0))
+                                          # Tune's own tables print each trial's whole config
+                                          # (tracking settings, tags) and repeat it in every
+                                          # "Current best trial" line: one line per event instead
+                                          callbacks=[_trial_lines(list(parsed))] if spec.progress else [],
+                                          verbose=0))
         t0 = time.time()
         grid = tuner.fit()
-        summary = _finalize(grid, settings, task, method, backbone, parsed, epochs, parent)
+        summary = _finalize(grid, settings, task, method, spec.backbone, parsed, epochs, parent)
         summary.update(sweep=sweep_name, wall_s=round(time.time() - t0, 1), parent_run_id=parent.run_id)
         parent.log_metrics({"best_val_accuracy": summary["best"]["val_accuracy"] if summary["best"] else float("nan"),
                             "trial_epochs": summary["trial_epochs"], "trials": len(summary["trials"]),
                             "trials_stopped_early": sum(t["stopped_early"] for t in summary["trials"])}, step=0)
-        if register and summary["best"]:
+        if spec.register and summary["best"]:
             from .run import register_run
 
             # the val split's identity is read here, on the driver, after the trials: bad data is a
             # trial's error (tests/test_training_failures.py), not a pre-flight one
             b = summary["best"]
-            reg = register_run(settings, task, method, b["run_id"], b["val_accuracy"], model_name=model_name,
-                               alias=alias, promote=promote, tags={"sweep": sweep_name})
+            reg = register_run(settings, task, method, b["run_id"], b["val_accuracy"], model_name=spec.model_name,
+                               alias=spec.alias, promote=spec.promote, tags={"sweep": sweep_name})
             summary["registered"] = reg
             parent.set_tags({"petl.registered": f"{reg['name']}/{reg['version']}", "petl.promotion": reg["reason"]})
         if not summary["best"]:
             raise PetlError(f"every trial of sweep {sweep_name!r} failed; first error: {summary['trials'][0]['error']}")
     return summary
+
+
+def _trial_lines(keys: list[str]):
+    """A Tune callback printing one line per trial event with only the searched hyperparameters."""
+    from ray import tune
+
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    class TrialLines(tune.Callback):
+        def _line(self, trial, text: str) -> None:
+            search = (trial.config or {}).get("search", {})
+            params = ", ".join(f"{k}={fmt(search.get(k))}" for k in keys)
+            print(f"  trial {trial.trial_id} ({params}): {text}", flush=True)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._line(trial, "started")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if PETL_ERROR not in result:
+                self._line(trial, f"epoch {result.get('training_iteration')}, val accuracy "
+                                  f"{result.get('val_accuracy', float('nan')):.4f}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trial, f"done after {(trial.last_result or {}).get('training_iteration', 0)} epoch(s)")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "failed (Tune retries it up to --max-failures times)")
+
+    return TrialLines()
 
 
 def _finalize(grid, settings, task, method, backbone, parsed, epochs, parent) -> dict:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import PetlError
-from ..tracking.runs import RunLogger, client, git_commit, register_adapter
-from ..tracking.settings import CHAMPION, TrackingSettings
+from ..tracking.runs import RunLogger, client, git_commit
+from .spec import SweepSpec, TrainSpec
 
 DEFAULT_MODEL_NAME = "vtab1k-{task}-{method}"
 
@@ -36,53 +37,36 @@ def select_datasets(found: list[dict], datasets: list[str] | None) -> list[dict]
     return [by_name[n] for n in dict.fromkeys(datasets)]
 
 
-def run_vtab_suite(root: str, method: str, backbone: str, settings: TrackingSettings,
-                   datasets: list[str] | None = None, space: list[str] | None = None, samples: int = 8,
-                   epochs: int = 10, train: dict | None = None, hparams: dict | None = None, scheduler: str = "asha",
-                   grace_period: int = 1, reduction_factor: float = 3, max_concurrent: int | None = None,
-                   cpus_per_trial: float = 1, gpus_per_trial: float | None = None, max_failures: int = 1,
-                   name: str | None = None, experiment: str = "petl", register: bool = True,
-                   model_name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION, address: str | None = None,
-                   progress: bool = True) -> dict:
-    """Run the protocol on the datasets under ``root``; returns ``{"rows", "average", ...}``.
+def run_vtab_suite(spec: SweepSpec) -> dict:
+    """Run the protocol on the datasets under ``spec.vtab_root`` (``spec.suite == "vtab1k"``);
+    returns ``{"rows", "average", ...}``. ``spec`` is validated first, before Ray starts.
 
     A dataset whose sweep or final fit fails is recorded with its error and left out of the
     averages (listed as missing); the others still run."""
-    from ..backbones import create_backbone
-    from ..data.vtab import discover, group_of, suite_average, task_name
-    from ..methods import get_method
-    from .distributed import ensure_ray, run_train
-    from .run import train_config
-    from .sweep import default_space, parse_space, run_sweep
-    from .trial import split_hparams
+    from ..data.vtab import group_of, suite_average, task_name
+    from .distributed import ensure_ray
+    from .run import register_run
 
-    # Everything checkable is checked before Ray starts: the tree, names, hyperparameters, space.
-    chosen = select_datasets(discover(root), datasets)
-    hparams, train = dict(hparams or {}), {k: v for k, v in (train or {}).items() if k != "epochs"}
-    get_method(method).config_cls.from_dict(hparams, method)
-    if samples < 1 or epochs < 1:
-        raise PetlError("--samples and --epochs must be >= 1")
-    train_config(method, {**train, "epochs": epochs})
-    depth = len(create_backbone(backbone).blocks)
-    parse_space(space if space else default_space(method, depth), method)
-    try:
-        model_name.format(task="x", method=method)
-    except (KeyError, IndexError, ValueError) as e:
-        raise PetlError(f"bad --model-name {model_name!r}: only {{task}} and {{method}} expand ({e})") from None
-    settings.prepare()
-    name = name or f"vtab1k-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parsed = spec.validate()
+    chosen = spec.suite_datasets()
+    root, method, backbone, settings, space = spec.vtab_root, spec.method, spec.backbone, spec.settings, spec.space
+    hparams, train = dict(spec.hparams), {k: v for k, v in spec.train.items() if k != "epochs"}
+    name = spec.name or f"vtab1k-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # every dataset's sweep and final fit: this spec, already checked, with the dataset as the task
+    per_dataset = replace(spec, suite=None, vtab_root=None, datasets=None, name=name, train=train, register=False)
     t0 = time.time()
-    started = ensure_ray(address)
+    started = ensure_ray(spec.address)
     try:
         import torch
 
-        use_gpu = (gpus_per_trial if gpus_per_trial is not None else (1 if torch.cuda.is_available() else 0)) > 0
-        suite = RunLogger(settings, experiment, run_name=f"vtab1k {name}",
+        gpus = spec.gpus_per_trial
+        use_gpu = (gpus if gpus is not None else (1 if torch.cuda.is_available() else 0)) > 0
+        suite = RunLogger(settings, spec.experiment, run_name=f"vtab1k {name}",
                           tags={"petl.role": "vtab_suite", "petl.suite": "vtab1k", "petl.sweep": name,
                                 "petl.method": method, "petl.backbone": backbone, "mlflow.source.git.commit": git_commit()})
         with suite:
-            suite.log_params({"root": str(root), "method": method, "backbone": backbone, "epochs": epochs,
-                              "samples": samples, "scheduler": scheduler, "datasets": ",".join(d["name"] for d in chosen),
+            suite.log_params({"root": str(root), "method": method, "backbone": backbone, "epochs": spec.epochs,
+                              "samples": spec.samples, "scheduler": spec.scheduler, "datasets": ",".join(d["name"] for d in chosen),
                               "space": "; ".join(space) if space else "default", **{f"hparam.{k}": v for k, v in hparams.items()},
                               **{f"train.{k}": v for k, v in train.items()}})
             rows = []
@@ -91,22 +75,21 @@ def run_vtab_suite(root: str, method: str, backbone: str, settings: TrackingSett
                        "sizes": d["sizes"], "test_accuracy": None, "val_accuracy": None, "error": None}
                 rows.append(row)
                 try:
-                    _run_dataset(row, task_name(root, d["name"]), method, backbone, settings, space, samples, epochs,
-                                 train, hparams, scheduler, grace_period, reduction_factor, max_concurrent,
-                                 cpus_per_trial, gpus_per_trial, use_gpu, max_failures, name, experiment, suite,
-                                 run_sweep, run_train, split_hparams, progress)
+                    _run_dataset(row, task_name(root, d["name"]), per_dataset, parsed, use_gpu, suite)
                 except PetlError as e:
                     row["error"] = str(e)
                     suite.set_tags({f"petl.vtab.error.{d['name']}": str(e)[:4000]})
                 if row["test_accuracy"] is not None:
                     suite.log_metrics({f"test_accuracy.{d['name']}": row["test_accuracy"],
                                        f"val_accuracy.{d['name']}": row["val_accuracy"]}, step=0)
-                    if register and row.get("final_run_id"):
-                        mv = register_adapter(settings, row["final_run_id"],
-                                              model_name.format(task=d["name"], method=method), alias,
-                                              tags={"task": row["task"], "method": method, "suite": name,
-                                                    "test_accuracy": row["test_accuracy"]})
-                        row["registered"] = {"name": mv.name, "version": int(mv.version), "alias": alias}
+                    if spec.register and row.get("final_run_id"):
+                        # the final fit is the challenger; the champion moves only if the sweep's best
+                        # val accuracy (val200, the split every earlier version was chosen on) is at
+                        # least the champion's, or with --promote
+                        row["registered"] = register_run(
+                            settings, row["task"], method, row["final_run_id"], row["val_accuracy"],
+                            model_name=spec.model_name.format(task=d["name"], method=method), alias=spec.alias,
+                            promote=spec.promote, tags={"suite": name, "test_accuracy": row["test_accuracy"]})
                 suite.log_metrics({"datasets_done": i + 1}, step=i + 1)
             avg = suite_average({r["dataset"]: r["test_accuracy"] for r in rows})
             suite.log_metrics({"mean_of_datasets": avg["mean_of_datasets"], "mean_of_group_means": avg["mean_of_group_means"],
@@ -115,7 +98,7 @@ def run_vtab_suite(root: str, method: str, backbone: str, settings: TrackingSett
             suite.set_tags({"petl.vtab.complete": str(avg["complete"]).lower(),
                             "petl.vtab.missing": ",".join(avg["missing"]) or "-"})
             summary = {"suite": "vtab1k", "name": name, "root": str(root), "method": method, "backbone": backbone,
-                       "epochs": epochs, "samples": samples, "rows": rows, "average": avg,
+                       "epochs": spec.epochs, "samples": spec.samples, "rows": rows, "average": avg,
                        "parent_run_id": suite.run_id, "wall_s": round(time.time() - t0, 1)}
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -128,16 +111,15 @@ def run_vtab_suite(root: str, method: str, backbone: str, settings: TrackingSett
             ray.shutdown()
 
 
-def _run_dataset(row, task, method, backbone, settings, space, samples, epochs, train, hparams, scheduler, grace,
-                 rf, max_concurrent, cpus, gpus, use_gpu, max_failures, name, experiment, suite, run_sweep,
-                 run_train, split_hparams, progress) -> None:
+def _run_dataset(row: dict, task: str, spec: SweepSpec, parsed: dict, use_gpu: bool, suite: RunLogger) -> None:
+    from .distributed import fit_checked
+    from .sweep import sweep_checked
+    from .trial import split_hparams
+
     row["task"] = task
     # 1. search: train800 → val200 (Ray Tune; the champion is registered after the final fit instead)
-    [s] = run_sweep([task], method, backbone, settings, space=space, samples=samples, epochs=epochs, train=train,
-                    hparams=hparams, scheduler=scheduler, grace_period=grace, reduction_factor=rf,
-                    max_concurrent=max_concurrent, cpus_per_trial=cpus, gpus_per_trial=gpus,
-                    max_failures=max_failures, name=name, experiment=experiment, register=False, progress=progress)
-    c = client(settings)
+    [s] = sweep_checked(replace(spec, tasks=(task,)), parsed)
+    c = client(spec.settings)
     c.set_tag(s["parent_run_id"], "mlflow.parentRunId", suite.run_id)
     c.set_tag(s["parent_run_id"], "petl.vtab.dataset", row["dataset"])
     best = s["best"]
@@ -145,13 +127,14 @@ def _run_dataset(row, task, method, backbone, settings, space, samples, epochs, 
     row.update(val_accuracy=best["val_accuracy"], best_params=best["params"], sweep_run_id=s["parent_run_id"],
                trials=len(s["trials"]))
     # 2. final: the chosen config on train800val200, evaluated once on test
-    final_task = f"{task}?final"
-    out = run_train(final_task, method, backbone, settings, hparams={**hparams, **searched_hp},
-                    train={**train, **searched_train, "epochs": epochs}, workers=1, use_gpu=use_gpu,
-                    cpus_per_worker=cpus, experiment=experiment, name=f"{name}-{row['dataset']}-final",
-                    max_failures=max_failures,
-                    tags={"mlflow.parentRunId": suite.run_id, "petl.role": "vtab_final",
-                          "petl.vtab.dataset": row["dataset"], "petl.sweep": name})
+    final = TrainSpec(task=f"{task}?final", method=spec.method, backbone=spec.backbone, settings=spec.settings,
+                      hparams={**spec.hparams, **searched_hp}, train={**spec.train, **searched_train, "epochs": spec.epochs},
+                      budget=spec.budget, workers=1, use_gpu=use_gpu, cpus_per_worker=spec.cpus_per_trial,
+                      experiment=spec.experiment, name=f"{spec.name}-{row['dataset']}-final",
+                      max_failures=spec.max_failures,
+                      tags={"mlflow.parentRunId": suite.run_id, "petl.role": "vtab_final",
+                            "petl.vtab.dataset": row["dataset"], "petl.sweep": spec.name})
+    out = fit_checked(final)
     if out.get("test_accuracy") is None:
         raise PetlError(f"final fit on {row['dataset']} reported no test accuracy")
     row.update(test_accuracy=float(out["test_accuracy"]), final_run_id=out.get("mlflow_run_id"))
@@ -180,4 +163,8 @@ def format_table(summary: dict) -> str:
               f"mean of group means ({len(avg['group_means'])} of 3 groups): {_pct(avg['mean_of_group_means'])}"]
     if avg["missing"]:
         lines.append(f"missing (not averaged): {', '.join(avg['missing'])}")
+    for r in summary["rows"]:
+        if r.get("registered"):
+            reg = r["registered"]
+            lines.append(f"registered models:/{reg['name']} version {reg['version']}: {reg['reason']}")
     return "\n".join(lines)

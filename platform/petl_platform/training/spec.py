@@ -1,0 +1,221 @@
+"""What a job is, checked once: ``TrainSpec`` (``petl train``, ``run_train``) and ``SweepSpec``
+(``petl sweep``, ``run_sweep``, ``run_vtab_suite``), as Ray has ``ScalingConfig``/``RunConfig``.
+
+``validate()`` is the one place every up-front check lives: task names (a folder task's images are
+scanned, headers only), the method and its hyperparameters, the training recipe, ``--budget``, the
+search space, the backbone, the stores and the cluster address; non-finite numbers are refused.
+It runs before any cluster starts, so a deterministic user error is one line, never a Ray trial
+that fails (and is retried) with a traceback. ``names_only=True`` is what ``petl submit`` can
+check on the submitting machine: data, weights, stores and cluster then live on the cluster, whose
+``petl train``/``petl sweep`` runs the full check."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..backbones import SHIPPED
+from ..errors import PetlError
+from ..tracking.settings import CHAMPION, TrackingSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """What a fine-tune and a sweep share."""
+    settings: TrackingSettings  # MLflow store, artifact root, Ray storage
+    method: str = "linear"
+    backbone: str = SHIPPED  # shipped name, timm ViT name, weights file or ARCH@FILE
+    hparams: dict = field(default_factory=dict)  # fixed method hyperparameters (--set)
+    train: dict = field(default_factory=dict)  # TrainConfig overrides (--epochs, --lr, ...)
+    budget: float | None = None  # dyn_*: calibrate the exits to this fraction of full-depth FLOPs
+    experiment: str = "petl"  # MLflow experiment
+    name: str | None = None  # Ray experiment name (default: from the task, method and time)
+    address: str | None = None  # Ray cluster (default: the job's cluster, else a local one)
+    max_failures: int = 1  # restarts from the last checkpoint after a failure that is not the user's
+    model_name: str = "{task}"  # registered model name; {task} and {method} expand
+
+    def _check_common(self, tasks: list[str], train: dict) -> None:
+        from ..data import check_task_name
+        from ..methods import get_method
+        from .run import train_config
+
+        for t in tasks:
+            check_task_name(t)
+        _finite("--set", get_method(self.method).config_cls.from_dict(self.hparams, self.method).to_dict())
+        _finite("training", train_config(self.method, train).to_dict())
+        check_budget(self.method, self.budget)
+        if not isinstance(self.max_failures, int) or self.max_failures < 0:
+            raise PetlError(f"--max-failures must be an integer >= 0; got {self.max_failures}")
+        try:
+            self.model_name.format(task="x", method=self.method)
+        except (KeyError, IndexError, ValueError) as e:
+            raise PetlError(f"bad --model-name {self.model_name!r}: only {{task}} and {{method}} expand ({e})") from None
+
+    def _check_reachable(self) -> None:
+        """The cluster address and the stores (MLflow, artifact bucket, Ray storage)."""
+        if self.address:
+            from .distributed import check_address
+            check_address(self.address)
+        self.settings.prepare()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSpec(JobSpec):
+    """One fine-tune: Ray Train with ``workers`` data-parallel ranks, or ``local`` plain torch."""
+    task: str
+    workers: int = 1
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1
+    tags: dict = field(default_factory=dict)  # extra tags on the MLflow run
+    local: bool = False  # plain torch in this process: no Ray, no MLflow
+    register: bool = False  # register the adapter (challenger; champion when at least as good)
+    promote: bool = False  # with register: move the champion regardless
+
+    def validate(self, *, names_only: bool = False) -> None:
+        """Every up-front check; ``names_only``: only those that need no data, weights, store or cluster."""
+        if self.promote and not self.register:
+            raise PetlError("--promote forces the champion move of --register: add --register")
+        if self.register and self.local:
+            raise PetlError("--register needs the MLflow run a Ray Train fine-tune logs; --local logs nothing to "
+                            "MLflow: drop --local (a local Ray cluster is started when --address is not given)")
+        self._check_common([self.task], self.train)
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise PetlError(f"--workers must be an integer >= 1; got {self.workers}")
+        _positive("--cpus-per-worker", self.cpus_per_worker)
+        if names_only:
+            return
+        check_data([self.task])
+        _check_backbone(self.backbone)
+        if not self.local:
+            self._check_reachable()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepSpec(JobSpec):
+    """A Ray Tune search per task (``tasks``), or the VTAB-1k protocol over ``vtab_root``
+    (``suite="vtab1k"``: a sweep per dataset, then the best config's final fit)."""
+    tasks: tuple[str, ...] = ()
+    space: tuple[str, ...] | dict | None = None  # NAME=DIST(ARGS) items (default: the method's space)
+    samples: int = 8  # trials per task (x the grid size for grid(...))
+    epochs: int = 10  # per trial; ASHA's max_t
+    scheduler: str = "asha"  # asha | fifo
+    grace_period: int = 1
+    reduction_factor: float = 4  # Tune's ASHAScheduler default
+    max_concurrent: int | None = None
+    cpus_per_trial: float = 1
+    gpus_per_trial: float | None = None  # default: 0.5 where there are GPUs
+    resume: bool = False  # continue the sweep ``name`` from its Ray storage
+    register: bool = True  # register each task's best trial
+    alias: str = CHAMPION  # moved only when the best trial is at least as good on the same val split
+    promote: bool = False  # move ``alias`` to the best trial regardless
+    progress: bool = True  # Tune's progress table
+    suite: str | None = None  # "vtab1k"
+    vtab_root: str | None = None  # suite: ROOT/<dataset>/{train800,val200,train800val200,test}.txt
+    datasets: tuple[str, ...] | None = None  # suite: only these datasets (default: all present)
+
+    def validate(self, *, names_only: bool = False) -> dict:
+        """Every up-front check; returns the parsed search space (``{}`` when ``names_only`` and
+        no ``space`` was given: the default space needs the backbone's depth)."""
+        from ..tracking.runs import CHALLENGER
+        from .sweep import default_space, parse_space
+
+        self._check_suite_flags()
+        if self.scheduler not in ("asha", "fifo"):
+            raise PetlError(f"unknown scheduler {self.scheduler!r}; use asha or fifo")
+        for flag, v in (("--samples", self.samples), ("--epochs", self.epochs), ("--grace-period", self.grace_period)):
+            if not isinstance(v, int) or v < 1:
+                raise PetlError(f"{flag} must be an integer >= 1; got {v}")
+        if not _is_finite(self.reduction_factor) or self.reduction_factor <= 1:
+            raise PetlError(f"--reduction-factor must be a finite number > 1; got {self.reduction_factor}")
+        if self.max_concurrent is not None and (not isinstance(self.max_concurrent, int) or self.max_concurrent < 1):
+            raise PetlError(f"--max-concurrent must be an integer >= 1; got {self.max_concurrent}")
+        _positive("--cpus-per-trial", self.cpus_per_trial)
+        if self.gpus_per_trial is not None and (not _is_finite(self.gpus_per_trial) or self.gpus_per_trial < 0):
+            raise PetlError(f"--gpus-per-trial must be a finite number >= 0; got {self.gpus_per_trial}")
+        if self.promote and not self.register:
+            raise PetlError("--promote moves the champion to the registered best trial: drop --no-register")
+        if self.register and self.alias == CHALLENGER:
+            raise PetlError(f"--alias {CHALLENGER} is reserved for the newest version; pick another champion alias")
+        self._check_common(list(self.tasks), {**self.train, "epochs": self.epochs})
+        parsed = parse_space(self.space, self.method) if self.space else {}
+        if names_only:
+            return parsed
+        if self.suite:
+            self.suite_datasets()
+        check_data(list(self.tasks))
+        depth = len(_check_backbone(self.backbone).blocks)
+        parsed = parsed or parse_space(default_space(self.method, depth), self.method)
+        if not parsed:
+            raise PetlError(f"nothing to search for {self.method!r}: give --space NAME=DIST(ARGS)")
+        self._check_reachable()
+        return parsed
+
+    def _check_suite_flags(self) -> None:
+        if self.suite is None:
+            if not self.tasks or self.vtab_root or self.datasets:
+                raise PetlError("petl sweep needs --task T[,T2] (--vtab-root and --datasets go with --suite vtab1k)")
+            return
+        if self.suite != "vtab1k":
+            raise PetlError(f"unknown --suite {self.suite!r}; the one suite is vtab1k")
+        if not self.vtab_root:
+            raise PetlError("--suite vtab1k needs --vtab-root ROOT "
+                            "(ROOT/<dataset>/{train800,val200,train800val200,test}.txt)")
+        if self.tasks or self.resume:
+            raise PetlError("--suite vtab1k takes its tasks from --vtab-root (and --datasets), not --task; "
+                            "--resume is not supported (rerun the missing --datasets under a new --name)")
+
+    def suite_datasets(self) -> list[dict]:
+        """The VTAB-1k datasets the suite runs (``data.vtab.discover`` rows); checks the tree."""
+        from ..data.vtab import discover
+        from .vtab_suite import select_datasets
+
+        return select_datasets(discover(self.vtab_root), list(self.datasets) if self.datasets else None)
+
+
+def check_budget(method: str, budget: float | None) -> None:
+    """``--budget`` calibrates early exits: only Dyn-* methods have them, and it must be a finite
+    fraction in (0, BUDGET_MAX]."""
+    from ..methods import get_method
+    from ..methods.dyn_exit.calibrate import BUDGET_MAX
+
+    if budget is None:
+        return
+    if not _is_finite(budget) or not 0 < budget <= BUDGET_MAX:
+        raise PetlError(f"--budget is the fraction of full-depth FLOPs the early exits may spend, "
+                        f"0 < budget <= {BUDGET_MAX} (e.g. 0.5); got {budget}")
+    if get_method(method).runtime != "early_exit":
+        raise PetlError(f"--budget applies to early-exit methods (dyn_*), not {method!r}")
+
+
+def check_data(tasks: list[str]) -> None:
+    """What can be checked of a task's data without decoding it: a folder task's tree is scanned
+    (``data.folder.check_folder_task``: train/ and test/, every image header, at least 2 classes)."""
+    from ..data.folder import check_folder_task
+
+    for t in tasks:
+        if t.startswith("folder:"):
+            check_folder_task(t[len("folder:"):])
+
+
+def _check_backbone(backbone: str):
+    """An unknown name or a bad weights file fails here, not on a worker."""
+    from ..backbones import create_backbone
+
+    return create_backbone(backbone)
+
+
+def _is_finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive(flag: str, v) -> None:
+    if not _is_finite(v) or v <= 0:
+        raise PetlError(f"{flag} must be a finite number > 0; got {v}")
+
+
+def _finite(label: str, values: dict) -> None:
+    """NaN and infinity pass ``>`` checks the wrong way (``nan > 0`` is False, ``inf > 0`` True)."""
+    for k, v in values.items():
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise PetlError(f"{label} {k}={x}: expected a finite number")
