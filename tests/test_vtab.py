@@ -295,4 +295,4 @@ def test_suite_end_to_end_on_ray_with_mlflow(tree, tmp_path, capsys):
         assert sorted(k.rsplit("/", 1)[1] for k in keys) == ["summary.json", "summary.md"]
         assert c.get_model_version_by_alias("vtab1k-eurosat-linear", "champion").run_id in {
             r.info.run_id for r in children}
-        assert c.get_model_version_by_alias("vtab1k-eurosat-linear", "challenger").version == "1"
+        assert str(c.get_model_version_by_alias("vtab1k-eurosat-linear", "challenger").version) == "1"
