@@ -518,12 +518,27 @@ def use_proxy_middleware() -> None:
 
 
 def run_local(path: str, tasks: list[str] | None = None, port: int | None = None) -> str:
-    """Deploy the config on the current (or a new local) Ray cluster; returns the base URL."""
+    """Deploy the config on the current (or a new local) Ray cluster; returns the base URL.
+    Ray's own output (controller, proxy, replicas, the driver's Serve INFO lines) goes to the Ray
+    session's log files, not the terminal: ``serving_logs_dir()`` says where."""
     from petl_platform.training.distributed import ensure_ray
 
     c = load_config(path, tasks, port)
     use_proxy_middleware()
-    ensure_ray()
+    ensure_ray(log_to_driver=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options=c["http_options"])
     serve.run(build_app(c["args"]), name=c["name"], route_prefix=c["route_prefix"])
     return f"http://{c['http_options'].get('host', '127.0.0.1')}:{c['http_options'].get('port', 8000)}"
+
+
+def serving_logs_dir() -> str | None:
+    """The Ray session's Serve log folder on this node (replicas, proxy, controller), or None."""
+    import os
+
+    import ray
+
+    try:
+        return os.path.join(ray._private.worker.global_worker.node.get_logs_dir_path(), "serve")
+    except Exception:  # noqa: BLE001 - a private Ray API: the hint is optional
+        return None

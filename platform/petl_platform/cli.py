@@ -251,9 +251,11 @@ def cmd_serve(args) -> None:
         if rc == 0:
             print("GET /v1/tasks on the cluster's Serve address lists what is servable", flush=True)
         raise SystemExit(rc)
+    import ray
     from ray import serve
-    from serve_apps.petl_app import run_local
+    from serve_apps.petl_app import run_local, serving_logs_dir
 
+    was_connected = ray.is_initialized()
     url = run_local(config, [t for t in (args.tasks or "").split(",") if t] or None, args.port)
     import signal
 
@@ -263,6 +265,9 @@ def cmd_serve(args) -> None:
     signal.signal(signal.SIGTERM, stop)
     print(f"serving on {url}  (docs {url}/docs; Ctrl-C or kill stops)", flush=True)
     print(f"GET {url}/v1/tasks lists what is servable", flush=True)
+    logs = serving_logs_dir()
+    if logs:
+        print(f"Ray Serve's logs (replicas, proxy, access log): {logs}", flush=True)
     try:
         deadline = time.time() + args.duration if args.duration else None
         while deadline is None or time.time() < deadline:
@@ -270,7 +275,12 @@ def cmd_serve(args) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        if not was_connected and ray.is_initialized():
+            # Our own local cluster: ray.shutdown() ends Serve with it. serve.shutdown() first only
+            # adds Ray's "graceful_shutdown failed ... will be retried" line after a clean stop.
+            ray.shutdown()
+        else:
+            serve.shutdown()
 
 
 def cmd_jobs(args) -> None:

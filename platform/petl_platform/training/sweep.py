@@ -88,7 +88,13 @@ def to_tune(space: dict[str, tuple[str, list]]) -> dict:
 
 def _tune_trial(config: dict) -> None:
     """The Tune trainable: tag the trial's MLflow run with its Ray trial id and name."""
+    import logging
+
     from ray import tune
+
+    # One "Checkpoint successfully created at ..." INFO line per trial-epoch reached the terminal
+    # (the trial's output goes to the driver); the sweep's own callback already prints each epoch.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 
     from .trial import ray_tune_trial
 
