@@ -96,3 +96,36 @@ def test_tasks_default_to_the_configs_and_the_alias_is_the_configs(stack, tmp_pa
     assert main(["serve", "--config", str(path), "--duration", "0.01"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == \
         "no tasks named: every task registered with alias 'staging' is servable on demand"
+
+
+def test_the_configs_task_pattern_and_task_tag_apply_to_the_named_tasks(stack, tmp_path, no_cluster, capsys):
+    """The pre-check applies the catalog's filters: a named task the server would never serve is
+    reported with the filter that leaves it out, before any cluster starts."""
+    import yaml
+
+    from petl_platform.cli import main
+    from petl_platform.tracking.runs import client
+
+    _register(stack, "team-a-digits", "linear")
+    _register(stack, "team-b-digits", "linear")
+    client(stack["settings"]).set_registered_model_tag("team-b-digits", "team", "vision")
+    cfg = yaml.safe_load(open(LOCAL_YAML))
+    cfg["applications"][0]["args"].update(task_pattern="team-a-*")
+    (path := tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["serve", "--config", str(path), "--tasks", "team-a-digits,team-b-digits", "--duration", "0.01"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "servable: team-a-digits (linear v1)"
+    assert out[1] == "not servable: team-b-digits: the config's task_pattern 'team-a-*' does not match it"
+
+    cfg["applications"][0]["args"].update(task_pattern=None, task_tag="team=vision")
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["serve", "--config", str(path), "--tasks", "team-a-digits", "--duration", "0.01"]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["not servable: team-a-digits: its registered model has no tag team=vision (the config's task_tag)"]
+    assert main(["serve", "--config", str(path), "--tasks", "team-b-digits", "--duration", "0.01"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "servable: team-b-digits (linear v1)"
+
+    cfg["applications"][0]["args"].update(task_tag="no-equals-sign")
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["serve", "--config", str(path), "--tasks", "team-b-digits", "--duration", "0.01"]) == 2
+    assert capsys.readouterr().err.strip() == "petl: error: task_tag must be KEY=VALUE, got 'no-equals-sign'"

@@ -4,6 +4,7 @@ per task. No Ray here: the check runs in the CLI process."""
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from contextlib import contextmanager
 
@@ -11,10 +12,11 @@ from ..errors import PetlError
 from ..tracking.settings import CHAMPION, TrackingSettings
 
 
-def requested(config: str, tasks: str | None) -> tuple[list[str], str]:
-    """``(tasks, alias)`` a Serve YAML names: ``--tasks`` (comma-separated) over the first
-    application's ``args.tasks``, in order, without repeats (maybe none: the app then serves every
-    task registered with the alias, on demand); the alias from ``args.alias``."""
+def requested(config: str, tasks: str | None) -> tuple[list[str], str, str | None, str | None]:
+    """``(tasks, alias, task_pattern, task_tag)`` a Serve YAML names: ``--tasks`` (comma-separated)
+    over the first application's ``args.tasks``, in order, without repeats (maybe none: the app then
+    serves every task registered with the alias, on demand); the alias and the catalog's filters
+    from ``args``."""
     import yaml
 
     try:
@@ -25,7 +27,8 @@ def requested(config: str, tasks: str | None) -> tuple[list[str], str]:
     args = apps[0].get("args") or {}
     names = tasks or args.get("tasks") or []
     names = [t.strip() for t in (names.split(",") if isinstance(names, str) else names)]
-    return list(dict.fromkeys(t for t in names if t)), str(args.get("alias") or CHAMPION)
+    return (list(dict.fromkeys(t for t in names if t)), str(args.get("alias") or CHAMPION),
+            args.get("task_pattern"), args.get("task_tag"))
 
 
 @contextmanager
@@ -40,13 +43,39 @@ def _quiet(name: str):
         logger.setLevel(level)
 
 
-def lookup(settings: TrackingSettings, tasks: list[str], alias: str = CHAMPION) -> list[dict]:
+def lookup(settings: TrackingSettings, tasks: list[str], alias: str = CHAMPION, pattern: str | None = None,
+           tag: str | None = None) -> list[dict]:
     """One catalog row per task (``serving.models.describe``): ``{"task", "method", "version", ...}``
-    when the alias resolves to a readable adapter, else ``{"task", "error"}``."""
+    when the alias resolves to a readable adapter and the server's filters (``task_pattern``,
+    ``task_tag``, as the catalog applies them) select it, else ``{"task", "error"}``."""
     from . import models
+    from .catalog import Catalog
 
+    selector = Catalog(settings, alias, pattern, tag)  # no refresh thread: only its filters
+    rows = []
     with _quiet(models.__name__):
-        return [models.describe(settings, task, alias) for task in tasks]
+        for task in tasks:
+            row = models.describe(settings, task, alias)
+            if "error" not in row and (pattern or tag):
+                why = _filtered_out(settings, selector, task)
+                if why:
+                    row = {"task": task, "error": why}
+            rows.append(row)
+    return rows
+
+
+def _filtered_out(settings: TrackingSettings, selector, task: str) -> str | None:
+    """Why the server's filters leave ``task`` out, or None when they select it."""
+    tags = {}
+    if selector.tag is not None:
+        from ..tracking.runs import client
+
+        tags = client(settings).get_registered_model(task).tags or {}
+    if selector.selects(task, tags):
+        return None
+    if selector.pattern and not fnmatch.fnmatchcase(task, selector.pattern):
+        return f"the config's task_pattern {selector.pattern!r} does not match it"
+    return f"its registered model has no tag {'='.join(selector.tag)} (the config's task_tag)"
 
 
 def lines(rows: list[dict]) -> list[str]:
@@ -55,12 +84,13 @@ def lines(rows: list[dict]) -> list[str]:
             f"servable: {r['task']} ({r['method']} v{r['version']})" for r in rows]
 
 
-def check(settings: TrackingSettings, tasks: list[str], alias: str = CHAMPION, echo=print) -> list[dict]:
+def check(settings: TrackingSettings, tasks: list[str], alias: str = CHAMPION, pattern: str | None = None,
+          tag: str | None = None, echo=print) -> list[dict]:
     """Print a line per task; ``PetlError`` (one line) when none of them is servable."""
     if not tasks:  # nothing named to check: the catalog decides on each request
         echo(f"no tasks named: every task registered with alias {alias!r} is servable on demand")
         return []
-    rows = lookup(settings, tasks, alias)
+    rows = lookup(settings, tasks, alias, pattern, tag)
     for line in lines(rows):
         echo(line)
     if all("error" in r for r in rows):
