@@ -93,6 +93,12 @@ def run_sections(names: list[str], out: Path, quick: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------- figures
+def _in_flight(row: dict) -> int:
+    """Requests in flight on the lost replicas: from the fault until its detection (Serve's routers
+    still send to them until then); older fault files recorded only those in flight at the fault."""
+    return row.get("in_flight_until_detect", row["in_flight_at_fault"])
+
+
 def _load(out: Path, name: str) -> dict | None:
     p = out / name
     return json.loads(p.read_text()) if p.exists() else None
@@ -248,11 +254,14 @@ def figures(out: Path) -> list[dict]:
                                                    f"; {corpus['mismatches']} cases off their expected status"))
     if kill := _load(out, "faults_replica_kill.json"):
         for k in kill["kills"]:
+            bound = _in_flight(k)
             figs.append(_fig("faults", f"1 of 2 {k['deployment']} replicas killed under bounded load: failed requests",
-                             k["failed"], None, 1, f"<= in flight on it ({k['in_flight_at_fault']}), all 503 + Retry-After",
-                             k["failed"] <= k["in_flight_at_fault"] and k["failures_503_retry_after_json"], unit="requests",
+                             k["failed"], None, 1, f"<= in flight until detected ({bound}), none sent after, all 503 + "
+                             "Retry-After", k["failed"] <= bound and not k["failed_started_after_detect"]
+                             and k["failures_503_retry_after_json"], unit="requests",
                              source="faults_replica_kill.json",
-                             note=f"of {k['requests']}; statuses {k['statuses']}; detected after {k['detect_s']} s; "
+                             note=f"of {k['requests']}; statuses {k['statuses']}; {k['in_flight_at_fault']} in flight at "
+                                  f"the kill; detected after {k['detect_s']} s; "
                                   f"max wait after detection {k['max_wait_after_detect_s']} s vs 2x p99 "
                                   f"{2 * kill['baseline']['p99_s']:.2f} s"))
     if sweep := _load(out, "faults_node_loss_during_sweep.json"):
@@ -261,10 +270,13 @@ def figures(out: Path) -> list[dict]:
                          unit="epochs", source="faults_node_loss_during_sweep.json",
                          note=f"removed after epoch {sweep['epoch_at_removal']}, resumed from epoch {sweep['resumed_from_epoch']}"))
     if node := _load(out, "faults_node_loss_while_serving.json"):
+        bound = _in_flight(node)
         figs.append(_fig("faults", "node holding serving replicas removed under load: failed requests", node["failed"], None, 1,
-                         f"<= in flight ({node['in_flight_at_fault']})", node["failed"] <= node["in_flight_at_fault"],
+                         f"<= in flight until detected ({bound}), none sent after",
+                         node["failed"] <= bound and not node["failed_started_after_detect"],
                          unit="requests", source="faults_node_loss_while_serving.json",
-                         note=f"of {node['requests']}; statuses {node['statuses']}; replicas lost {node['replicas_lost']}"))
+                         note=f"of {node['requests']}; statuses {node['statuses']}; {node['in_flight_at_fault']} in flight "
+                              f"at the loss, detected after {node['detect_s']} s; replicas lost {node['replicas_lost']}"))
     if co := _load(out, "colocation_hop.json"):
         figs.append(_fig("co-location", f"trunk states shipped to another replica vs co-located tails, batch {co['batch']}",
                          co["hop_overhead"], co.get("ratio_range"), co.get("repeats", 15), "reported (why tails are co-located)",
