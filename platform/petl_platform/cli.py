@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -230,7 +231,6 @@ def _precheck(ns) -> None:
 
 
 def cmd_serve(args) -> None:
-    import os
     import subprocess
     import time
 
@@ -517,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # MLflow configures its own loggers at INFO on import ("Creating initial MLflow database
+    # tables..."); the terminal shows progress and results. A user's own setting wins.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
         args = build_parser().parse_args(argv)

@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..data.registry import task_slug
@@ -104,6 +105,21 @@ def _tune_trial(config: dict) -> None:
     ray_tune_trial(config)
 
 
+@contextmanager
+def _tune_output(quiet: bool):
+    """With our own one-line-per-trial callback, Tune prints nothing itself. Tune's default output
+    prints its experiment box and TensorBoard hint even at ``verbose=0`` (Ray 2.60); its legacy
+    reporter (``RAY_AIR_NEW_OUTPUT=0``, read on each ``fit``) honours ``verbose=0``."""
+    old = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if quiet and old is None:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if quiet and old is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+
+
 def run_sweep(spec: SweepSpec) -> list[dict]:
     """Sweep ``spec.method`` on each of ``spec.tasks``; returns one summary per task (trials, best,
     registered version and the champion decision). ``spec`` is validated first, before Ray or any
@@ -187,7 +203,8 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
                                           callbacks=[_trial_lines(list(parsed))] if spec.progress else [],
                                           verbose=0))
         t0 = time.time()
-        grid = tuner.fit()
+        with _tune_output(quiet=spec.progress):
+            grid = tuner.fit()
         summary = _finalize(grid, settings, task, method, spec.backbone, parsed, epochs, parent)
         summary.update(sweep=sweep_name, wall_s=round(time.time() - t0, 1), parent_run_id=parent.run_id)
         parent.log_metrics({"best_val_accuracy": summary["best"]["val_accuracy"] if summary["best"] else float("nan"),
