@@ -255,7 +255,9 @@ def cmd_serve(args) -> None:
     from ray import serve
     from serve_apps.petl_app import run_local, serving_logs_dir
 
-    was_connected = ray.is_initialized()
+    from .training.distributed import in_ray_job
+
+    own_cluster = not ray.is_initialized() and not in_ray_job()  # run_local starts a local one
     url = run_local(config, [t for t in (args.tasks or "").split(",") if t] or None, args.port)
     import signal
 
@@ -275,7 +277,7 @@ def cmd_serve(args) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        if not was_connected and ray.is_initialized():
+        if own_cluster and ray.is_initialized():
             # Our own local cluster: ray.shutdown() ends Serve with it. serve.shutdown() first only
             # adds Ray's "graceful_shutdown failed ... will be retried" line after a clean stop.
             ray.shutdown()

@@ -34,6 +34,12 @@ def check_address(address: str) -> None:
         prepare_gcs(f"{host}:{port}")
 
 
+def in_ray_job() -> bool:
+    """Whether this process runs inside a Ray job (or is pointed at a cluster by ``RAY_ADDRESS``):
+    ``ensure_ray()`` then connects to that cluster instead of starting one."""
+    return bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True):
     """Connect to ``address``, to the cluster of the Ray job this runs in, or start a local
     cluster. Returns the ``RayContext`` when this call initialised Ray (the caller then shuts it
@@ -45,7 +51,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
         return None
     if address:
         check_address(address)
-    in_job = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
+    in_job = in_ray_job()
     kwargs = {"log_to_driver": log_to_driver, "configure_logging": True, "logging_level": "WARNING"}
     if not in_job:  # inside a Ray job the job's runtime_env already carries the env vars
         # Settings only: credentials come from the cluster's environment. A cluster started

@@ -93,11 +93,11 @@ def _tune_trial(config: dict) -> None:
 
     from ray import tune
 
+    from .trial import ray_tune_trial
+
     # One "Checkpoint successfully created at ..." INFO line per trial-epoch reached the terminal
     # (the trial's output goes to the driver); the sweep's own callback already prints each epoch.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-
-    from .trial import ray_tune_trial
 
     ctx = tune.get_context()
     config = {**config, "run_name": ctx.get_trial_name(),
