@@ -279,15 +279,15 @@ class _Ingress:
                         lookup_timeout_s)
         self.m_requests = Counter("petl_requests", description="HTTP requests by status", tag_keys=("status",))
 
-    async def _rows(self, tasks: list[str]) -> dict[str, dict | None]:
+    async def _rows(self, tasks: list[str], fresh: bool = False) -> dict[str, dict | None]:
         """Each task's catalog row (its role from the method of the version the alias points at),
         ``None`` for a task that is not registered with the alias. Tasks the catalog does not list
-        yet are looked up off the event loop, with a time limit."""
-        rows = {t: self.catalog.rows.get(t) for t in tasks}
+        yet, or every task when ``fresh``, are looked up off the event loop, with a time limit."""
+        rows = {t: None if fresh else self.catalog.rows.get(t) for t in tasks}
         missing = [t for t, r in rows.items() if r is None]
         if missing:
             try:
-                found = await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(self.catalog.lookup, t)
+                found = await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(self.catalog.lookup, t, fresh)
                                                                 for t in missing)), self.lookup_timeout_s)
             except (asyncio.TimeoutError, PetlError) as e:
                 log.warning("task lookup failed: %s", e)
@@ -394,6 +394,12 @@ class _Ingress:
                 raise ServeError(503, f"task(s) unavailable: {'; '.join(rows[t]['error'] for t in down)}")
             knobs = parse_knobs(fields)
             roles = {t: rows[t].get("role") for t in tasks}
+            if not _knobs_fit(knobs, roles):  # before a 400, the registry's current answer: the alias may
+                rows = await self._rows(tasks, fresh=True)  # have moved to another method since the refresh
+                if any(rows[t] is None for t in tasks):
+                    raise ServeError(404, f"task(s) {', '.join(t for t in tasks if rows[t] is None)} no "
+                                          f"longer registered with alias {self.alias!r}")
+                roles = {t: rows[t].get("role") for t in tasks}
             if ("budget" in knobs or "threshold" in knobs) and "early_exit" not in roles.values():
                 raise ServeError(400, "budget/threshold apply to early-exit (dyn_*) tasks; none is requested")
             if "ratio" in knobs and "token_dispatch" not in roles.values():
@@ -445,6 +451,13 @@ class _Ingress:
                 results[t] = dict(reply[t])
             results[t]["task"] = t
         return results
+
+
+def _knobs_fit(knobs: dict, roles: dict) -> bool:
+    """Whether each per-request knob applies to at least one requested task."""
+    if ("budget" in knobs or "threshold" in knobs) and "early_exit" not in roles.values():
+        return False
+    return not ("ratio" in knobs and "token_dispatch" not in roles.values())
 
 
 # Deployments wrap module-level classes, so Ray pickles the classes by reference (importable on

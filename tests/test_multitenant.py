@@ -205,8 +205,12 @@ def test_catalog_lists_the_alias_filters_and_finds_late_registrations(registry, 
     assert "team-a-late" not in cat.rows and cat.lookup("team-a-late")["runtime"] == "token_dispatch"
     assert cat.lookup("never-registered") is None
     _register(registry, tiny_backbone, "team-b-shapes", "lora")  # the alias moves to another method
+    assert cat.lookup("team-b-shapes")["method"] == "linear"  # the listed row, until a refresh ...
+    assert cat.lookup("team-b-shapes", fresh=True)["method"] == "lora"  # ... or a fresh look-up
+    assert cat.rows["team-b-shapes"]["version"] == 2
+    _register(registry, tiny_backbone, "team-b-shapes", "dyt")
     cat.refresh()
-    assert (cat.rows["team-b-shapes"]["method"], cat.rows["team-b-shapes"]["version"]) == ("lora", 2)
+    assert (cat.rows["team-b-shapes"]["method"], cat.rows["team-b-shapes"]["version"]) == ("dyt", 3)
 
     narrowed = Catalog(registry, pattern="team-a-*")
     narrowed.refresh()

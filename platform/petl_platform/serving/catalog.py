@@ -88,13 +88,14 @@ class Catalog:
         with self._lock:
             self.rows, self.refreshed_at, self.last_error = rows, time.monotonic(), None
 
-    def lookup(self, task: str) -> dict | None:
+    def lookup(self, task: str, fresh: bool = False) -> dict | None:
         """The row of ``task``, looked up in the registry when the catalog does not list it yet
-        (registered since the last refresh); ``None`` when it is not registered with the alias or
-        the filters leave it out. Registry faults raise ``PetlError``."""
+        (registered since the last refresh) or when ``fresh`` asks for the registry's current answer
+        (the alias may have moved since); ``None`` when it is not registered with the alias or the
+        filters leave it out. Registry faults raise ``PetlError``."""
         from mlflow.exceptions import MlflowException
 
-        row = self.rows.get(task)
+        row = None if fresh else self.rows.get(task)
         if row is not None:
             return row
         c = client(self.settings)
