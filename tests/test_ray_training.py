@@ -124,7 +124,11 @@ def test_killed_worker_trial_resumes_from_checkpoint(stack):
             runs = c.search_runs([exp.experiment_id], "tags.`petl.sweep` = 'kill-digits-1k' and metrics.val_accuracy >= 0") if exp else []
             ckpts = list(Path(stack["settings"].storage_path, "kill-digits-1k").glob("*/checkpoint_0000*"))
             trial_runs = [r for r in runs if "petl.worker_pid" in r.data.tags]
-            if trial_runs and ckpts:
+            # Tune registers a checkpoint only once its separate save step returns, and a function
+            # trial goes on past a report only after that: metrics of a second epoch mean the first
+            # checkpoint is registered (a kill before then restarts the trial from scratch)
+            if trial_runs and ckpts and max(m.step for m in c.get_metric_history(
+                    trial_runs[0].info.run_id, "val_accuracy")) >= 2:
                 seen["pid"] = int(trial_runs[0].data.tags["petl.worker_pid"])
                 seen["run_id"] = trial_runs[0].info.run_id
                 os.kill(seen["pid"], signal.SIGKILL)
