@@ -149,3 +149,25 @@ def test_killed_worker_trial_resumes_from_checkpoint(stack):
     assert int(run.data.tags["petl.resumed_from_epoch"]) >= 1  # resumed, not restarted from scratch
     assert int(run.data.tags["petl.worker_pid"]) != seen["pid"]
     assert {m.step for m in c.get_metric_history(t["run_id"], "val_accuracy")} == set(range(1, 7))
+    # no run of the sweep is left RUNNING, even one a restart from scratch would have abandoned
+    children = c.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{s['parent_run_id']}'")
+    assert children and all(r.info.status != "RUNNING" for r in children)
+
+
+def test_sweep_end_marks_an_abandoned_trial_run_failed(stack):
+    """A trial run that a restart from scratch left behind (worker lost before Tune registered a
+    checkpoint) is closed FAILED with the reason; a run outside the sweep is not touched."""
+    from petl_platform.tracking.runs import RunLogger
+    from petl_platform.training.sweep import _finalize
+
+    c, st = _client(stack), stack["settings"]
+    parent = RunLogger(st, "petl", run_name="sweep orphans", tags={"petl.role": "sweep"})
+    orphan = RunLogger(st, "petl", tags={"mlflow.parentRunId": parent.run_id})
+    other = RunLogger(st, "petl", run_name="not in the sweep")
+    summary = _finalize([], st, "digits-1k", "linear", stack["backbone"], {}, 1, parent)
+    assert summary["trials"] == [] and summary["best"] is None
+    run = c.get_run(orphan.run_id)
+    assert run.info.status == "FAILED" and "interrupted" in run.data.tags["petl.failure"]
+    assert c.get_run(other.run_id).info.status == "RUNNING" and c.get_run(parent.run_id).info.status == "RUNNING"
+    other.finish()
+    parent.finish()
