@@ -394,16 +394,14 @@ class _Ingress:
                 raise ServeError(503, f"task(s) unavailable: {'; '.join(rows[t]['error'] for t in down)}")
             knobs = parse_knobs(fields)
             roles = {t: rows[t].get("role") for t in tasks}
-            if not _knobs_fit(knobs, roles):  # before a 400, the registry's current answer: the alias may
+            if _knob_misfit(knobs, roles):  # before a 400, the registry's current answer: the alias may
                 rows = await self._rows(tasks, fresh=True)  # have moved to another method since the refresh
                 if any(rows[t] is None for t in tasks):
                     raise ServeError(404, f"task(s) {', '.join(t for t in tasks if rows[t] is None)} no "
                                           f"longer registered with alias {self.alias!r}")
                 roles = {t: rows[t].get("role") for t in tasks}
-            if ("budget" in knobs or "threshold" in knobs) and "early_exit" not in roles.values():
-                raise ServeError(400, "budget/threshold apply to early-exit (dyn_*) tasks; none is requested")
-            if "ratio" in knobs and "token_dispatch" not in roles.values():
-                raise ServeError(400, "ratio applies to token-dispatch (dyt) tasks; none is requested")
+                if misfit := _knob_misfit(knobs, roles):
+                    raise ServeError(400, misfit)
             # off the event loop: a large image takes a replica's CPU for a while
             x = await asyncio.to_thread(decode_image, image, self.transform, self.max_pixels)
             results = await self._fan_out(x, tasks, roles, knobs, rows)
@@ -453,11 +451,13 @@ class _Ingress:
         return results
 
 
-def _knobs_fit(knobs: dict, roles: dict) -> bool:
-    """Whether each per-request knob applies to at least one requested task."""
+def _knob_misfit(knobs: dict, roles: dict) -> str | None:
+    """Why a per-request knob applies to none of the requested tasks; ``None`` when each fits one."""
     if ("budget" in knobs or "threshold" in knobs) and "early_exit" not in roles.values():
-        return False
-    return not ("ratio" in knobs and "token_dispatch" not in roles.values())
+        return "budget/threshold apply to early-exit (dyn_*) tasks; none is requested"
+    if "ratio" in knobs and "token_dispatch" not in roles.values():
+        return "ratio applies to token-dispatch (dyt) tasks; none is requested"
+    return None
 
 
 # Deployments wrap module-level classes, so Ray pickles the classes by reference (importable on

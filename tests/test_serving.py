@@ -138,7 +138,9 @@ def test_multi_task_request_equals_single_task_requests(served):
     assert multi.status_code == 200, multi.text
     for t in tasks:
         single = _predict(served["client"], [t], image).json()["results"][t]
-        assert multi.json()["results"][t]["top_k"] == single["top_k"], t
+        got = multi.json()["results"][t]["top_k"]  # probabilities are rounded to 6 places: a last-bit
+        assert [k["class"] for k in got] == [k["class"] for k in single["top_k"]], t  # difference may show
+        assert all(abs(a["probability"] - b["probability"]) <= 2e-6 for a, b in zip(got, single["top_k"])), t
     # an early-exit task honours a per-request budget / threshold and reports what it spent
     low = _predict(served["client"], ["norb_azimuth-1k"], image, threshold=0.01).json()["results"]["norb_azimuth-1k"]
     high = _predict(served["client"], ["norb_azimuth-1k"], image, threshold=1.0).json()["results"]["norb_azimuth-1k"]
