@@ -17,7 +17,8 @@ reads ``p4_train_memory_fidelity.json`` (P4 on the same backbone) from the same 
 
 ``--fair`` is the fair basis: each method's learning rate is chosen per task on val (the selection
 ``petl sweep`` makes: best val accuracy over a grid of the recipe's lr x 1/3, x 1, x 3, seed 0,
-run in-process), with >= 10 epochs for every method and the probe alike, then tested with 3 seeds
+run in-process; when the best is at an end of the grid, the grid grows by x 3 that way, up to
+x 27 or x 1/27), with >= 10 epochs for every method and the probe alike, then tested with 3 seeds
 at that lr (seed 0 is the sweep's own run). It writes ``fidelity_fair_runs.jsonl`` and
 ``fidelity_fair.json`` next to the default basis, method by method, so a partial run reports every
 method it finished and a rerun resumes.
@@ -55,6 +56,28 @@ def _logits(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 
 LR_GRID = (1 / 3, 1.0, 3.0)  # --fair: multiples of the method's recipe lr, chosen per task on val
+LR_GRID_LIMIT = 27.0  # a best lr at an end of the grid extends it by x 3 that way, up to x 27 or x 1/27
+
+
+def _best_sweep_run(sweep: list[dict]) -> dict:
+    """The lr sweep's choice: best val accuracy; a tie goes to the multiple nearest the recipe."""
+    return max(sweep, key=lambda r: (r["val_accuracy"], -abs(math.log(r["lr_multiple"]))))
+
+
+def next_lr_multiple(sweep: list[dict]) -> float | None:
+    """The next multiple of the recipe lr to try for one (task, method), or None once the choice is
+    settled: first the base grid, then x 3 past whichever end of the grid holds the best val accuracy
+    (a best lr at the edge of what was tried is not a choice), within ``LR_GRID_LIMIT``."""
+    tried = sorted({r["lr_multiple"] for r in sweep})
+    for mult in LR_GRID:
+        if not any(math.isclose(mult, t) for t in tried):
+            return mult
+    best = _best_sweep_run(sweep)["lr_multiple"]
+    if math.isclose(best, tried[-1]) and best * 3 <= LR_GRID_LIMIT * (1 + 1e-9):
+        return best * 3
+    if math.isclose(best, tried[0]) and best / 3 >= (1 - 1e-9) / LR_GRID_LIMIT:
+        return best / 3
+    return None
 
 
 def run_one(bb, task: str, method: str, seed: int, epochs: int, lr: float | None = None) -> dict:
@@ -271,18 +294,19 @@ def fair_runs(bb, tasks: list[str], methods: list[str], seeds: list[int], epochs
     cells = [(t, m) for t in tasks for m in methods]
     for task, method in (bar := tqdm(cells, desc="fidelity (fair)", unit="method")):
         base = TrainConfig.from_dict({**get_method(method).recipe}, "training").lr
-        for mult in LR_GRID:
+
+        def sweep():
+            return [r for r in runs if r["task"] == task and r["method"] == method and r["phase"] == "sweep"]
+
+        while (mult := next_lr_multiple(sweep())) is not None:
             lr = base * mult
-            if not any(r["task"] == task and r["method"] == method and r["phase"] == "sweep" and
-                       math.isclose(r["lr"], lr) for r in runs):
-                bar.set_postfix_str(f"{method} {task} lr {lr:.2g}")
-                t0 = time.time()
-                record(run_one(bb, task, method, seeds[0], epochs, lr), t0, phase="sweep", lr_multiple=mult)
-        sweep = [r for r in runs if r["task"] == task and r["method"] == method and r["phase"] == "sweep"]
-        best = max(sweep, key=lambda r: (r["val_accuracy"], -abs(math.log(r["lr_multiple"]))))
+            bar.set_postfix_str(f"{method} {task} lr {lr:.2g}")
+            t0 = time.time()
+            record(run_one(bb, task, method, seeds[0], epochs, lr), t0, phase="sweep", lr_multiple=mult)
+        best = _best_sweep_run(sweep())
         for seed in seeds[1:]:
             if not any(r["task"] == task and r["method"] == method and r["phase"] == "seed" and r["seed"] == seed
-                       for r in runs):
+                       and math.isclose(r["lr"], best["lr"]) for r in runs):
                 bar.set_postfix_str(f"{method} {task} seed {seed}")
                 t0 = time.time()
                 record(run_one(bb, task, method, seed, epochs, best["lr"]), t0, phase="seed",
@@ -291,15 +315,16 @@ def fair_runs(bb, tasks: list[str], methods: list[str], seeds: list[int], epochs
 
 def fair_selected(runs: list[dict], seeds: list[int]) -> list[dict]:
     """Per (task, method): the sweep run with the best val accuracy (as seed ``seeds[0]``) and the
-    other seeds' runs at its lr; cells whose seeds are not all done are left out."""
+    other seeds' runs at its lr; cells whose lr is not settled or whose seeds are not all done are
+    left out."""
     out = []
     for task, method in dict.fromkeys((r["task"], r["method"]) for r in runs):
         sweep = [r for r in runs if r["task"] == task and r["method"] == method and r["phase"] == "sweep"]
-        if len(sweep) < len(LR_GRID):
+        if not sweep or next_lr_multiple(sweep) is not None:
             continue
-        best = max(sweep, key=lambda r: (r["val_accuracy"], -abs(math.log(r["lr_multiple"]))))
+        best = _best_sweep_run(sweep)
         rest = [r for r in runs if r["task"] == task and r["method"] == method and r["phase"] == "seed"
-                and r["seed"] in seeds[1:]]
+                and r["seed"] in seeds[1:] and math.isclose(r["lr"], best["lr"])]
         if len(rest) == len(seeds) - 1:
             out += [best, *rest]
     return out
@@ -354,6 +379,7 @@ def main(argv=None) -> int:
                plots=[] if args.fair else plots(agg, out))
     if args.fair:
         agg.update(basis=f"lr per task on val over recipe lr x {', x '.join(f'{m:.3g}' for m in LR_GRID)}, "
+                         f"grown by x 3 past an end that wins, up to x {LR_GRID_LIMIT:g} or x 1/{LR_GRID_LIMIT:g}; "
                          f"{epochs} epochs every method, seeds {args.seeds}",
                    chosen_lr={f"{r['method']}/{r['task']}": {"lr": r["lr"], "multiple": r["lr_multiple"]}
                               for r in runs if r["phase"] == "sweep"})

@@ -83,6 +83,36 @@ def test_fair_basis_picks_each_cells_lr_on_val_and_reports_it():
     assert "lora/a x1" in md and "| lora | 1,000 |" in md and "51.3 +- 1.2" in md
 
 
+def test_fair_basis_grows_the_lr_grid_past_an_end_that_wins():
+    """A best val accuracy at an end of the lr grid is not a choice: the grid grows by x 3 that way
+    (up to the limit), the cell stays out of the table until it settles, and seeds at the old edge
+    lr do not stand for the new choice."""
+    fid = _module("fidelity")
+
+    def sweep(vals):
+        return [_run("linear", "a", 0, 0.5, phase="sweep", lr=1e-2 * m, lr_multiple=m, val_accuracy=v)
+                for m, v in vals.items()]
+
+    assert fid.next_lr_multiple([]) == fid.LR_GRID[0]
+    runs = sweep({1 / 3: 0.5, 1.0: 0.6, 3.0: 0.7})
+    assert fid.next_lr_multiple(runs) == pytest.approx(9.0)
+    runs += [_run("linear", "a", s, 0.6, phase="seed", lr=3e-2, lr_multiple=3.0, val_accuracy=0.7) for s in (1, 2)]
+    assert fid.fair_selected(runs, [0, 1, 2]) == []  # not settled: x 9 not tried yet
+    runs += sweep({9.0: 0.8})
+    assert fid.fair_selected(runs, [0, 1, 2]) == []  # x 9 won at the new end: x 27 is next
+    assert fid.next_lr_multiple(runs) == pytest.approx(27.0)
+    runs += sweep({27.0: 0.75})
+    assert fid.next_lr_multiple(runs) is None
+    assert fid.fair_selected(runs, [0, 1, 2]) == []  # seeds 1, 2 ran at x 3, not at the chosen x 9
+    runs += [_run("linear", "a", s, 0.7, phase="seed", lr=9e-2, lr_multiple=9.0, val_accuracy=0.8) for s in (1, 2)]
+    chosen = fid.fair_selected(runs, [0, 1, 2])
+    assert sorted(r["seed"] for r in chosen) == [0, 1, 2] and {r["lr_multiple"] for r in chosen} == {9.0}
+    low = sweep({1 / 3: 0.9, 1.0: 0.6, 3.0: 0.5, 1 / 9: 0.8})  # x 1/3 won at the low end, then beat x 1/9
+    assert fid.next_lr_multiple(low) is None
+    edge = sweep({m: 0.9 if m == 27.0 else 0.1 for m in (1 / 3, 1.0, 3.0, 9.0, 27.0)})
+    assert fid.next_lr_multiple(edge) is None  # the limit: x 27 stands
+
+
 def test_unknown_section_is_one_line_exit_2(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--only", "P99", "--out", str(tmp_path)])
