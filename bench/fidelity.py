@@ -340,6 +340,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 epochs")
     ap.add_argument("--fair", action="store_true", help="lr chosen per task on val, >= 10 epochs, 3 seeds "
                     "(fidelity_fair_runs.jsonl / fidelity_fair.json)")
+    ap.add_argument("--baseline-dir", default=None,
+                    help="--fair: the directory of the default basis's fidelity_runs.jsonl, re-aggregated on the fair "
+                         "table's tasks and shown next to it (default: --out-dir, where it has one)")
     ap.add_argument("--backbone", default=None, help="default: the shipped backbone")
     ap.add_argument("--aggregate-only", action="store_true")
     args = ap.parse_args(argv)
@@ -370,11 +373,14 @@ def main(argv=None) -> int:
             with log.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             runs.append(rec)
-    p4_path = out / "p4_train_memory_fidelity.json"  # P4 on the fidelity backbone (`petl bench --only P4_fidelity`)
+    baseline = Path(args.baseline_dir) if args.baseline_dir else out
+    # P4 on the fidelity backbone (`petl bench --only P4_fidelity`); memory does not depend on the lr
+    p4_path = next((d / "p4_train_memory_fidelity.json" for d in (out, baseline)
+                    if (d / "p4_train_memory_fidelity.json").exists()), None)
+    p4 = json.loads(p4_path.read_text()) if p4_path else None
     # a method's reference variants (e.g. "linear (40 epochs)", its own longer recipe) travel with it
     agg = aggregate([r for r in runs if r["task"] in args.tasks and r["method"].split(" ")[0] in args.methods
-                     and r["seed"] in args.seeds],
-                    json.loads(p4_path.read_text()) if p4_path.exists() else None)
+                     and r["seed"] in args.seeds], p4)
     agg.update(seeds=args.seeds, epochs=epochs, backbone=args.backbone or SHIPPED,
                plots=[] if args.fair else plots(agg, out))
     if args.fair:
@@ -383,6 +389,15 @@ def main(argv=None) -> int:
                          f"{epochs} epochs every method, seeds {args.seeds}",
                    chosen_lr={f"{r['method']}/{r['task']}": {"lr": r["lr"], "multiple": r["lr_multiple"]}
                               for r in runs if r["phase"] == "sweep"})
+        if (baseline / "fidelity_runs.jsonl").exists():  # the default basis on the same tasks, next to it
+            base_runs = [json.loads(line) for line in (baseline / "fidelity_runs.jsonl").read_text().splitlines()]
+            base_runs = [r for r in base_runs if r["task"] in agg["tasks"] and r["seed"] in args.seeds
+                         and r["method"].split(" ")[0] in agg["methods"]]
+            same_schedule = [r["epochs"] for r in base_runs if " (" not in r["method"]]
+            if same_schedule:
+                agg["baseline"] = aggregate(base_runs, p4)
+                agg["baseline"].update(seeds=args.seeds, backbone=agg["backbone"], dir=str(baseline),
+                                       epochs=int(statistics.median(same_schedule)))
     (out / ("fidelity_fair.json" if args.fair else "fidelity.json")).write_text(json.dumps(agg, indent=2) + "\n")
     for c in agg["claims"]:
         print(f"[{'met' if c['met'] else 'NOT met' if c['met'] is not None else 'n/a'}] {c['claim']}: {c['measured']}")

@@ -339,6 +339,40 @@ def fidelity_md(fid: dict) -> list[str]:
     return lines
 
 
+def fidelity_compare_md(fid: dict) -> list[str]:
+    """The fair basis next to the default one (``fid["baseline"]``, re-aggregated on the same tasks and
+    seeds): accuracy per task on each basis, and every claim judged on each."""
+    base, tasks = fid["baseline"], fid["tasks"]
+    ep = base["epochs"]
+    fair_rows, base_rows = ({r["method"]: r for r in f["rows"]} for f in (fid, base))
+
+    def acc(row, t):
+        return "-" if row is None or t not in row["accuracy"] else f"{100 * row['accuracy'][t]['mean']:.1f}"
+
+    def mean(row):
+        return None if row is None or row["mean_accuracy"] is None else 100 * row["mean_accuracy"]
+
+    lines = [f"Next to it, the default basis on the same tasks and seeds: every method {ep} epochs at its recipe's "
+             f"lr (runs in `{base['dir']}`). Test accuracy, mean over seeds (%):", "",
+             "| method | " + " | ".join(f"{t} fair | {t} {ep} ep" for t in tasks) + " | mean fair | mean "
+             f"{ep} ep | fair - {ep} ep |", "|---|" + "---:|" * (2 * len(tasks) + 3)]
+    for m in dict.fromkeys([*fair_rows, *base_rows]):
+        f, b = fair_rows.get(m), base_rows.get(m)
+        mf, mb = mean(f), mean(b)
+        lines.append(f"| {m} | " + " | ".join(f"{acc(f, t)} | {acc(b, t)}" for t in tasks)
+                     + f" | {'-' if mf is None else f'{mf:.1f}'} | {'-' if mb is None else f'{mb:.1f}'} | "
+                     + ("-" if mf is None or mb is None else f"{mf - mb:+.1f} pt") + " |")
+    fair_claims, base_claims = ({c["claim"]: c for c in f["claims"]} for f in (fid, base))
+    lines += ["", f"| claim (papers) | fair basis | {ep}-epoch basis |", "|---|---|---|"]
+    for name in dict.fromkeys([*fair_claims, *base_claims]):
+        cells = []
+        for c in (fair_claims.get(name), base_claims.get(name)):
+            detail = f" ({c['detail']})" if c and c.get("detail") else ""
+            cells.append("not measured" if c is None else f"{_met(c['met'])}: {c['measured']}{detail}")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def machine() -> dict:
     import torch
 
@@ -368,6 +402,8 @@ def render(out: Path, runs: dict, quick: bool) -> str:
     fair = _load(out, "fidelity_fair.json")
     lines += ["", "### The fair basis: lr chosen per task on val, >= 10 epochs, 3 seeds", ""]
     lines += fidelity_md(fair) if fair else ["Not run in this directory (`petl bench --only fidelity_fair`)."]
+    if fair and fair.get("baseline"):
+        lines += [""] + fidelity_compare_md(fair)
     pngs = sorted(p.name for p in out.glob("*.png"))
     if pngs:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]

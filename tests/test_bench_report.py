@@ -113,6 +113,38 @@ def test_fair_basis_grows_the_lr_grid_past_an_end_that_wins():
     assert fid.next_lr_multiple(edge) is None  # the limit: x 27 stands
 
 
+def test_fair_table_carries_the_default_basis_on_the_same_tasks_next_to_it(tmp_path):
+    """`fidelity.py --fair --aggregate-only --baseline-dir`: the default basis's runs are re-aggregated
+    on the fair table's tasks, seeds and methods only, and the report shows both accuracies and both
+    verdicts on every claim."""
+    fid, report = _module("fidelity"), _module("report")
+    out, base = tmp_path / "fair", tmp_path / "base"
+    out.mkdir(), base.mkdir()
+    fair = []
+    for method, lr, val_acc, test in (("linear", 1e-2, 0.6, 0.60), ("lora", 1e-3, 0.8, 0.80)):
+        fair += [_run(method, "a", 0, test, phase="sweep", lr=lr * m, lr_multiple=m, val_accuracy=val_acc - abs(m - 1) / 10,
+                      epochs=10) for m in fid.LR_GRID]
+        fair += [_run(method, "a", s, test, phase="seed", lr=lr, lr_multiple=1.0, val_accuracy=val_acc, epochs=10)
+                 for s in (1, 2)]
+    fair += [_run("lora", "b", 0, 0.9, phase="sweep", lr=1e-3, lr_multiple=1.0, val_accuracy=0.9, epochs=10)]  # unsettled
+    (out / "fidelity_fair_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fair))
+    four = [_run(m, t, s, acc, epochs=e) for m, acc, e in (("linear", 0.65, 4), ("lora", 0.62, 4),
+                                                          ("linear (40 epochs)", 0.7, 40), ("adapter", 0.5, 4))
+            for t in ("a", "b") for s in (0, 1, 2)]
+    (base / "fidelity_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in four))
+    assert fid.main(["--out-dir", str(out), "--fair", "--aggregate-only", "--tasks", "a", "b",
+                     "--baseline-dir", str(base)]) == 0
+    agg = json.loads((out / "fidelity_fair.json").read_text())
+    assert agg["tasks"] == ["a"] and agg["baseline"]["tasks"] == ["a"] and agg["baseline"]["epochs"] == 4
+    assert [r["method"] for r in agg["baseline"]["rows"]] == ["linear", "lora", "linear (40 epochs)"]
+    fair_claim = agg["claims"][0]
+    assert fair_claim["met"] is True and agg["baseline"]["claims"][0]["met"] is False
+    md = "\n".join(report.fidelity_compare_md(agg))
+    assert "| lora | 80.0 | 62.0 | 80.0 | 62.0 | +18.0 pt |" in md
+    assert "| linear (40 epochs) | - | 70.0 | - | 70.0 | - |" in md
+    assert "| every method beats the linear probe on average | **met**: pt vs probe: lora +20.0 | **missed**: " in md
+
+
 def test_unknown_section_is_one_line_exit_2(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--only", "P99", "--out", str(tmp_path)])
