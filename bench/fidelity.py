@@ -19,9 +19,11 @@ reads ``p4_train_memory_fidelity.json`` (P4 on the same backbone) from the same 
 ``petl sweep`` makes: best val accuracy over a grid of the recipe's lr x 1/3, x 1, x 3, seed 0,
 run in-process; when the best is at an end of the grid, the grid grows by x 3 that way, up to
 x 27 or x 1/27), with >= 10 epochs for every method and the probe alike, then tested with 3 seeds
-at that lr (seed 0 is the sweep's own run). It writes ``fidelity_fair_runs.jsonl`` and
-``fidelity_fair.json`` next to the default basis, method by method, so a partial run reports every
-method it finished and a rerun resumes.
+at that lr (seed 0 is the sweep's own run). Each run is appended to ``fidelity_fair_runs.jsonl`` as
+it ends, so a rerun resumes; ``fidelity_fair.json`` (written at the end, or by ``--aggregate-only`` at
+any time) reports every (task, method) whose lr is settled and whose seeds are done. It also carries the default basis's runs
+(``--baseline-dir``) re-aggregated on the fair table's tasks, seeds and methods, so the report judges
+every claim on both bases side by side.
 
     nice .venv/bin/python bench/fidelity.py --out-dir bench/results/<date> [--quick | --fair]
 """
