@@ -21,9 +21,9 @@ run in-process; when the best is at an end of the grid, the grid grows by x 3 th
 x 27 or x 1/27), with >= 10 epochs for every method and the probe alike, then tested with 3 seeds
 at that lr (seed 0 is the sweep's own run). Each run is appended to ``fidelity_fair_runs.jsonl`` as
 it ends, so a rerun resumes; ``fidelity_fair.json`` (written at the end, or by ``--aggregate-only`` at
-any time) reports every (task, method) whose lr is settled and whose seeds are done. It also carries the default basis's runs
-(``--baseline-dir``) re-aggregated on the fair table's tasks, seeds and methods, so the report judges
-every claim on both bases side by side.
+any time) reports every (task, method) whose lr is settled and whose seeds are done. It also
+carries the default basis's runs (``--baseline-dir``) re-aggregated on the fair table's tasks,
+seeds and methods, so the report judges every claim on both bases side by side.
 
     nice .venv/bin/python bench/fidelity.py --out-dir bench/results/<date> [--quick | --fair]
 """
