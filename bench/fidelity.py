@@ -390,7 +390,8 @@ def main(argv=None) -> int:
                          f"grown by x 3 past an end that wins, up to x {LR_GRID_LIMIT:g} or x 1/{LR_GRID_LIMIT:g}; "
                          f"{epochs} epochs every method, seeds {args.seeds}",
                    chosen_lr={f"{r['method']}/{r['task']}": {"lr": r["lr"], "multiple": r["lr_multiple"]}
-                              for r in runs if r["phase"] == "sweep"})
+                              for r in runs if r["phase"] == "sweep" and r["task"] in args.tasks
+                              and r["method"] in args.methods})
         if (baseline / "fidelity_runs.jsonl").exists():  # the default basis on the same tasks, next to it
             base_runs = [json.loads(line) for line in (baseline / "fidelity_runs.jsonl").read_text().splitlines()]
             base_runs = [r for r in base_runs if r["task"] in agg["tasks"] and r["seed"] in args.seeds

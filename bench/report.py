@@ -317,7 +317,7 @@ def fidelity_md(fid: dict) -> list[str]:
              f"({', '.join(map(str, fid['seeds']))}); every method {recipe}. Accuracy is test top-1, mean +- std "
              "over seeds; GFLOPs are measured per image for the deployed form (mergeable methods merged); img/s is the "
              "median over runs at batch 64 (noisy on this shared 2-core machine); train memory is P4's fresh-process "
-             "peak where P4 ran in this directory.", "",
+             "peak where `P4_fidelity` ran in this directory (or, for the fair basis, in its baseline's).", "",
              "| method | params | GFLOPs | img/s | train mem (MB) | " + " | ".join(tasks) + " | mean |",
              "|---|---:|---:|---:|---:|" + "---:|" * (len(tasks) + 1)]
     for r in fid["rows"]:
