@@ -278,6 +278,40 @@ def plots(agg: dict, out_dir: Path) -> list[str]:
     return paths
 
 
+def fair_plot(agg: dict, out_dir: Path) -> list[str]:
+    """Mean test accuracy of every method on the fair basis next to the default basis (same tasks
+    and seeds), with the probe of each basis as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = {r["method"]: r for r in agg["baseline"]["rows"]}
+    rows = [r for r in agg["rows"] if "budget" not in r and r["mean_accuracy"] is not None
+            and base.get(r["method"], {}).get("mean_accuracy") is not None]
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(9, 3.8), dpi=120)
+    xs = range(len(rows))
+    ep = agg["baseline"]["epochs"]
+    ax.bar([x - 0.2 for x in xs], [100 * r["mean_accuracy"] for r in rows], 0.4,
+           label=f"fair: lr chosen on val, {agg['epochs']} epochs")
+    ax.bar([x + 0.2 for x in xs], [100 * base[r["method"]]["mean_accuracy"] for r in rows], 0.4,
+           label=f"default: recipe lr, {ep} epochs")
+    fair = {r["method"]: r for r in agg["rows"]}
+    for name, row, color, ls in (("probe, fair", fair.get("linear"), "C0", "--"),
+                                 (f"probe, {ep} epochs", base.get("linear"), "C1", "--"),
+                                 ("probe, its own 40 epochs", base.get("linear (40 epochs)"), "k", ":")):
+        if row and row["mean_accuracy"] is not None:
+            ax.axhline(100 * row["mean_accuracy"], color=color, ls=ls, lw=1, label=name)
+    ax.set_xticks(list(xs), [r["method"] for r in rows], rotation=30, fontsize=8)
+    ax.set_ylabel(f"mean test accuracy over {len(agg['tasks'])} task(s) (%)")
+    ax.set_title(f"fair vs default basis: {', '.join(agg['tasks'])}", fontsize=9)
+    lowest = min(100 * min(r["mean_accuracy"], base[r["method"]]["mean_accuracy"]) for r in rows)
+    ax.set_ylim(max(0.0, 10 * (lowest // 10) - 10), 100)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return [_save(fig, out_dir / "fidelity_fair_vs_default.png")]
+
+
 def fair_runs(bb, tasks: list[str], methods: list[str], seeds: list[int], epochs: int, log: Path,
               runs: list[dict]) -> None:
     """The fair basis, one (task, method) at a time: the lr sweep on val (seed ``seeds[0]``), then the
@@ -401,6 +435,7 @@ def main(argv=None) -> int:
                 agg["baseline"] = aggregate(base_runs, p4)
                 agg["baseline"].update(seeds=args.seeds, backbone=agg["backbone"], dir=str(baseline),
                                        epochs=int(statistics.median(same_schedule)))
+                agg["plots"] = fair_plot(agg, out)
     (out / ("fidelity_fair.json" if args.fair else "fidelity.json")).write_text(json.dumps(agg, indent=2) + "\n")
     for c in agg["claims"]:
         print(f"[{'met' if c['met'] else 'NOT met' if c['met'] is not None else 'n/a'}] {c['claim']}: {c['measured']}")

@@ -137,6 +137,7 @@ def test_fair_table_carries_the_default_basis_on_the_same_tasks_next_to_it(tmp_p
     agg = json.loads((out / "fidelity_fair.json").read_text())
     assert agg["tasks"] == ["a"] and agg["baseline"]["tasks"] == ["a"] and agg["baseline"]["epochs"] == 4
     assert [r["method"] for r in agg["baseline"]["rows"]] == ["linear", "lora", "linear (40 epochs)"]
+    assert agg["plots"] == [str(out / "fidelity_fair_vs_default.png")] and Path(agg["plots"][0]).stat().st_size > 0
     fair_claim = agg["claims"][0]
     assert fair_claim["met"] is True and agg["baseline"]["claims"][0]["met"] is False
     md = "\n".join(report.fidelity_compare_md(agg))
