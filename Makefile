@@ -10,7 +10,7 @@ DEBS   := dataset-fashion-mnist openclipart-png fonts-dejavu-core fonts-dejavu-e
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench bench-quick pretrain venv debs lock clean
+.PHONY: demo test test-fast bench bench-quick pretrain venv debs lock docs clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,11 @@ $(DEB_STAMP): Makefile | $(VENV)/bin/python
 	touch $@
 
 # constraints.txt pins every package (Ray = the image's and the manifests' 2.60.0); `make lock`
-# regenerates it. infra/docker/Dockerfile installs under the same file.
+# regenerates it. infra/docker/Dockerfile installs under the same file. The docs extra (mkdocs,
+# mkdocs-material: `make docs`, tests/test_docs.py) is not pinned there.
 $(STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,docs]'
 	touch $@
 
 # A fresh resolve of pyproject's ranges in a throwaway venv, frozen: review the diff, then commit.
@@ -70,6 +71,10 @@ bench-quick: venv
 pretrain: venv
 	$(PY) -m jobs.pretrain
 	$(PY) -m jobs.pretrain --card
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or anchor.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
 clean:
 	rm -rf $(VENV) .pytest_cache

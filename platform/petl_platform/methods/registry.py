@@ -37,7 +37,7 @@ class MethodSpec:
 
     @property
     def shares_trunk(self) -> bool:
-        """Leading frozen blocks identical across tasks (see ARCHITECTURE.md)."""
+        """Leading frozen blocks identical across tasks (see docs/architecture.md)."""
         return self.runtime == "shared_trunk"
 
     @property
