@@ -28,7 +28,8 @@ from PIL import Image
 from petl_platform import build_model, create_backbone
 from petl_platform.backbones import SHIPPED
 from petl_platform.data import make_transform
-from petl_platform.inference import Engine, Row, predict_dataset
+from petl_platform.cluster.batch import predict_dataset
+from petl_platform.inference import Engine, Row
 from petl_platform.tracking.runs import log_and_register
 from petl_platform.tracking.settings import TrackingSettings
 

@@ -60,9 +60,9 @@ def main() -> None:
 
     from petl_platform.backbones.factory import SHIPPED
     from petl_platform.tracking.settings import TrackingSettings
-    from petl_platform.training.distributed import ensure_ray
+    from petl_platform.cluster.connect import ensure_ray
     from petl_platform.training.spec import SweepSpec
-    from petl_platform.training.sweep import run_sweep
+    from petl_platform.cluster.tune import run_sweep
 
     settings = TrackingSettings.from_env()
     rf = tune_default_reduction_factor()

@@ -162,7 +162,7 @@ async def run(args) -> dict:
     img = base64.b64encode(_image()).decode()
     from ray import serve
 
-    from petl_platform.training.distributed import ensure_ray
+    from petl_platform.cluster.connect import ensure_ray
     from serve_apps.petl_app import build_app, load_config
 
     cfg = load_config(str(Path(__file__).parents[1] / "serve_apps/configs/local.yaml"), [*many, *loras, "digits-1k"])

@@ -534,7 +534,7 @@ def run_local(path: str, tasks: list[str] | None = None, port: int | None = None
     """Deploy the config on the current (or a new local) Ray cluster; returns the base URL.
     Ray's own output (controller, proxy, replicas, the driver's Serve INFO lines) goes to the Ray
     session's log files, not the terminal: ``serving_logs_dir()`` says where."""
-    from petl_platform.training.distributed import ensure_ray
+    from petl_platform.cluster.connect import ensure_ray
 
     c = load_config(path, tasks, port)
     use_proxy_middleware()

@@ -46,7 +46,7 @@ def stack(tmp_path_factory):
 def cluster(stack):
     import ray
 
-    from petl_platform.training.distributed import ensure_ray
+    from petl_platform.cluster.connect import ensure_ray
 
     ensure_ray(num_cpus=2)
     try:
@@ -150,7 +150,7 @@ def test_local_folder_rows_equal_the_in_process_engine(cluster, tmp_path, capsys
 def test_s3_prefix_rows_equal_the_in_process_engine(cluster, tmp_path):
     import pyarrow.parquet as pq
 
-    from petl_platform.inference import predict_dataset
+    from petl_platform.cluster.batch import predict_dataset
 
     s3, blobs = cluster["s3"], {}
     for i in range(10, 15):

@@ -144,7 +144,7 @@ def test_register_run_tags_the_split_the_sweep_and_train_compare_on(registry, ad
 
 
 def test_sweep_cli_prints_the_decision(monkeypatch, capsys, registry):
-    import petl_platform.training.sweep as sweep
+    import petl_platform.cluster.tune as sweep
 
     reg = {"name": "t", "version": 4, "alias": "champion", "champion_moved": False, "champion_version": 3,
            "decision": "kept", "reason": "kept: challenger v4 val_accuracy 0.5850 < champion v3 val_accuracy 0.6990"}

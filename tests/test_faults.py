@@ -95,7 +95,7 @@ def _cluster_node(cluster, node_id: str):
 # ------------------------------------------------------------------------------- node loss: sweep
 def test_node_loss_during_sweep_resumes_trial_from_checkpoint(cluster):
     from petl_platform.training.spec import SweepSpec
-    from petl_platform.training.sweep import run_sweep
+    from petl_platform.cluster.tune import run_sweep
 
     st, c, seen = cluster, mlflow.MlflowClient(cluster["settings"].tracking_uri), {}
     # LoRA, not the linear probe: the probe trains on cached trunk features, so its epochs take

@@ -11,8 +11,9 @@ from petl_platform.errors import PetlError
 from petl_platform.methods import list_methods
 from petl_platform.tracking.runs import RunLogger
 from petl_platform.tracking.settings import TrackingSettings
-from petl_platform.training.distributed import check_address
-from petl_platform.training.sweep import default_space, parse_space, to_tune
+from petl_platform.training.spec import check_address
+from petl_platform.training.space import default_space, parse_space
+from petl_platform.cluster.tune import to_tune
 from platform_stack import free_port, platform_stack
 
 
@@ -104,7 +105,7 @@ def test_budget_for_a_static_method_fails_before_training(capsys):
 @pytest.mark.parametrize("budget", ["nan", "inf", "-inf", "-0.5", "0", "2"])
 @pytest.mark.parametrize("cmd", [["train"], ["train", "--local"], ["sweep"], ["submit", "train"]])
 def test_bad_budget_fails_before_any_cluster_starts(cmd, budget, capsys, monkeypatch):
-    import petl_platform.training.distributed as distributed
+    import petl_platform.cluster.connect as distributed
 
     def no_cluster(*args, **kwargs):
         raise AssertionError("a cluster was started for a bad --budget")
@@ -121,7 +122,7 @@ def test_ray_failures_are_classified_by_type_not_by_traceback_text():
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
-    from petl_platform.training.distributed import ray_error, user_error
+    from petl_platform.cluster.connect import ray_error, user_error
 
     source_line = 'Traceback (most recent call last):\n  raise PetlError(f"--budget must be {x}")\npetl_platform.errors.PetlError: x'
     user = PetlError("budget is a fraction of the full-depth FLOPs, e.g. 0.5; got nan")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def cluster(tmp_path_factory):
     import ray
 
-    from petl_platform.training.distributed import ensure_ray
+    from petl_platform.cluster.connect import ensure_ray
 
     with platform_stack(tmp_path_factory.mktemp("jobs")) as st:
         ctx = ensure_ray(num_cpus=2)  # with its dashboard on 127.0.0.1: the Jobs API

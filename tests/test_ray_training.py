@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def stack(tmp_path_factory):
     import ray
 
-    from petl_platform.training.distributed import ensure_ray
+    from petl_platform.cluster.connect import ensure_ray
 
     with platform_stack(tmp_path_factory.mktemp("stack")) as st:
         ensure_ray(num_cpus=2)
@@ -40,7 +40,7 @@ def _artifact_keys(st, run_id: str) -> list[str]:
 
 
 def test_two_worker_ray_train_logs_to_mlflow_and_s3(stack):
-    from petl_platform.training.distributed import run_train
+    from petl_platform.cluster.train import run_train
 
     out = run_train(TrainSpec(task="digits-1k", method="lora", backbone=stack["backbone"], settings=stack["settings"],
                               hparams={"rank": 2}, train={"epochs": 2, "batch_size": 32}, workers=2, name="train-2w"))
@@ -68,7 +68,7 @@ def test_asha_sweep_registers_champion_with_artifacts_in_s3(stack, tmp_path):
     from petl_platform.cli import main
     from petl_platform.tracking.artifacts import load_adapter
     from petl_platform.tracking.runs import fetch_adapter, register_adapter
-    from petl_platform.training.sweep import run_sweep
+    from petl_platform.cluster.tune import run_sweep
 
     # One good learning rate first, then three that cannot learn: ASHA must cut the three at rung 1.
     [s] = run_sweep(SweepSpec(tasks=("digits-1k",), method="dyn_linear", backbone=stack["backbone"],
@@ -113,7 +113,7 @@ def test_asha_sweep_registers_champion_with_artifacts_in_s3(stack, tmp_path):
 
 
 def test_killed_worker_trial_resumes_from_checkpoint(stack):
-    from petl_platform.training.sweep import run_sweep
+    from petl_platform.cluster.tune import run_sweep
 
     c, seen = _client(stack), {}
 
@@ -158,7 +158,7 @@ def test_sweep_end_marks_an_abandoned_trial_run_failed(stack):
     """A trial run that a restart from scratch left behind (worker lost before Tune registered a
     checkpoint) is closed FAILED with the reason; a run outside the sweep is not touched."""
     from petl_platform.tracking.runs import RunLogger
-    from petl_platform.training.sweep import _finalize
+    from petl_platform.cluster.tune import _finalize
 
     c, st = _client(stack), stack["settings"]
     parent = RunLogger(st, "petl", run_name="sweep orphans", tags={"petl.role": "sweep"})

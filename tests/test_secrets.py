@@ -14,7 +14,7 @@ import pytest
 
 from platform_stack import platform_stack, s3_keys
 from petl_platform.errors import PetlError
-from petl_platform.jobs_client import submit
+from petl_platform.cluster.jobs import submit
 from petl_platform.tracking.settings import SECRET_ENV_VARS, forwarded_env
 
 

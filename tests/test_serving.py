@@ -52,7 +52,7 @@ def served(tmp_path_factory):
     from ray import serve
 
     from petl_platform import create_backbone
-    from petl_platform.training.distributed import ensure_ray
+    from petl_platform.cluster.connect import ensure_ray
     from platform_stack import TINY
 
     with platform_stack(tmp_path_factory.mktemp("serve")) as st:

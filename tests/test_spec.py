@@ -37,7 +37,7 @@ def truncated_jpeg() -> bytes:
 @pytest.fixture
 def no_cluster(monkeypatch, tmp_path):
     """PETL_HOME in tmp, and any attempt to start or join a cluster fails the test."""
-    import petl_platform.training.distributed as distributed
+    import petl_platform.cluster.connect as distributed
 
     def refuse(*args, **kwargs):
         raise AssertionError("a cluster was started for a deterministic user error")
@@ -106,8 +106,8 @@ def test_folder_scan_counts_and_reads_headers_only(tmp_path):
 
 
 def test_library_callers_get_the_same_checks(tmp_path, no_cluster):
-    from petl_platform.training.distributed import run_train
-    from petl_platform.training.sweep import run_sweep
+    from petl_platform.cluster.train import run_train
+    from petl_platform.cluster.tune import run_sweep
 
     settings = TrackingSettings.from_env()
     task = _folder_case(tmp_path, "one_class")
@@ -127,7 +127,7 @@ def test_library_callers_get_the_same_checks(tmp_path, no_cluster):
 
 def test_submit_checks_names_only(tmp_path, capsys, monkeypatch, no_cluster):
     """``petl submit``: the weights, stores and cluster are the cluster's; only names and numbers are checked here."""
-    import petl_platform.jobs_client as jobs_client
+    import petl_platform.cluster.jobs as jobs_client
 
     monkeypatch.setattr(jobs_client, "submit", lambda *a, **k: {"job_id": "j1", "status": "SUCCEEDED"})
     assert main(["submit", "train", "--task", "digits-1k", "--backbone", "/on/the/cluster/vit.safetensors"]) == 0

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def stack(tmp_path_factory):
     import ray
 
-    from petl_platform.training.distributed import ensure_ray
+    from petl_platform.cluster.connect import ensure_ray
 
     root = tmp_path_factory.mktemp("failures")
     with platform_stack(root) as st:
@@ -49,7 +49,7 @@ def _runs(st, filter_string):
 
 
 def test_ray_train_does_not_retry_a_petl_error(stack):
-    from petl_platform.training.distributed import run_train
+    from petl_platform.cluster.train import run_train
 
     with pytest.raises(PetlError) as err:
         run_train(TrainSpec(task=stack["task"], backbone=stack["backbone"], settings=stack["settings"],
@@ -63,7 +63,7 @@ def test_ray_train_does_not_retry_a_petl_error(stack):
 
 def test_ray_tune_does_not_retry_a_petl_error(stack):
     from petl_platform.data.registry import task_slug
-    from petl_platform.training.sweep import run_sweep
+    from petl_platform.cluster.tune import run_sweep
 
     with pytest.raises(PetlError) as err:
         run_sweep(SweepSpec(tasks=(stack["task"],), backbone=stack["backbone"], settings=stack["settings"],

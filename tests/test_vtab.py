@@ -258,7 +258,7 @@ def test_suite_end_to_end_on_ray_with_mlflow(tree, tmp_path, capsys):
     import ray
 
     from platform_stack import platform_stack, s3_keys
-    from petl_platform.training.distributed import ensure_ray
+    from petl_platform.cluster.connect import ensure_ray
 
     (tmp_path / "stack").mkdir()
     with platform_stack(tmp_path / "stack") as st:

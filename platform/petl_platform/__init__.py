@@ -1,7 +1,6 @@
 """petl-platform: many vision tasks on one frozen ViT with parameter-efficient fine-tuning."""
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from .backbones import SHIPPED, create_backbone, fingerprint  # noqa: E402
 from .errors import PetlError  # noqa: E402
 from .methods import build_model, get_method, list_methods  # noqa: E402

@@ -105,7 +105,7 @@ def _train_spec(args):
 
 def _sweep_spec(args):
     from .training.spec import SweepSpec
-    from .training.vtab_suite import DEFAULT_MODEL_NAME
+    from .cluster.vtab_suite import DEFAULT_MODEL_NAME
 
     return SweepSpec(tasks=tuple(t for t in (args.task or "").split(",") if t), method=args.method,
                      backbone=args.backbone, settings=_settings(args), space=tuple(args.space or ()) or None,
@@ -125,20 +125,14 @@ def cmd_train(args) -> None:
     spec = _train_spec(args)
     if spec.local:
         return _train_local(spec, args)
-    from .training.distributed import run_train
-    from .training.run import register_run, val_split_id
+    from .cluster.train import run_train
 
-    result = run_train(spec)  # validates the spec before any cluster starts
+    result = run_train(spec)  # validates the spec before any cluster starts; registers with --register
     if args.out and result.get("checkpoint"):
         import shutil
         from pathlib import Path
 
         shutil.copytree(Path(result["checkpoint"]) / "adapter", args.out, dirs_exist_ok=True)
-    if args.register:
-        result["registered"] = register_run(spec.settings, spec.task, spec.method, result.get("mlflow_run_id"),
-                                            result.get("val_accuracy"), model_name=spec.model_name,
-                                            promote=spec.promote, split_id=val_split_id(spec.task),
-                                            tags={"job": result.get("name")})
     if args.json:
         print(json.dumps(result, default=str))
         return
@@ -177,7 +171,7 @@ def _train_local(spec, args) -> None:
 
 
 def _sweep_suite(spec, args) -> None:
-    from .training.vtab_suite import format_table, run_vtab_suite
+    from .cluster.vtab_suite import format_table, run_vtab_suite
 
     settings = spec.settings
     s = run_vtab_suite(spec)  # validates the spec before Ray starts
@@ -191,7 +185,7 @@ def _sweep_suite(spec, args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .training.sweep import run_sweep
+    from .cluster.tune import run_sweep
 
     spec = _sweep_spec(args)
     if spec.suite:
@@ -211,7 +205,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_submit(args) -> None:
-    from .jobs_client import submit
+    from .cluster.jobs import submit
 
     p = _Parser(prog="petl submit", add_help=False)
     p.add_argument("--address")
@@ -255,7 +249,7 @@ def cmd_serve(args) -> None:
     from ray import serve
     from serve_apps.petl_app import run_local, serving_logs_dir
 
-    from .training.distributed import in_ray_job
+    from .cluster.connect import in_ray_job
 
     own_cluster = not ray.is_initialized() and not in_ray_job()  # run_local starts a local one
     url = run_local(config, [t for t in (args.tasks or "").split(",") if t] or None, args.port)
@@ -286,7 +280,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_jobs(args) -> None:
-    from . import jobs_client as jc
+    from .cluster import jobs as jc
 
     if args.action == "list":
         rows = jc.list_jobs(args.address)
@@ -332,7 +326,7 @@ def cmd_registry(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from .inference.batch import predict_dataset
+    from .cluster.batch import predict_dataset
 
     out = predict_dataset(args.tasks.split(","), args.input, args.output, _settings(args), backbone=args.backbone,
                           alias=args.alias, batch_size=args.batch_size, address=args.address,

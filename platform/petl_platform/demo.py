@@ -52,22 +52,18 @@ def run_demo(tasks: list[str], methods: list[str], backbone: str, epochs: int | 
               f"{r['trainable_params']:>10,} {r['epochs']:>6} {r['wall_s']:>7.1f}")
     _multi_task(bb, models, tasks[0])
     if sweep:
-        from .training.distributed import ensure_ray
+        from .cluster.connect import ray_session
 
         key = _serve_env()  # before the cluster starts: its replicas inherit the environment
         # one quiet local cluster for the sweep and Serve: Ray's own output stays in its log files
-        started = ensure_ray(log_to_driver=False)
-        try:
+        with ray_session(log_to_driver=False) as started:
             _sweep(tasks[0], sweep, backbone, sweep_samples, sweep_epochs)
             for task in tasks[1:]:  # the linear probes join the sweep's champion in the registry
                 _register(models[f"{task}/linear"], task,
                           next(r for r in rows if r["task"] == task and r["method"] == "linear"))
             _serve(tasks, backbone, 0.3, key, own_cluster=started is not None)
-        finally:
-            if started is not None:
-                import ray
-                ray.shutdown()
-                print("  Serve and the local Ray cluster shut down")
+        if started is not None:
+            print("  Serve and the local Ray cluster shut down")
     print(f"\ndemo finished in {time.time() - t0:.0f}s")
     _next_steps(tasks, methods, petl, sweep)
     return rows
@@ -113,7 +109,7 @@ def _sweep(task: str, method: str, backbone: str, samples: int, epochs: int) -> 
     from .tracking.runs import list_models
     from .tracking.settings import TrackingSettings
     from .training.spec import SweepSpec
-    from .training.sweep import run_sweep
+    from .cluster.tune import run_sweep
 
     settings = TrackingSettings.from_env()
     print(f"\nRay Tune: {samples} trials of {method} on {task} (ASHA over p_shallow, p_deep, p_m, rank; "
@@ -171,7 +167,7 @@ def _serve(tasks: list[str], backbone: str, budget: float, key: str, own_cluster
     import serve_apps
     from serve_apps.petl_app import build_app, load_config
 
-    from .training.distributed import ensure_ray
+    from .cluster.connect import ensure_ray
 
     cfg = load_config(os.path.join(os.path.dirname(serve_apps.__file__), "configs", "local.yaml"), tasks)
     print(f"\nRay Serve: serving {', '.join(tasks)} from the registry (alias champion) on one shared backbone")

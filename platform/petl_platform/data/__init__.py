@@ -1,6 +1,7 @@
 """Offline tasks: Debian data packages, fonts, scikit-learn and deterministic generators."""
 
-from .registry import SPLITS, Task, check_task_name, get_task, list_tasks, register_task
+from .registry import check_task_name, get_task, list_tasks, register_task
+from .task import SPLITS, Task
 from .transforms import data_config, make_transform, task_tensors, to_tensors
 
 __all__ = ["SPLITS", "Task", "check_task_name", "get_task", "list_tasks", "register_task",

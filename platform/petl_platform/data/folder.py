@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import PetlError
-from .registry import Task, carve_val
+from .task import Task, carve_val
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 NATIVE = 64  # images are stored at 64x64 RGB; the shared transform resizes to the model input

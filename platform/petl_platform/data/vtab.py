@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import PetlError
-from .registry import Task
+from .task import Task
 
 PREFIX = "vtab:"
 FINAL = "final"
@@ -247,3 +247,18 @@ def suite_average(results: dict[str, float]) -> dict:
             "group_means": groups, "datasets": len(present), "missing": missing, "complete": not missing,
             "missing_groups": [g for g in VTAB_GROUPS if g not in groups],
             "ignored": sorted(d for d in results if d not in VTAB_DATASETS)}
+
+
+def select_datasets(found: list[dict], datasets: list[str] | None) -> list[dict]:
+    """The discovered datasets to run: the standard ones present, or exactly ``datasets``."""
+    by_name = {d["name"]: d for d in found}
+    if not datasets:
+        chosen = [d for d in found if d["name"] in VTAB_DATASETS]
+        if not chosen:
+            raise PetlError(f"none of the 19 VTAB-1k datasets is under the root (found {', '.join(by_name)}); "
+                            "name the ones to run with --datasets")
+        return chosen
+    missing = [n for n in datasets if n not in by_name]
+    if missing:
+        raise PetlError(f"--datasets {', '.join(missing)} not found under the VTAB root; present: {', '.join(by_name)}")
+    return [by_name[n] for n in dict.fromkeys(datasets)]

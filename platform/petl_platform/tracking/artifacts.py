@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
+from ..version import __version__
 from ..errors import PetlError
 
 WEIGHTS = "adapter.safetensors"
@@ -26,7 +26,7 @@ def save_adapter(model, path, task: str | None = None, classes: list[str] | None
     model that carries its curve (``model.budget_thresholds``, set by ``finetune`` and
     ``load_adapter``) keeps it unless ``extra`` gives another."""
     from ..methods.dyn_exit.calibrate import budget_key
-    from .pyfunc import write_mlmodel
+    from .mlmodel import write_mlmodel
 
     path = Path(path)
     carried = getattr(model, "budget_thresholds", None)
@@ -46,7 +46,7 @@ def save_adapter(model, path, task: str | None = None, classes: list[str] | None
     save_file(state, str(tmp), metadata={"method": model.method, "backbone_fingerprint": model.backbone_fingerprint})
     os.replace(tmp, path / WEIGHTS)
     (path / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    write_mlmodel(path, config)  # every adapter directory is an MLflow Model (tracking/pyfunc.py)
+    write_mlmodel(path, config)  # every adapter directory is an MLflow Model (tracking/mlmodel.py)
     return path
 
 

@@ -12,7 +12,9 @@ check on the submitting machine: data, weights, stores and cluster then live on 
 from __future__ import annotations
 
 import math
+import socket
 from dataclasses import dataclass, field
+from urllib.parse import urlparse
 
 from ..backbones import SHIPPED
 from ..errors import PetlError
@@ -54,7 +56,6 @@ class JobSpec:
     def _check_reachable(self) -> None:
         """The cluster address and the stores (MLflow, artifact bucket, Ray storage)."""
         if self.address:
-            from .distributed import check_address
             check_address(self.address)
         self.settings.prepare()
 
@@ -117,7 +118,7 @@ class SweepSpec(JobSpec):
         """Every up-front check; returns the parsed search space (``{}`` when ``names_only`` and
         no ``space`` was given: the default space needs the backbone's depth)."""
         from ..tracking.runs import CHALLENGER
-        from .sweep import default_space, parse_space
+        from .space import default_space, parse_space
 
         self._check_suite_flags()
         if self.scheduler not in ("asha", "fifo"):
@@ -166,10 +167,28 @@ class SweepSpec(JobSpec):
 
     def suite_datasets(self) -> list[dict]:
         """The VTAB-1k datasets the suite runs (``data.vtab.discover`` rows); checks the tree."""
-        from ..data.vtab import discover
-        from .vtab_suite import select_datasets
+        from ..data.vtab import discover, select_datasets
 
         return select_datasets(discover(self.vtab_root), list(self.datasets) if self.datasets else None)
+
+
+def check_address(address: str) -> str | None:
+    """``petl train/sweep --address``: a GCS address (``HOST:6379``), ``auto`` or ``ray://``; fail
+    fast when nothing listens there instead of letting ``ray.init`` retry for a minute. Returns
+    ``HOST:PORT`` for a GCS address (whose token auth ``cluster.connect.ensure_ray`` settles before
+    ``ray.init``), else None."""
+    if address.startswith(("http://", "https://")):
+        raise PetlError(f"{address} is a dashboard (Jobs API) address: use `petl submit ... --address {address}`; "
+                        "`--address` here takes HOST:6379, auto or ray://HOST:10001")
+    if address in ("auto", "local"):
+        return None
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port or (10001 if address.startswith("ray://") else 6379)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as e:
+        raise PetlError(f"cannot reach Ray cluster at {host}:{port} ({e.strerror or e}); is `ray start --head` running?") from None
+    return None if address.startswith("ray://") else f"{host}:{port}"
 
 
 def check_budget(method: str, budget: float | None) -> None:

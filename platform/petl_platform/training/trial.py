@@ -2,8 +2,9 @@
 after every epoch with a checkpoint (trainable state + the adapter so far + the MLflow run id),
 resuming from Ray's checkpoint after a failure, logging to one MLflow run throughout.
 
-The same function serves both: ``ray_train_worker`` passes ``ray.train``'s report/checkpoint
-functions and the worker's rank; ``ray_tune_trial`` passes ``ray.tune``'s and runs one worker."""
+The same function serves both, with no Ray import here: ``cluster.train.ray_train_worker`` passes
+``ray.train``'s report/checkpoint functions and the worker's rank; ``cluster.tune.ray_tune_trial``
+passes ``ray.tune``'s and runs one worker."""
 
 from __future__ import annotations
 
@@ -112,26 +113,3 @@ def run_trial(config: dict, *, report, get_checkpoint, checkpoint_cls, rank: int
         raise
     finally:
         shutil.rmtree(ckdir, ignore_errors=True)
-
-
-def ray_train_worker(config: dict) -> None:
-    """``TorchTrainer`` ``train_loop_per_worker``: one data-parallel rank."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    run_trial(config, report=ray.train.report, get_checkpoint=ray.train.get_checkpoint,
-              checkpoint_cls=ray.train.Checkpoint, rank=ctx.get_world_rank(), world=ctx.get_world_size())
-
-
-def ray_tune_trial(config: dict) -> None:
-    """Ray Tune function trainable: one trial, one worker. Tune retries a trial that raises, and a
-    PetlError fails the same way every time, so such a trial ends instead, its last result
-    carrying the message (``PETL_ERROR``; the sweep counts it as failed)."""
-    from ray import tune
-
-    def end_trial(err: PetlError, run_id: str | None) -> None:
-        # val_accuracy is Tune's metric: every result must carry it; NaN is never the best
-        tune.report({"val_accuracy": float("nan"), PETL_ERROR: str(err), "mlflow_run_id": run_id})
-
-    run_trial(config, report=tune.report, get_checkpoint=tune.get_checkpoint, checkpoint_cls=tune.Checkpoint,
-              on_user_error=end_trial)

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from ...errors import PetlError
-from .model import NEVER
+
+NEVER = 2.0  # a threshold no softmax probability reaches: "do not exit here"
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,8 @@ from torch.utils import flop_counter
 
 from ...errors import PetlError
 from ..base import PetlModel, StepOutput, adapter_modules
+from .calibrate import NEVER, exit_costs
 
-NEVER = 2.0  # a threshold no softmax probability reaches: "do not exit here"
 HEAD_PREFIXES = ("head.", "exits.")
 
 
@@ -201,7 +201,6 @@ class DynExitMixin:
         return [(s + 1) * self.interval for s in range(self.stages)]
 
     def exit_costs(self) -> list[float]:
-        from .calibrate import exit_costs
 
         return [float(c) for c in exit_costs(self)]
 

@@ -15,26 +15,9 @@ from pathlib import Path
 
 from ..errors import PetlError
 from ..tracking.runs import RunLogger, client, git_commit
-from .spec import SweepSpec, TrainSpec
+from ..training.spec import SweepSpec, TrainSpec
 
 DEFAULT_MODEL_NAME = "vtab1k-{task}-{method}"
-
-
-def select_datasets(found: list[dict], datasets: list[str] | None) -> list[dict]:
-    """The discovered datasets to run: the standard ones present, or exactly ``datasets``."""
-    from ..data.vtab import VTAB_DATASETS
-
-    by_name = {d["name"]: d for d in found}
-    if not datasets:
-        chosen = [d for d in found if d["name"] in VTAB_DATASETS]
-        if not chosen:
-            raise PetlError(f"none of the 19 VTAB-1k datasets is under the root (found {', '.join(by_name)}); "
-                            "name the ones to run with --datasets")
-        return chosen
-    missing = [n for n in datasets if n not in by_name]
-    if missing:
-        raise PetlError(f"--datasets {', '.join(missing)} not found under the VTAB root; present: {', '.join(by_name)}")
-    return [by_name[n] for n in dict.fromkeys(datasets)]
 
 
 def run_vtab_suite(spec: SweepSpec) -> dict:
@@ -44,8 +27,8 @@ def run_vtab_suite(spec: SweepSpec) -> dict:
     A dataset whose sweep or final fit fails is recorded with its error and left out of the
     averages (listed as missing); the others still run."""
     from ..data.vtab import group_of, suite_average, task_name
-    from .distributed import ensure_ray
-    from .run import register_run
+    from ..training.run import register_run
+    from .connect import ray_session
 
     parsed = spec.validate()
     chosen = spec.suite_datasets()
@@ -55,8 +38,7 @@ def run_vtab_suite(spec: SweepSpec) -> dict:
     # every dataset's sweep and final fit: this spec, already checked, with the dataset as the task
     per_dataset = replace(spec, suite=None, vtab_root=None, datasets=None, name=name, train=train, register=False)
     t0 = time.time()
-    started = ensure_ray(spec.address)
-    try:
+    with ray_session(spec.address):
         import torch
 
         gpus = spec.gpus_per_trial
@@ -105,16 +87,12 @@ def run_vtab_suite(spec: SweepSpec) -> dict:
                 (Path(tmp) / "summary.md").write_text(format_table(summary) + "\n")
                 suite.log_artifacts(tmp, "vtab")
         return summary
-    finally:
-        if started is not None:
-            import ray
-            ray.shutdown()
 
 
 def _run_dataset(row: dict, task: str, spec: SweepSpec, parsed: dict, use_gpu: bool, suite: RunLogger) -> None:
-    from .distributed import fit_checked
-    from .sweep import sweep_checked
-    from .trial import split_hparams
+    from ..training.trial import split_hparams
+    from .train import fit_checked
+    from .tune import sweep_checked
 
     row["task"] = task
     # 1. search: train800 → val200 (Ray Tune; the champion is registered after the final fit instead)

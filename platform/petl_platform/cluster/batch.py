@@ -17,8 +17,6 @@ every image answered for every task, one parquet file out.
 Columns: ``path``, then per task ``<task>.label``, ``<task>.probability`` (of that label),
 ``<task>.gflops`` (compute really spent on the row) and, for early-exit tasks, ``<task>.exit_stage``;
 then ``error``. Rows come in no particular order: join on ``path``.
-
-Ray is imported inside the functions that need it, so the rest of ``inference`` stays Ray-free.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ import torch
 
 from ..errors import PetlError
 from ..tracking.settings import CHAMPION, TrackingSettings
+from .connect import ray_error, ray_session, storage
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -55,8 +54,6 @@ def list_images(source: str) -> tuple[list[str], object]:
 
 def _list_s3(source: str) -> tuple[list[str], object]:
     import pyarrow.fs
-
-    from ..training.distributed import storage
 
     path, fs = storage(source)  # the MLflow endpoint when MLFLOW_S3_ENDPOINT_URL is set
     try:
@@ -127,7 +124,7 @@ class Scorer:
     def __init__(self, tasks: list[str], backbone: str, settings: TrackingSettings, alias: str, threads: int = 0):
         from ..backbones import create_backbone
         from ..data import make_transform
-        from .engine import Engine
+        from ..inference.engine import Engine
 
         if threads:
             torch.set_num_threads(threads)
@@ -151,7 +148,7 @@ def score_batch(engine, transform, entries: dict, schema, paths: list[str], blob
     import pyarrow as pa
 
     from ..serving.request import decode_image
-    from .engine import Row
+    from ..inference.engine import Row
 
     cols = {name: [None] * len(paths) for name in schema.names}
     cols["path"] = paths
@@ -212,24 +209,14 @@ def predict_dataset(tasks: list[str], input: str, output: str, settings: Trackin
 
     schema = output_schema(tasks, {t: spec_of(e.model).runtime for t, e in entries.items()})
 
-    from ..training.distributed import ensure_ray
-
-    started = ensure_ray(address)
-    try:
+    with ray_session(address):
         return _stream(tasks, paths, fs, input.startswith("s3://"), out, schema, settings, backbone, alias,
                        batch_size, progress, concurrency)
-    finally:
-        if started is not None:
-            import ray
-
-            ray.shutdown()
 
 
 def _stream(tasks, paths, fs, s3, out, schema, settings, backbone, alias, batch_size, progress, concurrency) -> dict:
     import pyarrow.parquet as pq
     import ray
-
-    from ..training.distributed import root_causes, user_error
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
@@ -256,12 +243,7 @@ def _stream(tasks, paths, fs, s3, out, schema, settings, backbone, alias, batch_
                 errors += table.num_rows - table.column("error").null_count
     except Exception as e:  # noqa: BLE001 - a Ray failure: the user's error if it was one, else its root cause
         tmp.unlink(missing_ok=True)
-        found = user_error(e)
-        if found is not None:
-            raise PetlError(str(found)) from None
-        x = (root_causes(e) or [e])[0]
-        first = next((ln.strip() for ln in str(x).splitlines() if ln.strip()), "")
-        raise PetlError(f"prediction failed: {type(x).__name__}: {first[:300]}") from None
+        raise ray_error(e, "prediction") from None
     os.replace(tmp, out)
     wall = time.perf_counter() - t0
     return {"images": images, "errors": errors, "wall_s": round(wall, 3), "img_per_s": round(images / wall, 2),

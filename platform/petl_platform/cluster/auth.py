@@ -17,7 +17,7 @@ import os
 import sys
 from contextlib import contextmanager
 
-from .errors import PetlError
+from ..errors import PetlError
 
 MODE_VAR = "RAY_AUTH_MODE"
 

@@ -6,9 +6,7 @@ moved to it only when it is at least as good on the same val split (``tracking.r
 
 from __future__ import annotations
 
-import ast
 import os
-import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -17,59 +15,9 @@ from pathlib import Path
 from ..data.registry import task_slug
 from ..errors import PetlError
 from ..tracking.runs import ADAPTER_PATH, RunLogger, client, git_commit, mark_failed
-from .distributed import ray_error
-from .spec import SweepSpec
-from .trial import PETL_ERROR, TRAIN_KEYS
-
-DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid")
-SEARCHABLE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "warmup_epochs", "seed")
-
-
-def default_space(method: str, depth: int = 12) -> dict[str, str]:
-    """The space searched when ``--space`` is not given: what the method's spec declares (Dyn-*:
-    p_shallow, p_deep, p_m + the base's rank; DyT: r; DTL: M and d'; LoRA/ARC: rank; ...)."""
-    from ..methods import get_method
-
-    return get_method(method).default_space(depth)
-
-
-def parse_space(items: list[str] | dict[str, str], method: str) -> dict[str, tuple[str, list]]:
-    """``["p_m=choice(0,0.1)", ...]`` → ``{"p_m": ("choice", [0, 0.1])}``, checked against the
-    method's hyperparameters (every value tried through its config) before any trial starts."""
-    from ..methods import get_method
-
-    pairs = items.items() if isinstance(items, dict) else [i.partition("=")[::2] for i in items]
-    cfg_cls = get_method(method).config_cls
-    valid = set(cfg_cls.field_names()) | set(SEARCHABLE_TRAIN_KEYS)
-    out = {}
-    for key, expr in pairs:
-        key, expr = key.strip(), expr.strip()
-        m = re.fullmatch(r"(\w+)\((.*)\)", expr)
-        if not key or not m or m.group(1) not in DISTRIBUTIONS:
-            raise PetlError(f"bad --space {key}={expr!r}: expected NAME=DIST(ARGS) with DIST one of "
-                            f"{', '.join(DISTRIBUTIONS)}, e.g. p_m=choice(0.0,0.1,0.2)")
-        if key not in valid:
-            raise PetlError(f"method {method!r} has no hyperparameter {key!r} to search; valid: {', '.join(sorted(valid))}")
-        dist = m.group(1)
-        try:
-            args = list(ast.literal_eval(f"({m.group(2)},)")) if m.group(2).strip() else []
-        except (ValueError, SyntaxError):
-            raise PetlError(f"bad --space {key}={expr!r}: arguments must be literals") from None
-        if not args or (dist in ("uniform", "loguniform", "randint") and len(args) != 2) or \
-                (dist == "quniform" and len(args) != 3):
-            raise PetlError(f"bad --space {key}={expr!r}: wrong number of arguments for {dist}")
-        if dist in ("uniform", "loguniform", "quniform", "randint") and not args[0] < args[1]:
-            raise PetlError(f"bad --space {key}={expr!r}: low must be below high")
-        probe = args if dist in ("choice", "grid") else args[:2]
-        for v in probe:
-            if key in TRAIN_KEYS:
-                from .loop import TrainConfig
-                TrainConfig.from_dict({key: v}, "training")
-            else:
-                cfg_cls.from_dict({key: v}, method)
-        out[key] = (dist, args)
-    return out
-
+from ..training.spec import SweepSpec
+from ..training.trial import PETL_ERROR
+from .connect import ray_error, ray_session, storage
 
 def to_tune(space: dict[str, tuple[str, list]]) -> dict:
     from ray import tune
@@ -92,8 +40,6 @@ def _tune_trial(config: dict) -> None:
     import logging
 
     from ray import tune
-
-    from .trial import ray_tune_trial
 
     # One "Checkpoint successfully created at ..." INFO line per trial-epoch reached the terminal
     # (the trial's output goes to the driver); the sweep's own callback already prints each epoch.
@@ -131,20 +77,13 @@ def sweep_checked(spec: SweepSpec, parsed: dict) -> list[dict]:
     """``run_sweep`` for a spec already validated; ``parsed``: what ``spec.validate()`` returned."""
     import torch
 
-    from .distributed import ensure_ray, storage
-
     path, fs = storage(spec.settings.storage_path)
     # One checkpoint per trial-epoch is the point here; Tune's sync-frequency warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started = ensure_ray(spec.address)
-    try:
+    with ray_session(spec.address):
         gpus = spec.gpus_per_trial if spec.gpus_per_trial is not None else (0.5 if torch.cuda.is_available() else 0)
         return [_sweep_task(spec, t, parsed, f"{spec.name or spec.method}-{task_slug(t)}", path, fs, gpus)
                 for t in spec.tasks]
-    finally:
-        if started is not None:
-            import ray
-            ray.shutdown()
 
 
 def _parent_run(settings, experiment, sweep_name, task, method, parsed, resume) -> RunLogger:
@@ -166,7 +105,7 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from .trial import trial_config
+    from ..training.trial import trial_config
 
     settings, method, resume, epochs = spec.settings, spec.method, spec.resume, spec.epochs
 
@@ -211,7 +150,7 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
                             "trial_epochs": summary["trial_epochs"], "trials": len(summary["trials"]),
                             "trials_stopped_early": sum(t["stopped_early"] for t in summary["trials"])}, step=0)
         if spec.register and summary["best"]:
-            from .run import register_run
+            from ..training.run import register_run
 
             # the val split's identity is read here, on the driver, after the trials: bad data is a
             # trial's error (tests/test_training_failures.py), not a pre-flight one
@@ -352,3 +291,19 @@ def _exit_plots(checkpoint, backbone: str, task: str, tmp: Path) -> list[Path]:
     fig.savefig(tmp / "exit_histogram.png")
     plt.close(fig)
     return out + [tmp / "exit_histogram.png"]
+
+
+def ray_tune_trial(config: dict) -> None:
+    """Ray Tune function trainable: one trial, one worker. Tune retries a trial that raises, and a
+    PetlError fails the same way every time, so such a trial ends instead, its last result
+    carrying the message (``PETL_ERROR``; the sweep counts it as failed)."""
+    from ray import tune
+
+    from ..training.trial import run_trial
+
+    def end_trial(err: PetlError, run_id: str | None) -> None:
+        # val_accuracy is Tune's metric: every result must carry it; NaN is never the best
+        tune.report({"val_accuracy": float("nan"), PETL_ERROR: str(err), "mlflow_run_id": run_id})
+
+    run_trial(config, report=tune.report, get_checkpoint=tune.get_checkpoint, checkpoint_cls=tune.Checkpoint,
+              on_user_error=end_trial)

@@ -9,10 +9,12 @@ import os
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
-from .errors import PetlError
-from .tracking.settings import check_no_secrets, forwarded_env, petl_home
+from ..errors import PetlError
+from ..tracking.settings import check_no_secrets, forwarded_env, petl_home
+from .connect import ray_session
 
 ENTRYPOINTS = {"train": "jobs.finetune", "sweep": "jobs.sweep"}
 EXCLUDES = [".venv/", ".git/", ".cache/", ".petl/", "mlruns/", "bench/results/", "__pycache__/", "*.egg-info/",
@@ -40,7 +42,7 @@ def connect(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from .ray_auth import auth_error, prepare_dashboard
+    from .auth import auth_error, prepare_dashboard
 
     prepare_dashboard(address)  # a token-auth cluster: send the token, or say where to put it
     try:
@@ -75,19 +77,15 @@ def submit(kind: str, args: list[str], address: str | None = None, env: dict[str
         raise PetlError(f"petl submit runs train or sweep, not {kind!r}")
     check_no_secrets(env or {})
     local = address is None
-    ctx = None
-    if local:
-        from .training.distributed import ensure_ray
-
-        ctx = ensure_ray(None)
-        address = f"http://{ctx.dashboard_url}"
-        python = sys.executable  # the same interpreter: one machine
-        # Settings only; the cluster just started inherited this process's credentials.
-        job_env = {**forwarded_env(), "PETL_HOME": str(petl_home()), **(env or {})}
-    else:
-        python = "python"  # the cluster's interpreter (the image installs the project's deps)
-        job_env = dict(env or {})
-    try:
+    with ray_session(None) if local else nullcontext() as ctx:
+        if local:
+            address = f"http://{ctx.dashboard_url}"
+            python = sys.executable  # the same interpreter: one machine
+            # Settings only; the cluster just started inherited this process's credentials.
+            job_env = {**forwarded_env(), "PETL_HOME": str(petl_home()), **(env or {})}
+        else:
+            python = "python"  # the cluster's interpreter (the image installs the project's deps)
+            job_env = dict(env or {})
         client = connect(address)
         entrypoint = shlex.join([python, "-m", ENTRYPOINTS[kind], *args])
         job_id = None
@@ -109,10 +107,6 @@ def submit(kind: str, args: list[str], address: str | None = None, env: dict[str
                 info = client.get_job_info(job_id)
                 raise PetlError(f"job {job_id} {status}: {(info.message or '').strip().splitlines()[-1][:300] if info.message else 'see its logs'}")
         return {"job_id": job_id, "status": status, "address": address}
-    finally:
-        if ctx is not None:
-            import ray
-            ray.shutdown()
 
 
 def list_jobs(address: str | None) -> list[dict]:
