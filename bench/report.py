@@ -7,7 +7,13 @@ or memory never leaks into the next), each writing its JSON (+ PNGs) into one di
 - ``report.md``: goals vs measured (median, min-max spread over the repeats, n), the fidelity
   table and claims, the plots, the machine, and what each section cost;
 - ``report.json``: every figure of the table, machine facts and section run records;
-- ``logs/<section>.log``: each script's output.
+- ``logs/<section>.log``: each script's output;
+- ``carried.json``: the sections not run into this directory, carried from an earlier one.
+
+A report is self-contained: a section not run into its directory is carried from the newest older
+dated folder next to it (``bench/results/<older date>/``) that has it. Its JSON and plots are copied
+in, labelled with the date they were measured, so every figure and plot the report cites is a file
+in its own directory.
 
 ``--quick`` (under 15 min on 2 cores) runs fewer repeats, smaller configurations and no ViT-B/16
 where the goal is defined on the shipped backbone; fidelity then only re-aggregates runs already
@@ -21,9 +27,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +65,110 @@ SECTIONS = {
     "fidelity_fair": ("fidelity.py", None, ["--fair"], "fidelity_fair.json"),
 }
 
+# every file a section leaves in its directory (its JSON first: the section is there when that is), so
+# that a report can carry a section it did not run from an earlier directory
+ARTIFACTS = {name: [produced] for name, (_, _, _, produced) in SECTIONS.items()}
+ARTIFACTS["P2"] += ["p2_accuracy_vs_flops.png"]
+ARTIFACTS["dyt_curve"] += ["dyt_accuracy_vs_flops.png", "dyt_activation_rate.png"]
+ARTIFACTS["fidelity"] += ["fidelity_pareto.png", "fidelity_exit_histograms.png", "fidelity_dyt_activation.png"]
+ARTIFACTS["fidelity_fair"] += ["fidelity_fair_vs_default.png"]
+# the reliability suite's figures: not run by `petl bench`, copied next to the bench JSONs (see figures())
+ARTIFACTS.update({"corpus": ["corpus.json"], "faults_replica_kill": ["faults_replica_kill.json"],
+                  "faults_node_loss_during_sweep": ["faults_node_loss_during_sweep.json"],
+                  "faults_node_loss_while_serving": ["faults_node_loss_while_serving.json"]})
+CARRIED = "carried.json"
+DATED = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+# ----------------------------------------------------------------------------- carrying
+def carried(out: Path) -> dict:
+    """``out``'s carried sections: section -> {measured: date, files, cmd, wall_s, quick}."""
+    return _load(out, CARRIED) or {}
+
+
+def _save_carried(out: Path, manifest: dict) -> None:
+    path = out / CARRIED
+    if manifest:
+        path.write_text(json.dumps(manifest, indent=2) + "\n")
+    elif path.exists():
+        path.unlink()
+
+
+def older_dirs(out: Path) -> list[Path]:
+    """The dated result folders next to ``out`` (``bench/results/<date>/``) older than it, newest first
+    (every dated one when ``out``'s own name is not a date)."""
+    if not out.parent.is_dir():
+        return []
+    dirs = [d for d in out.parent.iterdir() if d.is_dir() and DATED.fullmatch(d.name) and d.resolve() != out.resolve()]
+    if DATED.fullmatch(out.name):
+        dirs = [d for d in dirs if d.name < out.name]
+    return sorted(dirs, key=lambda d: d.name, reverse=True)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def carry(out: Path) -> dict:
+    """Copy into ``out`` every section it has no result for (its JSON and plots) from the newest older
+    dated folder that has it, recorded in ``carried.json`` with the date it was measured (that folder's,
+    or the date that folder itself carried it from). Returns the manifest.
+
+    A carried section whose JSON has since been rewritten in ``out`` (the script run into it directly)
+    is no longer carried: its entry goes, and so do its copies the run did not rewrite."""
+    manifest = {}
+    for name, rec in carried(out).items():
+        files, digests = rec.get("files", []), rec.get("sha256", {})
+        primary = ARTIFACTS.get(name, [None])[0]
+        if primary and (out / primary).is_file() and digests.get(primary) == _sha256(out / primary):
+            manifest[name] = rec
+            continue
+        for f in files:  # rerun in place: drop the stale copies it did not replace
+            if f != primary and (out / f).is_file() and digests.get(f) == _sha256(out / f):
+                (out / f).unlink()
+    for name, files in ARTIFACTS.items():
+        if (out / files[0]).exists():
+            continue
+        src = next((d for d in older_dirs(out) if (d / files[0]).is_file()), None)
+        if src is None:
+            continue
+        run = (_load(src, "runs.json") or {}).get(name, {})
+        rec = carried(src).get(name) or {"measured": src.name, **{k: run[k] for k in ("cmd", "wall_s", "quick", "finished")
+                                                                   if k in run}}
+        rec["files"] = [f for f in files if (src / f).is_file()]
+        for f in rec["files"]:
+            shutil.copy2(src / f, out / f)
+        rec["sha256"] = {f: _sha256(out / f) for f in rec["files"]}
+        manifest[name] = rec
+    _save_carried(out, manifest)
+    return manifest
+
+
+def uncarry(out: Path, name: str) -> None:
+    """Drop a carried section's copies before the section runs into ``out`` (its own files replace them)."""
+    manifest = carried(out)
+    if name in manifest:
+        for f in manifest.pop(name)["files"]:
+            (out / f).unlink(missing_ok=True)
+        _save_carried(out, manifest)
+
+
+def measured_on(out: Path, manifest: dict) -> dict:
+    """file name -> the date its figures were measured: the carried date, or ``out``'s name."""
+    dates = {f: out.name for files in ARTIFACTS.values() for f in files}
+    dates.update({f: rec["measured"] for rec in manifest.values() for f in rec["files"]})
+    return dates
+
+
+def _label(files: list[str], dates: dict, out: Path, manifest: dict) -> str:
+    carried_files = {f for rec in manifest.values() for f in rec["files"]}
+    labels = []
+    for f in files:
+        label = dates.get(f, out.name) + (" (carried)" if f in carried_files else "")
+        if label not in labels:
+            labels.append(label)
+    return ", ".join(labels)
+
 
 # ----------------------------------------------------------------------------- running
 def run_sections(names: list[str], out: Path, quick: bool) -> dict:
@@ -73,6 +186,7 @@ def run_sections(names: list[str], out: Path, quick: bool) -> dict:
             runs[name] = {"skipped": "--quick does not train the fidelity runs (about an hour): "
                                      "`petl bench --only fidelity` trains them into this directory"}
             continue
+        uncarry(out, name)
         cmd = [sys.executable, str(BENCH / script), "--out-dir", str(out), *args]
         print(f"[{name}] bench/{script} {' '.join(args)}", flush=True)
         t0 = time.time()
@@ -381,32 +495,56 @@ def machine() -> dict:
             "loadavg": os.getloadavg()}
 
 
-def render(out: Path, runs: dict, quick: bool) -> str:
+def _carried_note(name: str, manifest: dict) -> list[str]:
+    rec = manifest.get(name)
+    if not rec:
+        return []
+    return [f"*Measured {rec['measured']}, not rerun in this run: carried here ({', '.join(f'`{f}`' for f in rec['files'])} "
+            f"copied from that run's folder).*", ""]
+
+
+def render(out: Path, runs: dict, quick: bool, machine_facts: dict | None = None) -> str:
+    """Write report.md and report.json into ``out``, first carrying in every section it lacks from an
+    older dated folder (see carry()); ``machine_facts``: the machine the runs were measured on when
+    only re-rendering (default: this one)."""
+    manifest = carry(out)
+    dates = measured_on(out, manifest)
     figs = figures(out)
+    for f in figs:
+        f["measured"] = _label(f["source"].split(" + "), dates, out, manifest)
     fid = _load(out, "fidelity.json")
-    m = machine()
+    m = machine_facts or machine()
     modes = {r["quick"] for r in runs.values() if "quick" in r}
     mode = "mixed (see Sections run)" if len(modes) > 1 else ("--quick" if quick else "full")
     lines = [f"# petl-platform benchmark report, {out.name}", "",
              f"Machine: {m['cpu_count']} CPU cores ({m['cpu']}), GPU: {'yes' if m['cuda'] else 'none'}, "
              f"torch {m['torch']}, Python {m['python']}. Mode: {mode}. "
              "Every ratio is measured side by side in one run (interleaved where timed); the median of the repeats "
-             "with the min-max spread. Reproduce: `make bench` (full) or `petl bench --quick`.", "",
-             "## Goals vs measured", "", "| id | figure | measured (median) | spread | goal | met | notes |",
-             "|---|---|---:|---|---|---|---|"]
+             "with the min-max spread. Reproduce: `make bench` (full) or `petl bench --quick`."
+             + (" Sections not rerun in this run are carried from the run that measured them (their files copied "
+                "into this folder); the `measured on` column gives each figure's date." if manifest else ""), "",
+             "## Goals vs measured", "",
+             "| id | figure | measured (median) | spread | goal | met | measured on | notes |",
+             "|---|---|---:|---|---|---|---|---|"]
     for f in figs:
         lines.append(f"| {f['id']} | {f['figure']} | {_num(f['median'], f['unit'])} | {_spread(f)} | {f['goal']} | "
-                     f"{_met(f['met'])} | {f['note']} |")
+                     f"{_met(f['met'])} | {f['measured']} | {f['note']} |")
     lines += ["", "## Fidelity to the papers (relative claims, offline data)", ""]
+    lines += _carried_note("fidelity", manifest)
     lines += fidelity_md(fid) if fid else ["Not run in this directory (`petl bench --only fidelity`)."]
     fair = _load(out, "fidelity_fair.json")
     lines += ["", "### The fair basis: lr chosen per task on val, >= 10 epochs, 3 seeds", ""]
+    lines += _carried_note("fidelity_fair", manifest)
     lines += fidelity_md(fair) if fair else ["Not run in this directory (`petl bench --only fidelity_fair`)."]
     if fair and fair.get("baseline"):
         lines += [""] + fidelity_compare_md(fair)
     pngs = sorted(p.name for p in out.glob("*.png"))
     if pngs:
-        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]
+        owner = {f: name for name, files in ARTIFACTS.items() for f in files}
+        lines += ["", "## Plots", ""]
+        for p in pngs:
+            lines += [f"![{p}]({p})", "", f"*{owner.get(p, 'plot')}, measured {_label([p], dates, out, manifest)}*", ""]
+        lines.pop()
     lines += ["", "## Sections run", "", "| section | mode | wall | status | command |", "|---|---|---:|---|---|"]
     for name, r in runs.items():
         status = r.get("skipped") or r.get("error") or "ok"
@@ -415,6 +553,16 @@ def render(out: Path, runs: dict, quick: bool) -> str:
         lines.append(f"| {name} | {mode} | {wall} | {status} | `{r.get('cmd', '-')}` |")
     total = sum(r.get("wall_s", 0) for r in runs.values())
     lines.append(f"| total | | {total:.0f} s ({total / 60:.1f} min) | | |")
+    if manifest:
+        lines += ["", "## Sections carried from earlier runs", "",
+                  "Not rerun in this run: each section's files were copied into this folder from the folder of the run "
+                  "that measured it, so the report cites only files of its own folder.", "",
+                  "| section | measured | mode | wall | files | command |", "|---|---|---|---:|---|---|"]
+        for name, r in sorted(manifest.items(), key=lambda kv: (kv[1]["measured"], kv[0])):
+            mode = "-" if "quick" not in r else ("quick" if r["quick"] else "full")
+            wall = f"{r['wall_s']:.0f} s" if "wall_s" in r else "-"
+            files = ", ".join(f"`{f}`" for f in r["files"])
+            lines.append(f"| {name} | {r['measured']} | {mode} | {wall} | {files} | `{r.get('cmd', '-')}` |")
     lines += ["", "## CPU-only caveats", "",
               "- No GPU: every timing is fp32 on CPU cores shared with the OS; GPU ratios differ (kernel launch overhead "
               "favours batching more, memory bandwidth less).",
@@ -428,6 +576,7 @@ def render(out: Path, runs: dict, quick: bool) -> str:
     md = "\n".join(lines)
     (out / "report.md").write_text(md)
     (out / "report.json").write_text(json.dumps({"machine": m, "quick": quick, "figures": figs, "runs": runs,
+                                                 "carried": manifest,
                                                  "fidelity_claims": fid["claims"] if fid else None}, indent=2) + "\n")
     return md
 
@@ -454,7 +603,9 @@ def main(argv=None) -> int:
             names = [n for n in names if n != "fidelity"] + ["fidelity"]
         runs = run_sections(names, out, args.quick)
     quick = any(r.get("quick") for r in runs.values()) if args.report else args.quick
-    render(out, runs, quick)
+    # re-rendering reports the machine the runs were measured on, not the one rendering
+    previous = (_load(out, "report.json") or {}).get("machine") if args.report else None
+    render(out, runs, quick, previous)
     failed = [n for n in names if "error" in runs.get(n, {})]
     print(f"wrote {out / 'report.md'} and report.json ({time.time() - t0:.0f}s)"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,86 @@ def test_bench_p6_and_fidelity_end_to_end(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert [f["id"] for f in report["figures"]].count("P6") == 2
 
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16  # enough of a PNG for a file that is copied, never opened
+
+
+def _p2(speedup):
+    tp = {"speedup": speedup, "speedup_range": [speedup - 0.1, speedup + 0.1]}
+    return {"budget": 0.5, "method": "dyn_lora", "task": "digits-1k", "repeats": 3, "accuracy_drop_pt": 0.2,
+            "throughput_b1": {**tp, "batch": 1}, "throughput_b64": {**tp, "batch": 64},
+            "full_depth": {"test_accuracy": 0.78}, "dynamic": {"test_accuracy": 0.776, "flops_fraction": 0.46}}
+
+
+def _colocation(overhead):
+    return {"batch": 32, "hop_overhead": overhead, "ratio_range": [overhead, overhead], "repeats": 7,
+            "states_shipped_mb": 1.5}
+
+
+def _goal_row(md: str, fid: str) -> list[str]:
+    """The cells of the first row of ``fid`` in the report's "Goals vs measured" table."""
+    table = md.split("## Goals vs measured")[1].split("\n## ")[0]
+    return next(line for line in table.splitlines() if line.startswith(f"| {fid} |")).split(" | ")
+
+
+def _links(md: str) -> list[str]:
+    return re.findall(r"\]\(([^)\s]+)\)", md)
+
+
+def test_report_carries_a_section_it_did_not_run_into_its_own_folder_with_its_date(tmp_path):
+    """A section measured only in an older dated folder is copied (JSON and plot) into the new report's
+    folder and labelled with the date it was measured; the newest older folder wins, a newer one and
+    the folder's own results are never overwritten, and every link of the report is a file of its folder."""
+    report = _module("report")
+    results = tmp_path / "results"
+    oldest, old, new, newer = (results / d for d in ("2026-11-01", "2026-11-21", "2026-12-02", "2027-01-05"))
+    for d in (oldest, old, new, newer):
+        d.mkdir(parents=True)
+    (oldest / "p2_early_exit.json").write_text(json.dumps(_p2(1.11)))  # superseded by 2026-11-21's
+    (oldest / "colocation_hop.json").write_text(json.dumps(_colocation(1.31)))
+    (old / "p2_early_exit.json").write_text(json.dumps(_p2(2.05)))
+    (old / "p2_accuracy_vs_flops.png").write_bytes(PNG)
+    (old / "runs.json").write_text(json.dumps({"P2": {"cmd": "bench/p2_early_exit.py --quick", "wall_s": 84.5,
+                                                      "quick": True, "rc": 0}}))
+    (old / "colocation_hop.json").write_text(json.dumps(_colocation(1.42)))
+    (new / "colocation_hop.json").write_text(json.dumps(_colocation(1.20)))  # run into this folder: its own
+    (newer / "p7_asha_vs_grid.json").write_text("{}")  # measured after: never carried back
+    machine = {"cpu_count": 2, "cpu": "x86_64", "python": "3", "torch": "t", "cuda": False}
+
+    md = report.render(new, {}, quick=True, machine_facts=machine)
+
+    assert (new / "p2_early_exit.json").read_bytes() == (old / "p2_early_exit.json").read_bytes()
+    assert (new / "p2_accuracy_vs_flops.png").read_bytes() == PNG
+    assert json.loads((new / "colocation_hop.json").read_text())["hop_overhead"] == 1.20
+    assert not (new / "p7_asha_vs_grid.json").exists()
+    manifest = json.loads((new / "carried.json").read_text())
+    assert set(manifest) == {"P2"}, manifest
+    assert manifest["P2"]["measured"] == "2026-11-21"
+    assert manifest["P2"]["files"] == ["p2_early_exit.json", "p2_accuracy_vs_flops.png"]
+    p2_row, co_row = _goal_row(md, "P2"), _goal_row(md, "co-location")
+    assert "2.05x" in p2_row[2] and p2_row[6] == "2026-11-21 (carried)", p2_row
+    assert "1.20x" in co_row[2] and co_row[6] == "2026-12-02", co_row
+    assert "*P2, measured 2026-11-21 (carried)*" in md
+    assert "| P2 | 2026-11-21 | quick | 84 s | `p2_early_exit.json`, `p2_accuracy_vs_flops.png` |" in md
+    links = _links(md)
+    assert "p2_accuracy_vs_flops.png" in links
+    for link in links:
+        target = (new / link).resolve()
+        assert target.parent == new.resolve() and target.is_file(), link
+    figs = {f["id"]: f for f in json.loads((new / "report.json").read_text())["figures"]}
+    assert figs["P2"]["measured"] == "2026-11-21 (carried)"
+
+    # a later report carries it on with the date it was measured, not the folder it was copied from
+    later = results / "2026-12-09"
+    later.mkdir()
+    report.render(later, {}, quick=True, machine_facts=machine)
+    assert json.loads((later / "carried.json").read_text())["P2"]["measured"] == "2026-11-21"
+
+    # the section run into the folder afterwards replaces the carried copy and its label
+    (new / "p2_early_exit.json").write_text(json.dumps(_p2(1.95)))
+    md = report.render(new, {}, quick=True, machine_facts=machine)
+    assert not (new / "carried.json").exists() and not (new / "p2_accuracy_vs_flops.png").exists()
+    p2_row = _goal_row(md, "P2")
+    assert "1.95x" in p2_row[2] and p2_row[6] == "2026-12-02"
+    assert "p2_accuracy_vs_flops.png" not in _links(md)
