@@ -6,7 +6,9 @@ import io
 import json
 import re
 import struct
+import sys
 import tempfile
+import types
 import zlib
 
 import numpy as np
@@ -186,6 +188,63 @@ def test_a_restricted_key_sees_only_its_tasks():
     assert status_of(keys.check, "Bearer one", ["no-such-task"])[0] == 403
     assert status_of(keys.check, "Bearer nope")[0] == 401
     assert status_of(keys.check, "Basic all")[0] == 401
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("a=*,b=digits-1k", "'KEY=' inside a task list"),        # ',' where ';' separates keys
+    ("a=*,digits-1k", "'*' beside task names"),
+    ("a=digits-1k,*", "'*' beside task names"),
+    ("a=digits-1k,b=shapes-1k;c=*", "'KEY=' inside a task list"),
+    ("a=", "empty task list"),
+    ("a=*;b= , ", "empty task list"),
+    ("a", "no '=' after the key"),
+    ("=*", "empty key"),
+    ("a=*;a=digits-1k", "listed twice"),
+])
+def test_a_malformed_key_list_is_one_clear_error(text, problem):
+    with pytest.raises(PetlError) as e:
+        ApiKeys.parse(text)
+    msg = str(e.value)
+    assert problem in msg and "key1=*;key2=task1,task2" in msg and "\n" not in msg
+    assert "b=digits-1k" not in msg and "b=shapes-1k" not in msg  # never echoes a key
+
+
+def test_well_formed_key_lists_parse():
+    assert ApiKeys.parse("a=*; b = digits-1k , shapes-1k ;").keys == {"a": None, "b": {"digits-1k", "shapes-1k"}}
+    assert ApiKeys.parse("a=digits-1k,").keys == {"a": {"digits-1k"}}  # a stray ',' is harmless
+    assert ApiKeys.parse("").keys == {}
+
+
+@pytest.mark.parametrize("raw, problem", [
+    ({"a": "*,digits-1k"}, 'tasks must be "*" or a list'),
+    ({"a": "digits-1k"}, 'tasks must be "*" or a list'),   # once a set of characters
+    ({"a": []}, "empty task list"),
+    ({"a": ["*", "digits-1k"]}, "'*' beside task names"),
+    ({"a": ["b=digits-1k"]}, "'KEY=' inside a task list"),
+    (["a"], "not a JSON object"),
+])
+def test_a_malformed_key_file_is_one_clear_error(tmp_path, monkeypatch, raw, problem):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(raw))
+    monkeypatch.setenv("PETL_API_KEYS_FILE", str(path))
+    with pytest.raises(PetlError, match=re.escape(problem)):
+        ApiKeys.from_env()
+    path.write_text(json.dumps({"a": "*", "b": ["digits-1k"]}))
+    assert ApiKeys.from_env().keys == {"a": None, "b": {"digits-1k"}}
+
+
+def test_petl_serve_refuses_malformed_keys_before_any_cluster_starts(monkeypatch, capsys):
+    from petl_platform.cli import main
+
+    def no_cluster(*a, **kw):
+        raise AssertionError("a cluster would start")
+
+    monkeypatch.setitem(sys.modules, "serve_apps.petl_app", types.SimpleNamespace(run_local=no_cluster))
+    monkeypatch.delenv("PETL_API_KEYS_FILE", raising=False)
+    monkeypatch.setenv("PETL_API_KEYS", "a=*,b=digits-1k")
+    assert main(["serve", "--no-check", "--duration", "0.01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("petl: error: PETL_API_KEYS entry 1: 'KEY=' inside a task list") and "\n" not in err
 
 
 # -------------------------------------------------------------------------------------- registry

@@ -235,6 +235,10 @@ def cmd_serve(args) -> None:
         raise PetlError(f"no Serve config at {config}")
     if args.deploy and not args.address:
         raise PetlError("--deploy needs --address http://HEAD:8265")
+    if not args.deploy:  # the local cluster's ingress reads this environment's keys: refuse a malformed
+        from .serving.auth import ApiKeys  # PETL_API_KEYS here, not in a replica after the cluster starts
+
+        ApiKeys.from_env()
     if not args.no_check:  # before any cluster starts: refuse when no requested task is servable
         from .serving.catalog_report import check, requested
 
