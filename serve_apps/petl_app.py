@@ -44,9 +44,9 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from petl_platform.backbones import SHIPPED, create_backbone
 from petl_platform.data import make_transform
 from petl_platform.errors import PetlError
-from petl_platform.inference import Engine, Row
+from petl_platform.inference import Row
 from petl_platform.methods.registry import spec_of
-from petl_platform.serving import ApiKeys, ServeError, TaskModelCache, answer, decode_image, parse_knobs
+from petl_platform.serving import ApiKeys, ServeError, Stack, answer, decode_image, parse_knobs
 from petl_platform.serving.catalog import Catalog
 from petl_platform.serving.request import MAX_PIXELS, parse_tasks
 from petl_platform.tracking.settings import CHAMPION, TrackingSettings
@@ -58,7 +58,6 @@ ROLES = ("trunk", "early_exit", "token_dispatch", "adapter")
 # the deployment that serves each runtime a method declares in its MethodSpec
 ROLE_OF_RUNTIME = {"shared_trunk": "trunk", "per_row_adapter": "adapter", "early_exit": "early_exit",
                    "token_dispatch": "token_dispatch"}
-DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _error(e: ServeError) -> dict:
@@ -80,14 +79,10 @@ class _Replica:
     def __init__(self, backbone: str = SHIPPED, alias: str = CHAMPION, capacity: int | None = None,
                  refresh_s: float = 10.0, dtype: str | None = None, capacity_mb: float = 256.0,
                  host_mb: float | None = None, load_timeout_s: float = 30.0, warm: list[str] | None = None):
-        if dtype not in DTYPES:
-            raise PetlError(f"dtype must be one of fp32, bf16, fp16; got {dtype!r}")
-        self.backbone = create_backbone(backbone)
-        device = "cuda" if torch.cuda.is_available() else None  # a replica with num_gpus sees its GPU
-        self.engine = Engine(self.backbone, device=device, dtype=DTYPES[dtype])
-        self.cache = TaskModelCache(self.backbone, TrackingSettings.from_env(), alias, capacity, refresh_s,
-                                    capacity_mb=capacity_mb, host_mb=host_mb, load_timeout_s=load_timeout_s,
-                                    prepare=lambda task, model: self.engine.info(task, model).gflops)
+        stack = Stack.build(backbone, dtype=dtype)  # a replica with num_gpus sees its GPU: the engine runs there
+        self.backbone, self.engine = stack.backbone, stack.engine
+        self.cache = stack.store(TrackingSettings.from_env(), alias, capacity=capacity, refresh_s=refresh_s,
+                                 capacity_mb=capacity_mb, host_mb=host_mb, load_timeout_s=load_timeout_s)
         self.m_cache = Gauge("petl_adapter_store", description="adapter store per replica: resident tasks and bytes, "
                              "loads, evictions, hits, misses, refused", tag_keys=("kind",))
         self.m_load = Histogram("petl_adapter_load_ms", description="cold load time of a task adapter",

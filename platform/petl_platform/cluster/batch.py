@@ -85,13 +85,11 @@ def check_output(output: str) -> Path:
     return out
 
 
-def load_tasks(tasks: list[str], settings: TrackingSettings, backbone, alias: str, prepare=None) -> dict:
-    """``{task: TaskEntry}`` of every task under ``alias``, loaded on ``backbone``: an unregistered
-    task, a missing alias or an adapter for another backbone fails here with its reason.
-    ``prepare``: as ``TaskModelCache``'s (the engine's check, device move and FLOP count)."""
-    from ..serving.models import TaskModelCache
-
-    cache = TaskModelCache(backbone, settings, alias, capacity_mb=1e6, prepare=prepare)  # every task stays resident
+def load_tasks(tasks: list[str], settings: TrackingSettings, stack, alias: str) -> dict:
+    """``{task: TaskEntry}`` of every task under ``alias``, loaded on the ``stack``'s backbone and
+    readied by its engine (``serving.stack.Stack``): an unregistered task, a missing alias or an
+    adapter for another backbone fails here with its reason."""
+    cache = stack.store(settings, alias, capacity_mb=1e6)  # every task stays resident
     try:
         out = {}
         for t in tasks:
@@ -122,18 +120,14 @@ class Scorer:
     Holds the backbone, the engine and every task's adapter for the actor's lifetime."""
 
     def __init__(self, tasks: list[str], backbone: str, settings: TrackingSettings, alias: str, threads: int = 0):
-        from ..backbones import create_backbone
-        from ..data import make_transform
-        from ..inference.engine import Engine
+        from ..serving.stack import Stack
 
         if threads:
             torch.set_num_threads(threads)
-        bb = create_backbone(backbone)
-        self.engine = Engine(bb, device="cuda" if torch.cuda.is_available() else None)
-        self.transform = make_transform(bb)
+        stack = Stack.build(backbone)  # on the actor's GPU when it has one
+        self.engine, self.transform = stack.engine, stack.transform
         self.tasks = list(tasks)
-        self.entries = load_tasks(self.tasks, settings, bb, alias,
-                                  prepare=lambda task, model: self.engine.info(task, model).gflops)
+        self.entries = load_tasks(self.tasks, settings, stack, alias)
         self.models = {t: e.model for t, e in self.entries.items()}
         self.schema = output_schema(self.tasks, {t: self.engine.info(t, m).runtime for t, m in self.models.items()})
 
@@ -194,7 +188,8 @@ def predict_dataset(tasks: list[str], input: str, output: str, settings: Trackin
                     concurrency: int | None = None) -> dict:
     """Score every image under ``input`` for every task in ``tasks``; write ``output`` (parquet).
     Returns ``{"images", "errors", "wall_s", "img_per_s", "output", "actors"}``."""
-    from ..backbones import SHIPPED, create_backbone
+    from ..backbones import SHIPPED
+    from ..serving.stack import Stack
 
     tasks = list(dict.fromkeys(t.strip() for t in tasks if t.strip()))
     if not tasks:
@@ -204,7 +199,7 @@ def predict_dataset(tasks: list[str], input: str, output: str, settings: Trackin
     backbone = backbone or SHIPPED
     paths, fs = list_images(input)
     out = check_output(output)
-    entries = load_tasks(tasks, settings, create_backbone(backbone), alias)
+    entries = load_tasks(tasks, settings, Stack.build(backbone, device=None), alias)  # the check, on the CPU
     from ..methods.registry import spec_of
 
     schema = output_schema(tasks, {t: spec_of(e.model).runtime for t, e in entries.items()})

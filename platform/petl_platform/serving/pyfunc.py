@@ -42,10 +42,8 @@ class AdapterPredictor:
     """One adapter on its frozen backbone, answering ``predict`` as the module docstring says."""
 
     def __init__(self, path, backbone: str | None = None):
-        from ..backbones import create_backbone
-        from ..data import make_transform
-        from ..inference import Engine
         from ..tracking.artifacts import load_adapter, read_adapter_config
+        from .stack import Stack
 
         cfg = read_adapter_config(path)
         name = backbone or cfg.get("backbone")
@@ -53,8 +51,9 @@ class AdapterPredictor:
             raise PetlError(f"{path}: the adapter config names no backbone; load it with "
                             "model_config={'backbone': PATH_TO_WEIGHTS}")
         try:
-            bb = create_backbone(name)  # pretrained=False: shipped or local weights, never a download
-            self.model = load_adapter(path, bb)  # refuses a backbone with another fingerprint
+            # pretrained=False: shipped or local weights, never a download; on the CPU (device=None)
+            stack = Stack.build(name, device=None)
+            self.model = load_adapter(path, stack.backbone)  # refuses a backbone with another fingerprint
         except PetlError as e:
             raise PetlError(f"cannot load adapter {cfg.get('task') or path} as an MLflow model: {e}. The backbone "
                             "must be the shipped one or local weights with the same fingerprint; pass "
@@ -62,9 +61,7 @@ class AdapterPredictor:
                             "at them") from None
         self.task = cfg.get("task") or "adapter"
         self.classes = cfg.get("classes") or [str(i) for i in range(cfg["num_classes"])]
-        self.engine = Engine(bb)
-        self.transform = make_transform(bb)
-        self.image_size = tuple(bb.patch_embed.img_size)
+        self.engine, self.transform, self.image_size = stack.engine, stack.transform, stack.image_size
 
     def predict(self, model_input, params=None):
         """Images → DataFrame ``label``, ``probability``, ``probabilities``; ``params`` is unused."""
