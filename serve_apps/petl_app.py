@@ -525,19 +525,26 @@ def use_proxy_middleware() -> None:
     os.environ.setdefault(*PROXY_CALLBACK)
 
 
-def run_local(path: str, tasks: list[str] | None = None, port: int | None = None) -> str:
-    """Deploy the config on the current (or a new local) Ray cluster; returns the base URL.
+def run_local(path: str, tasks: list[str] | None = None, port: int | None = None, *, host: str | None = None,
+              args_overrides: dict | None = None, quiet: bool = False) -> str:
+    """The one Serve launcher (``petl serve``, ``petl demo``): deploy the config at ``path`` on the
+    current (or a new local) Ray cluster; returns the base URL. ``tasks``, ``port`` and ``host``
+    override the config's; ``args_overrides`` its app ``args`` (e.g. ``{"backbone": ...}``).
     Ray's own output (controller, proxy, replicas, the driver's Serve INFO lines) goes to the Ray
-    session's log files, not the terminal: ``serving_logs_dir()`` says where."""
+    session's log files, not the terminal: ``serving_logs_dir()`` says where. ``quiet``: those
+    files too get WARNING and up only, and no access log (``petl demo``). The proxy's error
+    middleware is set for a cluster started here (``use_proxy_middleware``)."""
     from petl_platform.cluster.connect import ensure_ray
 
     c = load_config(path, tasks, port)
+    http = {**c["http_options"], **({"host": host} if host else {})}
     use_proxy_middleware()
     ensure_ray(log_to_driver=False)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    serve.start(http_options=c["http_options"])
-    serve.run(build_app(c["args"]), name=c["name"], route_prefix=c["route_prefix"])
-    return f"http://{c['http_options'].get('host', '127.0.0.1')}:{c['http_options'].get('port', 8000)}"
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's own Serve INFO lines
+    quiet_logs = {"logging_config": {"log_level": "WARNING", "enable_access_log": False}} if quiet else {}
+    serve.start(http_options=http, **quiet_logs)
+    serve.run(build_app({**c["args"], **(args_overrides or {})}), name=c["name"], route_prefix=c["route_prefix"])
+    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
 
 
 def serving_logs_dir() -> str | None:

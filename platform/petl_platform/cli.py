@@ -228,9 +228,9 @@ def cmd_serve(args) -> None:
     import subprocess
     import time
 
-    import serve_apps
+    from serve_apps import LOCAL_CONFIG
 
-    config = args.config or os.path.join(os.path.dirname(serve_apps.__file__), "configs", "local.yaml")
+    config = args.config or LOCAL_CONFIG
     if not os.path.exists(config):
         raise PetlError(f"no Serve config at {config}")
     if args.deploy and not args.address:

@@ -156,30 +156,23 @@ def _serve(tasks: list[str], backbone: str, budget: float, key: str, own_cluster
     """Serve the registered champions with Ray Serve, send real requests over HTTP, shut down."""
     import base64
     import io
-    import logging
-    import os
 
     import httpx
     import ray
     from PIL import Image
     from ray import serve
 
-    import serve_apps
-    from serve_apps.petl_app import build_app, load_config
+    from serve_apps import LOCAL_CONFIG
+    from serve_apps.petl_app import run_local
 
     from .cluster.connect import ensure_ray
 
-    cfg = load_config(os.path.join(os.path.dirname(serve_apps.__file__), "configs", "local.yaml"), tasks)
     print(f"\nRay Serve: serving {', '.join(tasks)} from the registry (alias champion) on one shared backbone")
     started = ensure_ray(log_to_driver=False)
     own_cluster = own_cluster or started is not None
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's own Serve INFO lines
     try:
         # replicas, proxy and controller log to files under the Ray session, at WARNING, no access log
-        serve.start(http_options={**cfg["http_options"], "host": "127.0.0.1"},
-                    logging_config={"log_level": "WARNING", "enable_access_log": False})
-        serve.run(build_app({**cfg["args"], "backbone": backbone}), name=cfg["name"], route_prefix="/")
-        url = f"http://127.0.0.1:{cfg['http_options'].get('port', 8000)}"
+        url = run_local(LOCAL_CONFIG, tasks, host="127.0.0.1", args_overrides={"backbone": backbone}, quiet=True)
         image = get_task(tasks[0]).splits["test"][0][0]
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="PNG")
