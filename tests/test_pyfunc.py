@@ -130,3 +130,52 @@ def test_bad_inputs_get_a_clear_error(loaded):
         loaded.predict([_png(_pixels(1)[0]), b"certainly not a PNG"])
     with pytest.raises(MlflowException, match=r"unsupported input .*shape \[2, 7\]"):
         loaded.predict(np.zeros((2, 7), np.float32))
+
+
+def _probs(frame) -> torch.Tensor:
+    return torch.tensor(np.stack(frame["probabilities"].to_list()))
+
+
+def test_grayscale_and_int64_pixel_batches_answer_as_their_uint8_rgb_equivalent(stack, loaded):
+    """A task's own arrays (digits-1k: [N, 8, 8] uint8 gray) and integer pixels of another dtype (a
+    JSON array arrives as int64) answer what the uint8 RGB batch answers, and what a gray PNG does."""
+    from PIL import Image
+
+    gray = np.random.default_rng(1).integers(0, 256, (6, 8, 8), dtype=np.uint8)  # digits-1k-like
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    want = loaded.predict(rgb)
+    gray_pngs = []
+    for a in gray:
+        buf = io.BytesIO()
+        Image.fromarray(a, "L").save(buf, format="PNG")  # the HTTP decoder's gray image
+        gray_pngs.append(buf.getvalue())
+    for inputs in (gray, gray.astype(np.int64), gray[..., None], rgb.astype(np.int64), rgb.astype(np.int32),
+                   torch.from_numpy(gray.astype(np.int64)), gray_pngs):
+        got = loaded.predict(inputs)
+        assert torch.allclose(_probs(got), _probs(want), atol=1e-6)
+        assert got["label"].to_list() == want["label"].to_list()
+    assert len(loaded.predict(np.zeros((0, 8, 8), np.int64))) == 0
+
+
+def test_a_json_pixel_array_through_the_scoring_server_is_answered(loaded):
+    """What `mlflow models serve` does with {"inputs": [[[...]]]}: the JSON ints arrive as int64."""
+    from mlflow.pyfunc.scoring_server import invocations
+
+    gray = np.random.default_rng(2).integers(0, 256, (2, 8, 8), dtype=np.uint8)
+    for pixels in (gray, _pixels(2)):
+        resp = invocations(json.dumps({"inputs": pixels.tolist()}), "application/json", loaded, None)
+        assert resp.status == 200, resp.response
+        got = json.loads(resp.response)["predictions"]
+        want = loaded.predict(pixels)
+        assert [r["label"] for r in got] == want["label"].to_list()
+
+
+def test_bad_pixel_arrays_get_a_clear_error(loaded):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match=r"pixel values must be integers in \[0, 255\]; got values from 0 to 256"):
+        loaded.predict(np.full((1, 8, 8), 256, np.int64) * np.eye(8, dtype=np.int64))
+    with pytest.raises(MlflowException, match=r"got values from -1 to"):
+        loaded.predict(np.full((1, 8, 8, 3), -1, np.int64))
+    with pytest.raises(MlflowException, match=r"looks like one color image: send a batch \[N, H, W, 3\]"):
+        loaded.predict(_pixels(1)[0])

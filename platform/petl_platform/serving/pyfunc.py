@@ -14,12 +14,15 @@ the one the adapter was trained on (``load_adapter``'s check), and answers throu
 engine with the training transform (``data.make_transform``), as the HTTP server does.
 
 ``predict`` takes (a) a list or 1-D array of encoded image bytes (PNG, JPEG, ...; base64 text too,
-as ``mlflow models serve`` delivers a JSON string), (b) a numpy batch ``[N, H, W, 3]`` uint8 (raw
-pixels, transformed here) or ``[N, 3, H, W]`` float (already the model input), (c) a DataFrame
-with a column ``image`` of bytes. It returns a DataFrame, one row per image: ``label`` (top-1
-class name), ``probability`` (its softmax probability) and ``probabilities`` (every class, in the
-config's class order). The signature records only the outputs: MLflow enforces an input schema
-before ``predict`` runs and would refuse the numpy batches (b).
+as ``mlflow models serve`` delivers a JSON string), (b) a numpy batch of raw pixels, transformed
+here: RGB ``[N, H, W, 3]`` or grayscale ``[N, H, W]`` (a task's own arrays, e.g. digits-1k's; the
+gray channel is replicated to RGB, as the HTTP server treats a gray PNG), of any integer dtype with
+values in [0, 255] (a JSON array through ``mlflow models serve`` arrives as int64), (c) a numpy
+batch ``[N, 3, H, W]`` float (already the model input), (d) a DataFrame with a column ``image`` of
+bytes. It returns a DataFrame, one row per image: ``label`` (top-1 class name), ``probability``
+(its softmax probability) and ``probabilities`` (every class, in the config's class order). The
+signature records only the outputs: MLflow enforces an input schema before ``predict`` runs and
+would refuse the numpy batches (b) and (c).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PetlError
+from ..tracking.mlmodel import INPUTS
 from .request import ServeError, decode_image
 
 def _load_pyfunc(data_path: str, model_config: dict | None = None) -> "AdapterPredictor":
@@ -99,14 +103,19 @@ class AdapterPredictor:
         arr = np.asarray(data) if not isinstance(data, torch.Tensor) else data.cpu().numpy()
         if arr.ndim == 1 and arr.dtype.kind in "OSU":
             return self._decode(list(arr))
-        if arr.ndim == 4 and arr.shape[-1] == 3 and arr.dtype == np.uint8:
+        pixels = _pixel_batch(arr)
+        if pixels is not None:
             from PIL import Image
-            return torch.stack([self.transform(Image.fromarray(im).convert("RGB")) for im in arr])
+
+            if len(pixels) == 0:
+                return torch.empty(0, 3, *self.image_size)
+            # a 2-D uint8 array is an "L" image: convert("RGB") replicates it, as decode_image does a gray PNG
+            return torch.stack([self.transform(Image.fromarray(im).convert("RGB")) for im in pixels])
         if arr.ndim == 4 and arr.shape[1] == 3 and arr.dtype.kind == "f":
             if tuple(arr.shape[2:]) != self.image_size:
                 raise _bad_input(f"a float batch is the model input [N, 3, {self.image_size[0]}, "
-                                 f"{self.image_size[1]}]; got shape {list(arr.shape)}: send uint8 [N, H, W, 3] "
-                                 "pixels or image bytes to have them resized")
+                                 f"{self.image_size[1]}]; got shape {list(arr.shape)}: send integer [N, H, W, 3] "
+                                 "or [N, H, W] pixels or image bytes to have them resized")
             return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         raise _bad_input(f"unsupported input {type(data).__name__} of shape {list(arr.shape)} and dtype {arr.dtype}: "
                          f"expected {INPUTS}")
@@ -128,6 +137,25 @@ class AdapterPredictor:
             except ServeError as e:
                 raise _bad_input(f"image {i} of {len(items)}: {e}") from None
         return torch.stack(out)
+
+
+def _pixel_batch(arr: np.ndarray) -> np.ndarray | None:
+    """An integer pixel batch as uint8 ``[N, H, W, 3]`` (RGB) or ``[N, H, W]`` (gray; ``[N, H, W, 1]``
+    too), whatever its integer dtype; ``None`` for an input of another kind. Values outside
+    [0, 255] are refused rather than wrapped or clipped."""
+    if arr.dtype.kind not in "iu":
+        return None
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        raise _bad_input(f"a 3-D pixel array is a grayscale batch [N, H, W], but shape {list(arr.shape)} looks like "
+                         "one color image: send a batch [N, H, W, 3] (e.g. [1, H, W, 3] for one image)")
+    if not (arr.ndim == 3 or (arr.ndim == 4 and arr.shape[-1] == 3)):
+        return None
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise _bad_input(f"pixel values must be integers in [0, 255]; got values from {arr.min()} to {arr.max()} "
+                         f"({arr.dtype}): scale 16-bit or other ranges to 0-255 first")
+    return arr.astype(np.uint8, copy=False)
 
 
 def _bad_input(message: str):

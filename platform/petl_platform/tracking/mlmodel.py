@@ -9,8 +9,8 @@ from pathlib import Path
 
 LOADER_MODULE = "petl_platform.serving.pyfunc"  # MLmodel files of earlier versions name tracking.pyfunc: a shim
 MLMODEL = "MLmodel"
-INPUTS = ("list of encoded image bytes; numpy [N,H,W,3] uint8 or [N,3,H,W] float (model input); "
-          "DataFrame with a bytes column 'image'")
+INPUTS = ("list of encoded image bytes; numpy pixels [N,H,W,3] (RGB) or [N,H,W] (gray), any integer dtype "
+          "in 0-255; numpy [N,3,H,W] float (model input); DataFrame with a bytes column 'image'")
 
 
 def write_mlmodel(path: Path, config: dict) -> None:
