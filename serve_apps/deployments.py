@@ -1,0 +1,232 @@
+"""The deployments behind the Ingress (``serve_apps/ingress.py``), one per runtime a method declares
+(``MethodSpec.runtime``), all the same replica (``_Replica``) with its own role:
+
+    TrunkBackbone       linear / DTL tasks: the frozen trunk once per batch for every task that
+                        shares it; their heads / side-network tails live here too
+    EarlyExitRouter     Dyn-* tasks: stage by stage, exited samples leave the batch
+    TokenDispatchRouter DyT tasks: the active tokens of every task in the batch, one MLP call per layer
+    TaskAdapters        LoRA / Adapter / RepAdapter / ARC: frozen ops once, each row's own deltas
+
+A replica holds the frozen backbone, the mixed-task engine and the adapter store
+(``petl_platform.serving.Stack``), batches across requests and tasks (``@serve.batch``), and
+reports its store, load, latency, batch, exit-stage and token-activation metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+from ray import serve
+from ray.serve.metrics import Gauge, Histogram
+
+from petl_platform.backbones import SHIPPED
+from petl_platform.errors import PetlError
+from petl_platform.inference import Row
+from petl_platform.methods.registry import spec_of
+from petl_platform.serving import ServeError, Stack, answer
+from petl_platform.tracking.settings import CHAMPION, TrackingSettings
+
+log = logging.getLogger("petl.serve")
+ROLES = ("trunk", "early_exit", "token_dispatch", "adapter")
+
+
+# the deployment that serves each runtime a method declares in its MethodSpec
+ROLE_OF_RUNTIME = {"shared_trunk": "trunk", "per_row_adapter": "adapter", "early_exit": "early_exit",
+                   "token_dispatch": "token_dispatch"}
+
+
+def error_body(e: ServeError) -> dict:
+    """The JSON body of an error: status and a one-line message, never an object address."""
+    from petl_platform.serving.request import safe_text
+
+    return {"error": e.status, "detail": safe_text(str(e), 2000)}
+
+
+class _Replica:
+    """The frozen backbone once per replica (on the GPU when the replica has one), the adapter store
+    on top of it, and the mixed-task engine that answers a whole batch in one pass. Every
+    deployment batches across requests AND tasks with ``@serve.batch``: each request carries its
+    task ids as data (``@serve.multiplexed`` would split batches per task). A request whose task is
+    cold waits for that load before it joins a batch, so batches of loaded tasks never wait on it."""
+
+    role = ""
+
+    def __init__(self, backbone: str = SHIPPED, alias: str = CHAMPION, capacity: int | None = None,
+                 refresh_s: float = 10.0, dtype: str | None = None, capacity_mb: float = 256.0,
+                 host_mb: float | None = None, load_timeout_s: float = 30.0, warm: list[str] | None = None):
+        stack = Stack.build(backbone, dtype=dtype)  # a replica with num_gpus sees its GPU: the engine runs there
+        self.backbone, self.engine = stack.backbone, stack.engine
+        self.cache = stack.store(TrackingSettings.from_env(), alias, capacity=capacity, refresh_s=refresh_s,
+                                 capacity_mb=capacity_mb, host_mb=host_mb, load_timeout_s=load_timeout_s)
+        self.m_cache = Gauge("petl_adapter_store", description="adapter store per replica: resident tasks and bytes, "
+                             "loads, evictions, hits, misses, refused", tag_keys=("kind",))
+        self.m_load = Histogram("petl_adapter_load_ms", description="cold load time of a task adapter",
+                                boundaries=[10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 30000])
+        self.m_latency = Histogram("petl_task_latency_ms", description="per-task compute latency in the replica",
+                                   boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000], tag_keys=("task",))
+        self.m_batch = Histogram("petl_batch_size", description="batch sizes formed by the batcher "
+                                 "(Serve adds the deployment tag)", boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self.m_exit = Histogram("petl_exit_stage", description="exit stage of each Dyn-* sample",
+                                boundaries=[1.5, 2.5, 3.5, 4.5, 5.5, 6.5], tag_keys=("task",))
+        self.m_rate = Histogram("petl_token_activation_rate", description="DyT measured token activation per batch",
+                                boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], tag_keys=("task",))
+        self._loads_seen = 0
+        self.warm_up(warm or [])
+        self.cache.start()  # the alias refresh, on its own thread from now on
+
+    def warm_up(self, tasks: list[str]) -> None:
+        """Load the named tasks this deployment serves and run each once, before the replica reports
+        ready: the first request is then as fast as the next. A task that cannot load is logged."""
+        mine = {}
+        for t in tasks:
+            try:
+                e = self.cache.get(t)
+            except ServeError as err:
+                log.warning("warm-up: task %s not loaded: %s", t, err)
+                continue
+            if ROLE_OF_RUNTIME[spec_of(e.model).runtime] == self.role:
+                mine[t] = e
+            else:
+                self.cache.drop(t)  # another deployment serves it
+        if mine:
+            x = torch.zeros(1, 3, *self.engine.image_size)
+            self.engine.run(x, [Row(0, t) for t in mine], {t: e.model for t, e in mine.items()})
+        log.info("%s warm: %d of %d named tasks", type(self).__name__, len(mine), len(tasks))
+
+    def reconfigure(self, config: dict) -> None:
+        """Serve YAML ``user_config``: the batch size and wait timeout of this deployment's batcher."""
+        self._batch.set_max_batch_size(int(config.get("max_batch_size", 32)))
+        self._batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+
+    def _metrics(self) -> None:
+        snap = self.cache.snapshot()
+        for kind in ("resident", "resident_bytes", "host_resident", "host_bytes", "loads", "evictions", "hits",
+                     "misses", "refused", "refreshes", "load_timeouts"):
+            self.m_cache.set(snap[kind], tags={"kind": kind})
+        for ms in self.cache.load_ms[len(self.cache.load_ms) - max(0, snap["loads"] - self._loads_seen):]:
+            self.m_load.observe(ms)
+        self._loads_seen = snap["loads"]
+
+    @staticmethod
+    def row_knobs(e, knobs: dict) -> dict:
+        """The engine's knobs for one task of a request: Dyn-* thresholds (from ``threshold`` or a
+        ``budget``, by the curve stored in the adapter), DyT's ``ratio``; other tasks take none."""
+        runtime = spec_of(e.model).runtime
+        if runtime == "token_dispatch":
+            return {"ratio": knobs["ratio"]} if knobs.get("ratio") is not None else {}
+        if runtime != "early_exit":
+            return {}
+        exits = e.model.stages - 1
+        if "threshold" in knobs:
+            t = list(knobs["threshold"])
+            if len(t) not in (1, exits):
+                raise ServeError(400, f"task {e.task!r} has {exits} early exits: give 1 or {exits} thresholds")
+            return {"thresholds": t * exits if len(t) == 1 else t}
+        if "budget" in knobs:
+            return {"thresholds": list(e.thresholds_for(knobs["budget"]))}
+        return {}  # the thresholds calibrated at training time
+
+    async def run(self, x: torch.Tensor, tasks: list[str], knobs: dict) -> dict:
+        """``{task: answer or error}`` for one request: its cold tasks load first (off the event
+        loop, never holding up other requests), then the request joins the mixed-task batch."""
+        cold = [t for t in dict.fromkeys(tasks) if self.cache.resident(t) is None]
+        bad = {}
+        if cold:
+            got = await asyncio.gather(*(self.cache.aget(t) for t in cold), return_exceptions=True)
+            for t, g in zip(cold, got):
+                if isinstance(g, ServeError):
+                    bad[t] = error_body(g)
+                elif isinstance(g, BaseException):
+                    raise g
+        ready = [t for t in tasks if t not in bad]
+        out = await self._batch(x, ready, knobs) if ready else {}
+        self._metrics()
+        return {**out, **bad}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batch(self, xs: list[torch.Tensor], tasks: list[list[str]], knobs: list[dict]) -> list[dict]:
+        """Per request: ``{task: answer or error}`` for its tasks; the whole batch, every task and
+        method in it, is one engine call."""
+        self.m_batch.observe(len(xs))
+        entries, out = {}, [{} for _ in tasks]
+        for t in dict.fromkeys(t for ts in tasks for t in ts):
+            e = self.cache.resident(t)
+            if e is None:  # evicted since its request checked: rare, load it again
+                try:
+                    e = await self.cache.aget(t)
+                except ServeError as err:
+                    for i, ts in enumerate(tasks):
+                        if t in ts:
+                            out[i][t] = error_body(err)
+                    continue
+            entries[t] = e
+        rows = []
+        for i, (ts, k) in enumerate(zip(tasks, knobs)):
+            for t in dict.fromkeys(ts):
+                if t in entries:
+                    try:
+                        rows.append(Row(i, t, self.row_knobs(entries[t], k)))
+                    except ServeError as err:
+                        out[i][t] = error_body(err)
+        if not rows:
+            return out
+        t0 = time.perf_counter()
+        try:
+            with self.cache.pinned(entries.values()):
+                results = await asyncio.to_thread(self.engine.run, torch.stack(xs), rows,
+                                                  {t: e.model for t, e in entries.items()})
+        except PetlError as err:  # a request the engine refuses (e.g. a knob that does not fit)
+            for r in rows:
+                out[r.image][r.task] = error_body(ServeError(400, f"task {r.task!r}: {err}"))
+            return out
+        ms = 1000 * (time.perf_counter() - t0)
+        for t in dict.fromkeys(r.task for r in rows):
+            self.m_latency.observe(ms, tags={"task": t})
+        for r, res in zip(rows, results):
+            e = entries[r.task]
+            if res.exit_stage is not None:
+                self.m_exit.observe(res.exit_stage, tags={"task": r.task})
+            if "activation_rate" in res.compute:
+                self.m_rate.observe(res.compute["activation_rate"], tags={"task": r.task})
+            out[r.image][r.task] = answer(res.logits, e.classes, knobs[r.image]["top_k"], method=e.method,
+                                          version=e.version, exit_stage=res.exit_stage, compute=res.compute)
+        return out
+
+
+class _TrunkBackbone(_Replica):
+    """Linear / DTL tasks: the frozen trunk once per batch for every task that shares it; their
+    heads / side-network tails live here too (co-located: shipping k+1 trunk states to another
+    replica copies ~k+1 times the image's activations for nothing)."""
+
+    role = "trunk"
+
+
+class _TaskAdapters(_Replica):
+    """LoRA / Adapter / RepAdapter / ARC tasks: frozen ops once for the batch, each row's own deltas."""
+
+    role = "adapter"
+
+
+class _EarlyExitRouter(_Replica):
+    """Dyn-* tasks: stage by stage, rows leave at their exit, the rest continue together across
+    tasks; per-request budget / threshold."""
+
+    role = "early_exit"
+
+
+class _TokenDispatchRouter(_Replica):
+    """DyT tasks: the active tokens of every task in the batch through ONE frozen MLP call per layer;
+    per-request ratio."""
+
+    role = "token_dispatch"
+
+
+# Deployments wrap module-level classes, so Ray pickles the classes by reference (importable on
+# every worker: serve_apps is installed with the project) rather than by value.
+TrunkBackbone = serve.deployment(name="TrunkBackbone")(_TrunkBackbone)
+TaskAdapters = serve.deployment(name="TaskAdapters")(_TaskAdapters)
+EarlyExitRouter = serve.deployment(name="EarlyExitRouter")(_EarlyExitRouter)
+TokenDispatchRouter = serve.deployment(name="TokenDispatchRouter")(_TokenDispatchRouter)
