@@ -133,3 +133,17 @@ def test_submit_checks_names_only(tmp_path, capsys, monkeypatch, no_cluster):
     assert main(["submit", "train", "--task", "digits-1k", "--backbone", "/on/the/cluster/vit.safetensors"]) == 0
     assert main(["submit", "sweep", "--task", "digits-1k", "--method", "lora", "--budget", "inf"]) == 2
     assert "got inf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task, slug", [
+    ("folder:/data/blood", "folder-blood"), ("folder:/data/my tree/", "folder-my_tree"),
+    ("vtab:/data/vtab-1k/dtd", "vtab-dtd"), ("vtab:/data/vtab-1k/dtd?final", "vtab-dtd-final"),
+    ("digits-1k", "digits-1k"),
+])
+def test_a_train_runs_default_name_is_the_task_slug(task, slug):
+    """The Ray Train run name (its checkpoint folder under ray_results/, the MLflow run name) holds
+    no ':' or '/' of a folder or VTAB task: no nested folders, no local path in the run name."""
+    from petl_platform.cluster.train import default_name
+
+    name = default_name(task, "lora", when=0)
+    assert name.startswith(f"train-{slug}-lora-") and ":" not in name and "/" not in name and " " not in name

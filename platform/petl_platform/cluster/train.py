@@ -28,6 +28,18 @@ def run_train(spec: TrainSpec) -> dict:
     return result
 
 
+def default_name(task: str, method: str, when: float | None = None) -> str:
+    """The run's name when the spec names none: the Ray Train experiment (its checkpoint folder
+    under the storage path), the MLflow run name and the ``petl.job`` tag. Built from the task's
+    slug (``folder:/data/blood`` → ``folder-blood``), so no ``/`` nests folders and no local path
+    leaks into the name, as sweeps and registered model names do."""
+    import time
+
+    from ..data.registry import task_slug
+
+    return f"train-{task_slug(task)}-{method}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}"
+
+
 def fit_checked(spec: TrainSpec) -> dict:
     """``run_train`` for a spec already validated (the VTAB suite's final fits)."""
     import time
@@ -41,7 +53,7 @@ def fit_checked(spec: TrainSpec) -> dict:
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        name = name or f"train-{task}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = name or default_name(task, method)
         path, fs = storage(settings.storage_path)
         res = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
         config = trial_config(task, method, spec.backbone, settings, spec.experiment, spec.hparams, spec.train,
