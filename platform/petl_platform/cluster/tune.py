@@ -273,15 +273,16 @@ def _exit_plots(checkpoint, backbone: str, task: str, tmp: Path) -> list[Path]:
 
     from ..backbones import create_backbone
     from ..data import get_task, task_tensors
-    from ..methods.dyn_exit.calibrate import accuracy_flops_curve, save_curve_png
+    from ..methods.registry import spec_of
     from ..tracking.artifacts import load_adapter
 
     bb = create_backbone(backbone)
     with checkpoint.as_directory() as d:
         model = load_adapter(Path(d) / ADAPTER_PATH, bb)
+    exits = spec_of(model).exits
     x_val, y_val = task_tensors(get_task(task), bb)["val"]
-    curve = accuracy_flops_curve(model, x_val, y_val, [0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0])
-    out = [Path(save_curve_png(curve, tmp / "accuracy_vs_flops.png", f"{task}: best trial, accuracy vs FLOPs"))]
+    curve = exits.accuracy_flops_curve(model, x_val, y_val, [0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0])
+    out = [Path(exits.save_curve_png(curve, tmp / "accuracy_vs_flops.png", f"{task}: best trial, accuracy vs FLOPs"))]
     point = min(curve["points"], key=lambda p: abs(p["budget"] - 0.5))
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
     ax.bar([f"exit {k + 1}" for k in range(len(point["exit_fractions"]))], [100 * f for f in point["exit_fractions"]])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from ..errors import unknown
+from ..errors import PetlError, unknown
 from .config import MethodConfig
 
 # How a task of the method runs in the mixed-task engine (``inference/engine.py``):
@@ -17,6 +19,48 @@ from .config import MethodConfig
 # - ``token_dispatch``: DyT, active tokens of every task through one frozen MLP call per layer.
 RUNTIMES = ("shared_trunk", "per_row_adapter", "early_exit", "token_dispatch")
 KNOBS = {"early_exit": ("thresholds",), "token_dispatch": ("ratio",)}  # per-row inference knobs
+# A FLOPs budget (``--budget``, a request's ``budget``) is a fraction of full depth. Slightly above 1
+# is meaningful: exiting at the last stage also pays for the earlier exits' heads.
+BUDGET_MAX = 1.5
+
+
+class EarlyExits(Protocol):
+    """Calibrated early exits: everything code outside ``methods/`` does with a model's exits, so
+    none of it imports one method's internals. ``MethodSpec.exits`` of every ``early_exit`` method
+    (Dyn-*: ``methods/dyn_exit/calibrate.py``'s ``CalibratedExits``); None for every other method.
+
+    A FLOPs ``budget`` is a fraction of full depth in (0, BUDGET_MAX]; a budget curve is
+    ``{budget: [threshold per early exit]}``, stored in ``adapter_config.json``'s
+    ``budget_thresholds`` under ``budget_key(budget)``."""
+
+    def exit_probabilities(self, model, x):
+        """Every exit's softmax over ``x``, ``(S, N, C)``: one full-depth pass."""
+
+    def calibrate(self, model, x_val, y_val, budget: float, probs=None) -> dict:
+        """Search the exit thresholds for ``budget`` on val and store them in the model; ``probs``:
+        ``exit_probabilities(model, x_val)`` when the caller has it."""
+
+    def evaluate_dynamic(self, model, x, y, thresholds=None) -> dict:
+        """Measured accuracy, FLOPs fraction and exit fractions of dynamic inference over ``(x, y)``."""
+
+    def budget_curve(self, model, x_val, y_val, probs=None) -> dict:
+        """The ``adapter_config.json`` entries of the budget curve calibrated on val (``{}``: none)."""
+
+    def accuracy_flops_curve(self, model, x_val, y_val, budgets, x_test=None, y_test=None, probs=None) -> dict:
+        """Per budget: thresholds calibrated on val, accuracy and FLOPs measured on test (or val)."""
+
+    def save_curve_png(self, curve: dict, path, title: str = ...) -> str:
+        """Plot ``accuracy_flops_curve``'s output to a PNG; returns its path."""
+
+    def budget_key(self, budget: float) -> str:
+        """How ``budget`` is spelled as a ``budget_thresholds`` key."""
+
+    def parse_budget_curve(self, raw, model, source: str) -> dict[float, list[float]]:
+        """An artifact's ``budget_thresholds`` for ``model`` as a curve (``{}`` when absent);
+        a malformed one is refused with a PetlError naming ``source``."""
+
+    def thresholds_for_budget(self, curve: dict, budget: float) -> list[float]:
+        """The thresholds of ``curve`` to serve a request for ``budget`` (PetlError without a curve)."""
 
 
 @dataclass(frozen=True)
@@ -30,10 +74,14 @@ class MethodSpec:
     recipe: dict = field(default_factory=dict)  # default TrainConfig overrides (lr, epochs, ...)
     # default ``petl sweep`` search space: {hparam: "dist(args)"}, or a function of the backbone depth
     search_space: dict[str, str] | Callable[[int], dict[str, str]] = field(default_factory=dict)
+    exits: EarlyExits | None = None  # calibrated early exits: given by (and only by) early_exit methods
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
             raise ValueError(f"method {self.name!r}: runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if (self.exits is not None) != (self.runtime == "early_exit"):
+            raise ValueError(f"method {self.name!r}: exits are given by early_exit methods, and only by them "
+                             f"(runtime {self.runtime!r})")
 
     @property
     def shares_trunk(self) -> bool:
@@ -48,6 +96,18 @@ class MethodSpec:
     def default_space(self, depth: int = 12) -> dict[str, str]:
         """The space ``petl sweep`` searches when ``--space`` is not given."""
         return dict(self.search_space(depth) if callable(self.search_space) else self.search_space)
+
+    def check_budget(self, budget: float | None) -> None:
+        """``--budget`` calibrates early exits: only a method with ``exits`` takes one, and it must be
+        a finite fraction in (0, BUDGET_MAX]."""
+        if budget is None:
+            return
+        finite = isinstance(budget, (int, float)) and not isinstance(budget, bool) and math.isfinite(budget)
+        if not finite or not 0 < budget <= BUDGET_MAX:
+            raise PetlError(f"--budget is the fraction of full-depth FLOPs the early exits may spend, "
+                            f"0 < budget <= {BUDGET_MAX} (e.g. 0.5); got {budget}")
+        if self.exits is None:
+            raise PetlError(f"--budget applies to early-exit methods (dyn_*), not {self.name!r}")
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -70,10 +70,13 @@ class TaskEntry:
 
     def thresholds_for(self, budget: float) -> list[float]:
         """The thresholds of the curve stored in the adapter for ``budget``; 400 when it has none."""
-        from ..methods.dyn_exit.calibrate import thresholds_for_budget
+        from ..methods.registry import spec_of
 
+        exits = spec_of(self.model).exits
         try:
-            return thresholds_for_budget(self.budget_thresholds, budget)
+            if exits is None:
+                raise PetlError(f"a FLOPs budget applies to early-exit methods (dyn_*), not {self.method!r}")
+            return exits.thresholds_for_budget(self.budget_thresholds, budget)
         except PetlError as e:
             raise ServeError(400, f"task {self.task!r} (version {self.version}): {e}") from None
 

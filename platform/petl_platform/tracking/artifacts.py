@@ -1,6 +1,7 @@
 """Adapter artifacts: ``adapter.safetensors`` (adapter + head, never backbone weights) and
 ``adapter_config.json`` (method, hyperparameters, task, classes, backbone name + fingerprint, and for
-early-exit methods the val-calibrated ``budget_thresholds`` curve: see methods/dyn_exit/calibrate.py)."""
+early-exit methods the val-calibrated ``budget_thresholds`` curve, read and written through the
+method's ``MethodSpec.exits``: see methods/registry.py)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ def save_adapter(model, path, task: str | None = None, classes: list[str] | None
     ``extra`` adds config keys, e.g. ``budget_curve``'s ``budget_thresholds`` (checked here). A
     model that carries its curve (``model.budget_thresholds``, set by ``finetune`` and
     ``load_adapter``) keeps it unless ``extra`` gives another."""
-    from ..methods.dyn_exit.calibrate import budget_key
+    from ..methods.registry import spec_of
     from .mlmodel import write_mlmodel
 
     path = Path(path)
+    exits = spec_of(model).exits
     carried = getattr(model, "budget_thresholds", None)
     if carried and "budget_thresholds" not in (extra or {}):
-        extra = {"budget_thresholds": {budget_key(b): [float(t) for t in ts] for b, ts in carried.items()},
+        # without exits, no curve: _budget_curve refuses it below, before anything is written
+        curve = carried if exits is None else {exits.budget_key(b): [float(t) for t in ts] for b, ts in carried.items()}
+        extra = {"budget_thresholds": curve,
                  "budget_calibration": dict(getattr(model, "budget_calibration", None) or {}), **(extra or {})}
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
@@ -65,11 +69,17 @@ def read_adapter_config(path) -> dict:
 
 
 def _budget_curve(model, raw, source: str) -> dict[float, list[float]]:
-    from ..methods.dyn_exit.calibrate import parse_budget_curve
+    """The artifact's ``budget_thresholds`` as ``{budget: thresholds}`` (``{}`` when absent), checked
+    by the method's exits; an adapter of a method without calibrated exits must carry none."""
     from ..methods.registry import spec_of
 
-    stages = model.stages if spec_of(model).runtime == "early_exit" else None
-    return parse_budget_curve(raw, stages, source)
+    exits = spec_of(model).exits
+    if exits is not None:
+        return exits.parse_budget_curve(raw, model, source)
+    if raw is None or raw == {}:
+        return {}
+    raise PetlError(f"{source}: budget_thresholds is only for early-exit methods (dyn_*), but this adapter has none; "
+                    "re-save the adapter by training again, or delete the key to serve it with explicit thresholds only")
 
 
 def load_adapter(path, backbone, strict_fingerprint: bool = True):

@@ -30,22 +30,16 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> 
 
 def exit_probabilities(model, x: torch.Tensor) -> torch.Tensor | None:
     """Every exit's softmax over ``x`` for early-exit methods (one pass), else None."""
-    if spec_of(model).runtime != "early_exit":
-        return None
-    from ..methods.dyn_exit.calibrate import exit_probabilities as probs_of
-
-    return probs_of(model, x)
+    exits = spec_of(model).exits
+    return None if exits is None else exits.exit_probabilities(model, x)
 
 
 def budget_calibration(model, x_val: torch.Tensor, y_val: torch.Tensor, probs: torch.Tensor | None = None) -> dict:
     """The ``adapter_config.json`` entries that let serving pick exit thresholds for a FLOPs budget
     without the task's data (``budget_curve`` on val); ``{}`` for methods without early exits.
     ``probs``: ``exit_probabilities(model, x_val)`` when already computed."""
-    if spec_of(model).runtime != "early_exit":
-        return {}
-    from ..methods.dyn_exit.calibrate import budget_curve
-
-    return budget_curve(model, x_val, y_val, probs=probs)
+    exits = spec_of(model).exits
+    return {} if exits is None else exits.budget_curve(model, x_val, y_val, probs=probs)
 
 
 @torch.no_grad()
@@ -70,14 +64,12 @@ def inference_metrics(model, x: torch.Tensor, y: torch.Tensor, max_images: int =
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     out["img_per_s"] = len(x) / max(1e-9, time.perf_counter() - t0)
-    runtime = spec_of(model).runtime
-    if runtime == "early_exit":
-        from ..methods.dyn_exit.calibrate import accuracy_flops_curve
-
-        point = accuracy_flops_curve(model, x, y, [EXIT_BUDGET], probs=exit_probs)["points"][0]
+    spec = spec_of(model)
+    if spec.exits is not None:
+        point = spec.exits.accuracy_flops_curve(model, x, y, [EXIT_BUDGET], probs=exit_probs)["points"][0]
         out.update({"exit_accuracy": point["accuracy"], "exit_flops_fraction": point["flops_fraction"]})
         out.update({f"exit_frac_s{k + 1}": f for k, f in enumerate(point["exit_fractions"])})
-    elif runtime == "token_dispatch":
+    elif spec.runtime == "token_dispatch":
         _, info = model.infer(x[:64].to(dev))
         out.update({"activation_rate": info["activation_rate"], "flops_ratio": info["flops_ratio"]})
     return out

@@ -48,13 +48,12 @@ def dynamic_summary(model, tensors: dict, budget: float | None, val_probs=None) 
     """After training: calibrated early exits (dyn_*, when ``budget`` is given) or DyT's measured
     activation on a test batch; ``{}`` for static methods. ``val_probs``: every exit's softmax on
     val (``measure.exit_probabilities``) when the caller already has it."""
+    spec = spec_of(model)
     if budget is not None:
-        from ..methods.dyn_exit import calibrate
-        from ..methods.dyn_exit.calibrate import evaluate_dynamic
-
-        return {"calibration": calibrate(model, *tensors["val"], budget, probs=val_probs),
-                "dynamic_test": evaluate_dynamic(model, *tensors["test"])}
-    if spec_of(model).runtime == "token_dispatch":
+        spec.check_budget(budget)  # a method without exits: the --budget error, not an AttributeError
+        return {"calibration": spec.exits.calibrate(model, *tensors["val"], budget, probs=val_probs),
+                "dynamic_test": spec.exits.evaluate_dynamic(model, *tensors["test"])}
+    if spec.runtime == "token_dispatch":
         model.eval()
         with torch.no_grad():
             _, info = model.infer(tensors["test"][0][:256].to(next(model.head.parameters()).device))

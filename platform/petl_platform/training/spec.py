@@ -192,18 +192,11 @@ def check_address(address: str) -> str | None:
 
 
 def check_budget(method: str, budget: float | None) -> None:
-    """``--budget`` calibrates early exits: only Dyn-* methods have them, and it must be a finite
-    fraction in (0, BUDGET_MAX]."""
+    """``--budget`` calibrates early exits: the method's spec checks it (``MethodSpec.check_budget``)."""
     from ..methods import get_method
-    from ..methods.dyn_exit.calibrate import BUDGET_MAX
 
-    if budget is None:
-        return
-    if not _is_finite(budget) or not 0 < budget <= BUDGET_MAX:
-        raise PetlError(f"--budget is the fraction of full-depth FLOPs the early exits may spend, "
-                        f"0 < budget <= {BUDGET_MAX} (e.g. 0.5); got {budget}")
-    if get_method(method).runtime != "early_exit":
-        raise PetlError(f"--budget applies to early-exit methods (dyn_*), not {method!r}")
+    if budget is not None:
+        get_method(method).check_budget(budget)
 
 
 def check_data(tasks: list[str]) -> None:

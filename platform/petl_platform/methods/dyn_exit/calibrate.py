@@ -16,6 +16,9 @@ The budget curve travels with the adapter: whenever training writes a Dyn-* arti
 ``budget_curve``'s output (thresholds per budget in ``BUDGETS``, calibrated on val) in
 ``adapter_config.json``; ``load_adapter`` checks it with ``parse_budget_curve`` and serving picks
 thresholds with ``thresholds_for_budget``, so a server never needs a task's data.
+
+Code outside ``methods/`` reaches all of this through ``MethodSpec.exits`` (the ``EarlyExits``
+protocol of ``methods/registry.py``), which every Dyn-* spec sets to ``EXITS`` (``CalibratedExits``).
 """
 
 from __future__ import annotations
@@ -27,15 +30,14 @@ import numpy as np
 import torch
 
 from ...errors import PetlError
+from ..registry import BUDGET_MAX
 
 NEVER = 2.0  # a threshold no softmax probability reaches: "do not exit here"
 
 log = logging.getLogger(__name__)
 
 N_CANDIDATES = 101
-# A FLOPs budget is a fraction of full depth. Slightly above 1 is meaningful: exiting at the last
-# stage also pays for the earlier exits' heads.
-BUDGET_MAX = 1.5
+# A FLOPs budget is a fraction of full depth, at most BUDGET_MAX (methods/registry.py).
 # The budgets every Dyn-* artifact is calibrated for (the single definition; serving picks among them).
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -214,17 +216,15 @@ def budget_curve(model, x_val: torch.Tensor, y_val: torch.Tensor, budgets=BUDGET
                                    "per_budget": per_budget}}
 
 
-def parse_budget_curve(raw, stages: int | None, source: str) -> dict[float, list[float]]:
+def parse_budget_curve(raw, stages: int, source: str) -> dict[float, list[float]]:
     """``adapter_config.json``'s ``budget_thresholds`` as ``{budget: [threshold per early exit]}``;
     ``{}`` when absent (an artifact saved before calibrations travelled with it). ``stages`` is the
-    model's number of exits (None: a method without early exits, which must not carry a curve).
-    Anything else is refused with a PetlError naming ``source``."""
+    model's number of exits (an adapter of a method without early exits must carry no curve: its
+    artifact is refused by ``tracking/artifacts.py``). Anything else is refused with a PetlError
+    naming ``source``."""
     if raw is None or raw == {}:
         return {}
     fix = "re-save the adapter by training again, or delete the key to serve it with explicit thresholds only"
-    if stages is None:
-        raise PetlError(f"{source}: budget_thresholds is only for early-exit methods (dyn_*), "
-                        f"but this adapter has none; {fix}")
     if not isinstance(raw, dict):
         raise PetlError(f"{source}: budget_thresholds must map a FLOPs budget to thresholds, "
                         f"got {type(raw).__name__}; {fix}")
@@ -278,3 +278,38 @@ def save_curve_png(curve: dict, path, title: str = "Dyn-Adapter: accuracy vs FLO
     fig.savefig(path)
     plt.close(fig)
     return str(path)
+
+
+class CalibratedExits:
+    """Dyn-Adapter's ``EarlyExits`` (``methods/registry.py``): the functions above, looked up when
+    called (so a test patching this module's ``exit_probabilities`` sees every caller)."""
+
+    def exit_probabilities(self, model, x):
+        return exit_probabilities(model, x)
+
+    def calibrate(self, model, x_val, y_val, budget, probs=None):
+        return calibrate(model, x_val, y_val, budget, probs=probs)
+
+    def evaluate_dynamic(self, model, x, y, thresholds=None):
+        return evaluate_dynamic(model, x, y, thresholds)
+
+    def budget_curve(self, model, x_val, y_val, probs=None):
+        return budget_curve(model, x_val, y_val, probs=probs)
+
+    def accuracy_flops_curve(self, model, x_val, y_val, budgets, x_test=None, y_test=None, probs=None):
+        return accuracy_flops_curve(model, x_val, y_val, budgets, x_test, y_test, probs=probs)
+
+    def save_curve_png(self, curve, path, title="Dyn-Adapter: accuracy vs FLOPs"):
+        return save_curve_png(curve, path, title)
+
+    def budget_key(self, budget):
+        return budget_key(budget)
+
+    def parse_budget_curve(self, raw, model, source):
+        return parse_budget_curve(raw, model.stages, source)
+
+    def thresholds_for_budget(self, curve, budget):
+        return thresholds_for_budget(curve, budget)
+
+
+EXITS = CalibratedExits()
