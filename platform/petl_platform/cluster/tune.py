@@ -237,7 +237,7 @@ def _finalize(grid, settings, task, method, backbone, parsed, epochs, parent) ->
     with tempfile.TemporaryDirectory() as tmp:
         for key in parsed:
             parent.log_figure(_scatter(trials, key, Path(tmp) / f"val_accuracy_vs_{key}.png"))
-        if best and get_method(method).runtime == "early_exit":
+        if best and get_method(method).exits is not None:
             best_ckpt = next(r.checkpoint for r in grid if (r.metrics or {}).get("mlflow_run_id") == best["run_id"])
             for png in _exit_plots(best_ckpt, backbone, task, Path(tmp)):
                 parent.log_figure(png)
