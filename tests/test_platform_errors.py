@@ -136,3 +136,64 @@ def test_ray_failures_are_classified_by_type_not_by_traceback_text():
     assert str(ray_error(oom)) == "training failed: MemoryError: CUDA out of memory"
     # a message that merely mentions PetlError is not one
     assert user_error(RuntimeError("PetlError: looks like one")) is None
+
+
+RAY_NO_TIMM = """Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File "<frozen runpy>", line 88, in _run_code
+  File "/tmp/ray/session_2026-12-03_10-12-31_402311_7/runtime_resources/working_dir_files/_ray_pkg_5c0ffee1/jobs/finetune.py", line 6, in <module>
+    from petl_platform.cli import main
+  File "/tmp/ray/session_2026-12-03_10-12-31_402311_7/runtime_resources/py_modules_files/_ray_pkg_8badf00d/petl_platform/__init__.py", line 4, in <module>
+    from .backbones import SHIPPED, create_backbone, fingerprint  # noqa: E402
+  File "/tmp/ray/session_2026-12-03_10-12-31_402311_7/runtime_resources/py_modules_files/_ray_pkg_8badf00d/petl_platform/backbones/factory.py", line 16, in <module>
+    import timm
+ModuleNotFoundError: No module named 'timm'
+"""
+
+
+def test_a_job_on_a_cluster_without_the_projects_dependencies_says_what_it_needs():
+    from petl_platform.cluster.jobs import job_failure_message
+
+    msg = job_failure_message("petl-train-1", "FAILED", RAY_NO_TIMM, RAY_NO_TIMM.split(":\n", 1)[1])
+    assert msg.startswith("job petl-train-1 FAILED: the cluster's Python has no module 'timm' (ModuleNotFoundError)")
+    assert "infra/docker/Dockerfile" in msg and ".venv/bin/ray start --head" in msg and "runtime_env `pip`" in msg
+    assert "\n" not in msg
+    # the logs alone (no message) are enough; a version mismatch is named as such
+    assert "no module 'timm'" in job_failure_message("j", "FAILED", None, RAY_NO_TIMM)
+    old = "ImportError: cannot import name 'Array' from 'mlflow.types.schema' (/usr/lib/python3/mlflow/types/schema.py)"
+    msg = job_failure_message("j", "FAILED", f"Job entrypoint command failed with exit code 1:\n{old}\n")
+    assert "'mlflow.types.schema' has no 'Array' (ImportError)" in msg and "constraints.txt" in msg
+    # the project's own code missing is another problem; any other failure keeps its last line
+    assert "did not reach the job" in job_failure_message("j", "FAILED", "ModuleNotFoundError: No module named 'jobs'")
+    assert job_failure_message("j", "FAILED", "...\npetl: error: unknown task 'x'\n") == "job j FAILED: petl: error: unknown task 'x'"
+    assert job_failure_message("j", "STOPPED", None, "") == "job j STOPPED: see its logs"
+
+
+def test_petl_submit_reports_a_missing_module_on_the_cluster(monkeypatch, capsys):
+    """`petl submit ... --address` against a fake Jobs API whose job fails importing timm."""
+    import types
+
+    from petl_platform.cluster import jobs
+
+    class FakeJobs:
+        def submit_job(self, **kw):
+            return kw["submission_id"]
+
+        async def tail_job_logs(self, job_id):
+            yield RAY_NO_TIMM.split(":\n", 1)[1]
+
+        def get_job_status(self, job_id):
+            return "FAILED"
+
+        def get_job_info(self, job_id):
+            return types.SimpleNamespace(message=RAY_NO_TIMM)
+
+        def get_job_logs(self, job_id):
+            return RAY_NO_TIMM.split(":\n", 1)[1]
+
+    monkeypatch.setattr(jobs, "connect", lambda address: FakeJobs())
+    rc = main(["submit", "train", "--task", "digits-1k", "--method", "linear", "--address", "http://head:8265"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("petl: error: job petl-train-") and "\n" not in err
+    assert "FAILED: the cluster's Python has no module 'timm'" in err and ".venv/bin/ray start --head" in err

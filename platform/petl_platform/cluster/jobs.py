@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import sys
 import time
@@ -58,8 +59,10 @@ def jobs_address(address: str | None) -> str:
     return address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
 
 
-def follow(client, job_id: str, out=sys.stdout) -> str:
-    """Stream the job's logs until it ends; returns its final status."""
+def follow(client, job_id: str, out=None) -> str:
+    """Stream the job's logs until it ends (to ``out``, default the current ``sys.stdout``);
+    returns its final status."""
+    out = out or sys.stdout
     async def tail():
         async for lines in client.tail_job_logs(job_id):
             out.write(lines)
@@ -70,12 +73,13 @@ def follow(client, job_id: str, out=sys.stdout) -> str:
 
 
 def submit(kind: str, args: list[str], address: str | None = None, env: dict[str, str] | None = None,
-           wait: bool = True, out=sys.stdout) -> dict:
+           wait: bool = True, out=None) -> dict:
     """Submit ``petl <kind> <args>`` as a Ray job; without ``address`` start a local cluster (with
     its dashboard on 127.0.0.1) for the duration. Returns ``{"job_id", "status", "address"}``."""
     if kind not in ENTRYPOINTS:
         raise PetlError(f"petl submit runs train or sweep, not {kind!r}")
     check_no_secrets(env or {})
+    out = out or sys.stdout  # the current one, not the one at import time
     local = address is None
     with ray_session(None) if local else nullcontext() as ctx:
         if local:
@@ -105,8 +109,44 @@ def submit(kind: str, args: list[str], address: str | None = None, env: dict[str
             status = follow(client, job_id, out)
             if status != "SUCCEEDED":
                 info = client.get_job_info(job_id)
-                raise PetlError(f"job {job_id} {status}: {(info.message or '').strip().splitlines()[-1][:300] if info.message else 'see its logs'}")
+                try:
+                    logs = client.get_job_logs(job_id)
+                except Exception:  # noqa: BLE001 - the logs only sharpen the message
+                    logs = ""
+                raise PetlError(job_failure_message(job_id, status, info.message, logs))
         return {"job_id": job_id, "status": status, "address": address}
+
+
+CLUSTER_NEEDS = ("A job runs on the cluster's own Python, so every node needs the project's dependencies: run "
+                 "the cluster from the project's image (infra/docker/Dockerfile), or start it from the project's "
+                 "venv (`.venv/bin/ray start --head`, and `.venv/bin/ray start --address HEAD:6379` on each "
+                 "worker); or have Ray install them for each job with a runtime_env `pip` list (the "
+                 "dependencies in pyproject.toml)")
+_NO_MODULE = re.compile(r"No module named '([^']+)'")
+_NO_NAME = re.compile(r"cannot import name '([^']+)' from '([^']+)'")
+
+
+def job_failure_message(job_id: str, status: str, message: str | None, logs: str | None = "") -> str:
+    """One line for a job that did not succeed. A missing module on the cluster (``ModuleNotFoundError``,
+    or an ``ImportError`` of a name: another version) in the end of the job's message or logs says
+    which module and what the cluster needs; otherwise the message's last line."""
+    tail = [ln for text in (message, logs) for ln in (text or "").strip().splitlines()[-30:]]
+    for line in reversed(tail):
+        found = _NO_MODULE.search(line)
+        if found:
+            module = found.group(1)
+            if module.split(".")[0] in ("petl_platform", "jobs"):
+                return (f"job {job_id} {status}: the project's own code did not reach the job (No module named "
+                        f"{module!r}): its runtime_env ships jobs/ (working_dir) and petl_platform (py_modules); "
+                        "submit from a checkout with an editable install (pip install -e .)")
+            return (f"job {job_id} {status}: the cluster's Python has no module {module!r} (ModuleNotFoundError). "
+                    f"{CLUSTER_NEEDS}.")
+        found = _NO_NAME.search(line)
+        if found:
+            return (f"job {job_id} {status}: the cluster's {found.group(2)!r} has no {found.group(1)!r} (ImportError): "
+                    f"another version than the project's. {CLUSTER_NEEDS}, at the versions of constraints.txt.")
+    last = (message or "").strip().splitlines()
+    return f"job {job_id} {status}: {last[-1][:300] if last else 'see its logs'}"
 
 
 def list_jobs(address: str | None) -> list[dict]:
