@@ -153,23 +153,20 @@ def _serve_env() -> str:
 
 
 def _serve(tasks: list[str], backbone: str, budget: float, key: str, own_cluster: bool = False) -> None:
-    """Serve the registered champions with Ray Serve, send real requests over HTTP, shut down."""
+    """Serve the registered champions with Ray Serve on the caller's Ray session (``run_demo``'s
+    ``ray_session``, which ends a cluster of its own and Serve with it), send real requests over
+    HTTP; on a cluster it joined (``own_cluster`` False), remove the Serve app afterwards."""
     import base64
     import io
 
     import httpx
-    import ray
     from PIL import Image
     from ray import serve
 
     from serve_apps import LOCAL_CONFIG
     from serve_apps.petl_app import run_local
 
-    from .cluster.connect import ensure_ray
-
     print(f"\nRay Serve: serving {', '.join(tasks)} from the registry (alias champion) on one shared backbone")
-    started = ensure_ray(log_to_driver=False)
-    own_cluster = own_cluster or started is not None
     try:
         # replicas, proxy and controller log to files under the Ray session, at WARNING, no access log
         url = run_local(LOCAL_CONFIG, tasks, host="127.0.0.1", args_overrides={"backbone": backbone}, quiet=True)
@@ -194,6 +191,3 @@ def _serve(tasks: list[str], backbone: str, budget: float, key: str, own_cluster
         # controller kills itself while the driver's call to it waits).
         if not own_cluster:
             serve.shutdown()
-        if started is not None:
-            ray.shutdown()
-            print("  Serve and the local Ray cluster shut down")
