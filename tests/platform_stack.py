@@ -1,6 +1,10 @@
 """The embedded platform for integration tests: a real S3-compatible HTTP server (moto's server
 mode) on 127.0.0.1, MLflow on SQLite with artifacts in that bucket, a tiny backbone weights file,
-and the env vars the platform reads. Ray is started by each test module as it needs."""
+and the env vars the platform reads. Ray is started by each test module as it needs.
+
+Each stack has its own server and database (tests count runs, versions and keys). A new database
+is a copy of one migrated once per MLflow version (``sqlite_store``): Alembic's migrations were most
+of a stack's start-up, and of every test's own registry."""
 
 from __future__ import annotations
 
@@ -35,12 +39,51 @@ def write_tiny_backbone(folder: Path) -> str:
     return str(path)
 
 
+def _sqlite_template() -> Path:
+    """An MLflow SQLite database with every table migrated and no experiment in it, built once per
+    MLflow version under $PETL_CACHE (Alembic's migrations take 5-15 s on a 2-core machine)."""
+    import mlflow
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    path = Path(os.environ["PETL_CACHE"]).resolve() / f"test-mlflow-{mlflow.__version__}.db"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+        try:
+            _initialize_tables(engine)
+        finally:
+            engine.dispose()
+        os.replace(tmp, path)  # atomic: a concurrent session sees no file or a whole one
+    return path
+
+
+def sqlite_store(path: Path, artifact_root: str) -> str:
+    """``sqlite:///path`` for a new, empty MLflow store with ``artifact_root``: a copy of the migrated
+    template, opened the way ``TrackingSettings.open_store`` opens a new database (experiment
+    Default, id 0, under the artifact root), without running the migrations again."""
+    import shutil
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from petl_platform.tracking.settings import _as_uri
+
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_sqlite_template(), path)
+    SqlAlchemyStore(f"sqlite:///{path}", _as_uri(artifact_root)).engine.dispose()
+    return f"sqlite:///{path}"
+
+
 @contextmanager
 def platform_stack(root: Path):
     """Yields a dict: ``backbone`` (weights file), ``settings`` (TrackingSettings), ``s3`` (boto3
     client), ``endpoint``. Restores the environment and stops the S3 server afterwards."""
     from moto.server import ThreadedMotoServer
 
+    tracking_uri = sqlite_store(root / "mlflow.db", f"s3://{BUCKET}/mlflow")
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -48,7 +91,7 @@ def platform_stack(root: Path):
     os.environ.update({
         "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "PETL_HOME": str(root / "home"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PETL_ARTIFACT_ROOT": f"s3://{BUCKET}/mlflow",
+        "MLFLOW_TRACKING_URI": tracking_uri, "PETL_ARTIFACT_ROOT": f"s3://{BUCKET}/mlflow",
         "PETL_STORAGE_PATH": str(root / "ray_results"), "PETL_CACHE": os.path.abspath(os.environ["PETL_CACHE"]),
         # a cluster's `python` is the interpreter with the project installed: this venv's
         "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -254,8 +254,11 @@ def registry(tmp_path_factory, tiny_backbone):
     from petl_platform.tracking.runs import log_and_register
     from petl_platform.tracking.settings import TrackingSettings
 
+    from platform_stack import sqlite_store  # a migrated template's copy: no 5-15 s of migrations
+
     root = tmp_path_factory.mktemp("registry")
-    settings = TrackingSettings(f"sqlite:///{root / 'm.db'}", str(root / "art"), str(root / "ray")).prepare()
+    settings = TrackingSettings(sqlite_store(root / "m.db", str(root / "art")), str(root / "art"),
+                                str(root / "ray")).prepare()
     for task in ("t1", "t2"):
         log_and_register(settings, build_model("linear", tiny_backbone, 3), task, ["a", "b", "c"])
     return settings

@@ -230,14 +230,15 @@ def test_trial_checkpoints_carry_the_curve(tmp_path, monkeypatch):
     from the val pass the per-epoch exit statistics already make."""
     import sys
 
-    from platform_stack import write_tiny_backbone
+    from platform_stack import sqlite_store, write_tiny_backbone
 
     from petl_platform.backbones import create_backbone
     from petl_platform.tracking.settings import TrackingSettings
     from petl_platform.training.trial import run_trial, trial_config
 
     backbone = write_tiny_backbone(tmp_path)
-    settings = TrackingSettings(f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "art"), str(tmp_path / "ray"))
+    settings = TrackingSettings(sqlite_store(tmp_path / "m.db", str(tmp_path / "art")), str(tmp_path / "art"),
+                                str(tmp_path / "ray"))
     config = trial_config(_folder_task(tmp_path / "data", per_class=4), "dyn_linear", backbone, settings, "calib",
                           hparams={"stages": 2}, train={"epochs": 2, "device": "cpu", "batch_size": 6})
     reports, passes = [], []

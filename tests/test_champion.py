@@ -17,7 +17,10 @@ SPLIT = "digits-1k:val176:0123456789"
 def registry(tmp_path):
     from petl_platform.tracking.settings import TrackingSettings
 
-    return TrackingSettings(f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "art"), str(tmp_path / "ray")).prepare()
+    from platform_stack import sqlite_store  # a migrated template's copy: no 5-15 s of migrations per test
+
+    art = str(tmp_path / "art")
+    return TrackingSettings(sqlite_store(tmp_path / "m.db", art), art, str(tmp_path / "ray")).prepare()
 
 
 @pytest.fixture(scope="module")

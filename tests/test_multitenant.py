@@ -16,7 +16,10 @@ from petl_platform.serving import ServeError
 def registry(tmp_path, tiny_backbone):
     from petl_platform.tracking.settings import TrackingSettings
 
-    return TrackingSettings(f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "art"), str(tmp_path / "ray")).prepare()
+    from platform_stack import sqlite_store  # a migrated template's copy: no 5-15 s of migrations per test
+
+    art = str(tmp_path / "art")
+    return TrackingSettings(sqlite_store(tmp_path / "m.db", art), art, str(tmp_path / "ray")).prepare()
 
 
 def _register(settings, backbone, name, method="lora", classes=("a", "b", "c"), **hparams):

@@ -14,7 +14,7 @@ from petl_platform.tracking.settings import TrackingSettings
 from petl_platform.training.spec import check_address
 from petl_platform.training.space import default_space, parse_space
 from petl_platform.cluster.tune import to_tune
-from platform_stack import free_port, platform_stack
+from platform_stack import free_port, platform_stack, sqlite_store
 
 
 @pytest.mark.parametrize("items, message", [
@@ -84,7 +84,8 @@ def test_s3_store_problems_are_caught_up_front(tmp_path, monkeypatch):
 
 
 def test_failed_run_is_marked_failed_and_keeps_its_metrics(tmp_path):
-    settings = TrackingSettings(f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "art"), str(tmp_path / "ray"))
+    settings = TrackingSettings(sqlite_store(tmp_path / "m.db", str(tmp_path / "art")), str(tmp_path / "art"),
+                                str(tmp_path / "ray"))
     settings.prepare()
     with pytest.raises(ValueError):
         with RunLogger(settings, "petl", run_name="boom") as run:

@@ -1,7 +1,7 @@
 """`petl serve` looks the requested tasks up in the real registry (MLflow on SQLite, adapters in
 moto's S3 server) before any cluster starts: one line per task, and a one-line refusal, with no
-Ray started, when none of them is servable. Slow: ~17 s, most of it the S3 server and MLflow's
-first SQLite migration."""
+Ray started, when none of them is servable. Slow: the S3 server and MLflow (a few seconds: the SQLite
+store is a copy of a migrated template, platform_stack.sqlite_store)."""
 
 from pathlib import Path
 
