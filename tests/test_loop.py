@@ -94,15 +94,24 @@ def _petl(*args):
     (["train", "--task", "folder:/nonexistent/dir"], "does not exist"),
     (["train", "--task", "digits", "--epochs", "0"], "epochs must be >= 1"),
 ])
-def test_cli_bad_input_one_line_nonzero(args, message):
-    r = _petl(*args)
+def test_cli_bad_input_one_line_nonzero(args, message, petl_cli):
+    r = petl_cli(*args)  # in this process (conftest); the interpreter's own run is the test below
     assert r.returncode == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
-def test_cli_train_json(tmp_path):
-    r = _petl("train", "--local", "--task", "digits-1k", "--method", "linear", "--epochs", "2", "--json",
-              "--out", str(tmp_path / "a"))
+def test_cli_bad_input_one_line_nonzero_in_a_new_interpreter():
+    """`python -m petl_platform.cli` as a user starts it: nothing else on stderr (import-time
+    warnings, logging set-up), one line, exit 2."""
+    r = _petl("train", "--task", "imagenet")
+    assert r.returncode == 2
+    assert "unknown task 'imagenet'; valid tasks:" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_train_json(tmp_path, petl_cli):
+    r = petl_cli("train", "--local", "--task", "digits-1k", "--method", "linear", "--epochs", "2", "--json",
+                 "--out", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"accuracy", "trainable_params", "wall_s", "peak_mem_mb"} <= set(out)

@@ -1,9 +1,6 @@
 """Integration: `petl submit` to a local cluster's dashboard (the Ray Jobs API), following the
 job's logs to the end; `petl jobs list|logs`."""
 
-import subprocess
-import sys
-
 import pytest
 
 from platform_stack import platform_stack
@@ -25,12 +22,8 @@ def cluster(tmp_path_factory):
             ray.shutdown()
 
 
-def _petl(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "petl_platform.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def test_submit_train_job_follows_logs_to_success(cluster):
+def test_submit_train_job_follows_logs_to_success(cluster, petl_cli):
+    _petl = petl_cli  # the CLI runs in this process (conftest); the job runs in the cluster as ever
     p = _petl("submit", "train", "--task", "digits-1k", "--method", "linear", "--backbone", cluster["backbone"],
               "--epochs", "2", "--workers", "2", "--address", cluster["address"])
     assert p.returncode == 0, p.stderr[-2000:]
@@ -46,7 +39,7 @@ def test_submit_train_job_follows_logs_to_success(cluster):
     assert missing.returncode == 2 and missing.stderr.startswith("petl: error:")
 
 
-def test_submit_refuses_bad_arguments_before_submitting(cluster):
-    p = _petl("submit", "sweep", "--task", "digits-1k", "--method", "lora", "--space", "p_m=choice(0.1)",
-              "--address", cluster["address"])
+def test_submit_refuses_bad_arguments_before_submitting(cluster, petl_cli):
+    p = petl_cli("submit", "sweep", "--task", "digits-1k", "--method", "lora", "--space", "p_m=choice(0.1)",
+                 "--address", cluster["address"])
     assert p.returncode == 2 and "no hyperparameter 'p_m'" in p.stderr and "submitted" not in p.stdout
