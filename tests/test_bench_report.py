@@ -170,8 +170,14 @@ def test_bench_p6_and_fidelity_end_to_end(tmp_path):
         assert r["gflops_per_image"] > 0.1  # 12 blocks x 65 tokens x width 192: a measured count, not zero
 
     fid = _module("fidelity")
+    from platform_stack import write_tiny_backbone
+
+    # on the tests' tiny ViT (depth 4, width 64): the same runs, rows and claims in a tenth of the
+    # shipped backbone's time (over 10 min on the shared 2-core machine)
+    (tmp_path / "backbone").mkdir()
+    tiny = write_tiny_backbone(tmp_path / "backbone")
     assert fid.main(["--out-dir", str(tmp_path), "--tasks", "digits-1k", "--methods", "linear", "arc", "dyt",
-                     "dyn_adapter", "--seeds", "0", "--epochs", "1"]) == 0
+                     "dyn_adapter", "--seeds", "0", "--epochs", "1", "--backbone", tiny]) == 0
     res = json.loads((tmp_path / "fidelity.json").read_text())
     claims = {c["claim"]: c for c in res["claims"]}
     arc = claims["ARC's merged model is exact and costs zero extra FLOPs"]

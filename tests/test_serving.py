@@ -5,6 +5,7 @@ multi-task equals single-task; a moved alias is served; every bad input gets its
 import base64
 import io
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -46,7 +47,14 @@ def _register(settings, backbone, task, method, seed=0, hparams=None, poison=Non
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(request, tmp_path_factory, shared_resources):
+    """The deployment every test here and test_bad_input_corpus uses: built once (conftest runs
+    that module's tests right before these, and shuts it down after the last of them)."""
+    return shared_resources.use(request, "served", lambda: _served_app(tmp_path_factory))
+
+
+@contextmanager
+def _served_app(tmp_path_factory):
     import httpx
     import ray
     from ray import serve
