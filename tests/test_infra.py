@@ -319,7 +319,7 @@ def test_make_and_the_image_install_under_the_same_lock():
     make = (ROOT / "Makefile").read_text()
     stamp = re.search(r"^\$\(STAMP\):(.*)\n((?:\t.*\n)+)", make, re.M)
     assert "constraints.txt" in stamp[1].split("|")[0], "the venv must be rebuilt when the lock changes"
-    assert re.search(r"pip install .*-c constraints\.txt -e '\.\[test\]'", stamp[2])
+    assert re.search(r"pip install .*-c constraints\.txt -e '\.\[test(,docs)?\]'", stamp[2])  # + the docs site
     assert re.search(r"^lock:", make, re.M) and "pip freeze" in make
     # the image: locked dependencies from pyproject + lock alone, then the source (cached layer)
     copies = [(m.start(), m[1]) for m in re.finditer(r"^COPY (.*)$", DOCKERFILE, re.M)]
