@@ -43,7 +43,7 @@ def one_thread():
 def petl_cli(capsys, monkeypatch):
     """The CLI in this process: ``petl_cli(*args)`` returns a ``CompletedProcess`` (returncode,
     stdout, stderr) like ``subprocess.run(["petl", *args], capture_output=True, text=True)``, without
-    a new interpreter's imports (torch, MLflow, Ray: 10-20 s each on the 2-core machine). The
+    a new interpreter's imports (torch, MLflow, Ray: 8-20 s each on the 2-core machine). The
     subprocess paths keep their own tests (test_loop, test_secrets, test_token_auth)."""
     import subprocess
 
@@ -101,11 +101,7 @@ class SharedResources:
 
         if name not in self._open:
             stack = ExitStack()
-            with ExitStack() as guard:
-                guard.callback(stack.close)
-                value = stack.enter_context(factory())
-                guard.pop_all()
-            self._open[name] = (value, stack)
+            self._open[name] = (stack.enter_context(factory()), stack)
         request.addfinalizer(lambda: self._release_unless_used_later(request, name))
         return self._open[name][0]
 
