@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from pathlib import Path
 
 import numpy as np
 
