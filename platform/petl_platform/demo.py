@@ -108,19 +108,21 @@ def _sweep(task: str, method: str, backbone: str, samples: int, epochs: int) -> 
     """A small ASHA sweep through Ray Tune on a local cluster, every trial an MLflow run."""
     from .tracking.runs import list_models
     from .tracking.settings import TrackingSettings
-    from .training.spec import SweepSpec
+    from .training.space import default_space
+    from .training.spec import SweepSpec, asha_rungs
     from .cluster.tune import run_sweep
 
     settings = TrackingSettings.from_env()
-    print(f"\nRay Tune: {samples} trials of {method} on {task} (ASHA over p_shallow, p_deep, p_m, rank; "
-          f"{epochs} epochs max), 2 at a time", flush=True)
+    rungs = asha_rungs(epochs)[2]
+    print(f"\nRay Tune: {samples} trials of {method} on {task} (ASHA over {', '.join(default_space(method))}; "
+          f"{epochs} epochs max, trials compared at epochs {', '.join(map(str, rungs))}), 2 at a time", flush=True)
     [s] = run_sweep(SweepSpec(tasks=(task,), method=method, backbone=backbone, settings=settings, samples=samples,
                               epochs=epochs, max_concurrent=2, name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
                               progress=False))
     for t in s["trials"]:
-        params = ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
+        params = ", ".join(f"{k}={v:.2g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
         status = "stopped by ASHA" if t["stopped_early"] else ("FAILED" if t["error"] else "completed")
-        print(f"  {params:48} val acc {t['val_accuracy'] or float('nan'):.3f} after {t['epochs']} epoch(s), {status}")
+        print(f"  {params:56} val acc {t['val_accuracy'] or float('nan'):.3f} after {t['epochs']} epoch(s), {status}")
     print(f"  {s['trial_epochs']} trial-epochs used of the {s['grid_epochs']} a full run of every trial would take")
     r = s["registered"]
     print(f"  best val acc {s['best']['val_accuracy']:.3f}: registered as models:/{r['name']}@{r['alias']} (version {r['version']})")

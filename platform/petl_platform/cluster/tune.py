@@ -86,7 +86,7 @@ def sweep_checked(spec: SweepSpec, parsed: dict) -> list[dict]:
                 for t in spec.tasks]
 
 
-def _parent_run(settings, experiment, sweep_name, task, method, parsed, resume) -> RunLogger:
+def _parent_run(settings, experiment, sweep_name, task, method, parsed, resume, asha=None) -> RunLogger:
     c = client(settings)
     if resume:
         exp = c.get_experiment_by_name(experiment)
@@ -97,7 +97,8 @@ def _parent_run(settings, experiment, sweep_name, task, method, parsed, resume) 
     parent = RunLogger(settings, experiment, run_name=f"sweep {sweep_name}",
                        tags={"petl.role": "sweep", "petl.sweep": sweep_name, "petl.task": task, "petl.method": method,
                              "mlflow.source.git.commit": git_commit()})
-    parent.log_params({f"space.{k}": f"{d}{tuple(a)}" for k, (d, a) in parsed.items()})
+    parent.log_params({**{f"space.{k}": f"{d}{tuple(a)}" for k, (d, a) in parsed.items()},
+                       **{f"asha.{k}": v for k, v in (asha or {}).items()}})
     return parent
 
 
@@ -116,7 +117,13 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
     if exists and not resume:
         raise PetlError(f"sweep {sweep_name!r} already exists under {settings.storage_path}; "
                         "pass --resume to continue it or --name to start another")
-    parent = _parent_run(settings, spec.experiment, sweep_name, task, method, parsed, resume)
+    # ASHA's rungs from the epoch budget (training.spec.asha_rungs): at least three where it allows
+    grace, rf, rungs = spec.asha()
+    asha = {"grace_period": grace, "reduction_factor": rf, "rungs": rungs} if spec.scheduler == "asha" else None
+    parent = _parent_run(settings, spec.experiment, sweep_name, task, method, parsed, resume, asha)
+    if asha and spec.progress:
+        print(f"ASHA: trials compared at epochs {', '.join(map(str, rungs))} of {epochs} (grace period {grace}, "
+              f"reduction factor {rf:g})", flush=True)
     with parent:
         trainable = tune.with_resources(_tune_trial, {"cpu": spec.cpus_per_trial, "gpu": gpus})
         if resume:
@@ -127,7 +134,7 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
                                   tags={"mlflow.parentRunId": parent.run_id, "petl.sweep": sweep_name,
                                         "mlflow.source.git.commit": git_commit()})
             config["search"] = to_tune(parsed)
-            sched = (ASHAScheduler(max_t=epochs, grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)
+            sched = (ASHAScheduler(max_t=epochs, grace_period=grace, reduction_factor=rf)
                      if spec.scheduler == "asha" else FIFOScheduler())
             tuner = tune.Tuner(
                 trainable, param_space=config,
@@ -146,6 +153,8 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
             grid = tuner.fit()
         summary = _finalize(grid, settings, task, method, spec.backbone, parsed, epochs, parent)
         summary.update(sweep=sweep_name, wall_s=round(time.time() - t0, 1), parent_run_id=parent.run_id)
+        if asha:
+            summary["asha"] = asha
         parent.log_metrics({"best_val_accuracy": summary["best"]["val_accuracy"] if summary["best"] else float("nan"),
                             "trial_epochs": summary["trial_epochs"], "trials": len(summary["trials"]),
                             "trials_stopped_early": sum(t["stopped_early"] for t in summary["trials"])}, step=0)

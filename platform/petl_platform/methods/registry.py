@@ -22,6 +22,11 @@ KNOBS = {"early_exit": ("thresholds",), "token_dispatch": ("ratio",)}  # per-row
 # A FLOPs budget (``--budget``, a request's ``budget``) is a fraction of full depth. Slightly above 1
 # is meaningful: exiting at the last stage also pays for the earlier exits' heads.
 BUDGET_MAX = 1.5
+# The lr every default search space spans, as multiples of the method's recipe lr: on the fair
+# fidelity basis (bench/fidelity.py --fair: recipe lr x 1/3, x 1, x 3, grown by x 3 past a winning
+# end) the multiples chosen on val ran from x 1/3 (linear, fashion_mnist-1k) to x 27 (adapter,
+# fashion_mnist-1k), most at x 3 to x 9; log-uniform over [x 1/3, x 27] holds every one of them.
+LR_MULTIPLES = (1 / 3, 27.0)
 
 
 class EarlyExits(Protocol):
@@ -75,6 +80,9 @@ class MethodSpec:
     # default ``petl sweep`` search space: {hparam: "dist(args)"}, or a function of the backbone depth
     search_space: dict[str, str] | Callable[[int], dict[str, str]] = field(default_factory=dict)
     exits: EarlyExits | None = None  # calibrated early exits: given by (and only by) early_exit methods
+    # the default space's lr: log-uniform over these multiples of the recipe lr (None: no lr searched);
+    # an ``lr`` in ``search_space`` wins
+    lr_multiples: tuple[float, float] | None = LR_MULTIPLES
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -82,6 +90,9 @@ class MethodSpec:
         if (self.exits is not None) != (self.runtime == "early_exit"):
             raise ValueError(f"method {self.name!r}: exits are given by early_exit methods, and only by them "
                              f"(runtime {self.runtime!r})")
+        if self.lr_multiples is not None and not 0 < self.lr_multiples[0] < self.lr_multiples[1]:
+            raise ValueError(f"method {self.name!r}: lr_multiples must be (low, high) with 0 < low < high, "
+                             f"got {self.lr_multiples}")
 
     @property
     def shares_trunk(self) -> bool:
@@ -93,9 +104,15 @@ class MethodSpec:
         """Per-request compute knobs a task of this method takes (``thresholds``, ``ratio``)."""
         return KNOBS.get(self.runtime, ())
 
-    def default_space(self, depth: int = 12) -> dict[str, str]:
-        """The space ``petl sweep`` searches when ``--space`` is not given."""
-        return dict(self.search_space(depth) if callable(self.search_space) else self.search_space)
+    def default_space(self, depth: int = 12, recipe_lr: float | None = None) -> dict[str, str]:
+        """The space ``petl sweep`` searches when ``--space`` is not given: ``search_space``, and the
+        lr around ``recipe_lr`` (the lr this method trains at by default: ``training.space``
+        passes it, the training recipe's default not being known here)."""
+        space = dict(self.search_space(depth) if callable(self.search_space) else self.search_space)
+        if recipe_lr is not None and self.lr_multiples is not None and "lr" not in space:
+            lo, hi = self.lr_multiples
+            space = {"lr": f"loguniform({recipe_lr * lo:.3g},{recipe_lr * hi:.3g})", **space}
+        return space
 
     def check_budget(self, budget: float | None) -> None:
         """``--budget`` calibrates early exits: only a method with ``exits`` takes one, and it must be

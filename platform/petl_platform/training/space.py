@@ -15,12 +15,17 @@ DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint", "choice", "grid
 SEARCHABLE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "warmup_epochs", "seed")
 
 
-def default_space(method: str, depth: int = 12) -> dict[str, str]:
-    """The space searched when ``--space`` is not given: what the method's spec declares (Dyn-*:
-    p_shallow, p_deep, p_m + the base's rank; DyT: r; DTL: M and d'; LoRA/ARC: rank; ...)."""
+def default_space(method: str, depth: int = 12, fixed=()) -> dict[str, str]:
+    """The space searched when ``--space`` is not given: the lr, log-uniform around the lr the method
+    trains at by default (its recipe's, else ``TrainConfig``'s; ``methods.registry.LR_MULTIPLES``),
+    and what the method's spec declares (Dyn-*: p_shallow, p_deep, p_m + the base's rank; DyT: r;
+    DTL: M and d'; LoRA/ARC: rank and dropout; Adapter/RepAdapter: bottleneck and dropout), less the
+    ``fixed`` keys: what the user set (``--set rank=8``, ``--lr``) stays as set, not searched."""
     from ..methods import get_method
 
-    return get_method(method).default_space(depth)
+    spec = get_method(method)
+    space = spec.default_space(depth, recipe_lr=TrainConfig.from_dict(spec.recipe, "training").lr)
+    return {k: v for k, v in space.items() if k not in set(fixed)}
 
 
 def parse_space(items: list[str] | dict[str, str], method: str) -> dict[str, tuple[str, list]]:

@@ -100,8 +100,8 @@ class SweepSpec(JobSpec):
     samples: int = 8  # trials per task (x the grid size for grid(...))
     epochs: int = 10  # per trial; ASHA's max_t
     scheduler: str = "asha"  # asha | fifo
-    grace_period: int = 1
-    reduction_factor: float = 4  # Tune's ASHAScheduler default
+    grace_period: int | None = None  # ASHA's first rung in epochs (default 1; see asha_rungs)
+    reduction_factor: float | None = None  # ASHA's (default: derived from epochs, see asha_rungs)
     max_concurrent: int | None = None
     cpus_per_trial: float = 1
     gpus_per_trial: float | None = None  # default: 0.5 where there are GPUs
@@ -124,10 +124,13 @@ class SweepSpec(JobSpec):
         if self.scheduler not in ("asha", "fifo"):
             raise PetlError(f"unknown scheduler {self.scheduler!r}; use asha or fifo")
         for flag, v in (("--samples", self.samples), ("--epochs", self.epochs), ("--grace-period", self.grace_period)):
-            if not isinstance(v, int) or v < 1:
+            if v is not None and (not isinstance(v, int) or v < 1):
                 raise PetlError(f"{flag} must be an integer >= 1; got {v}")
-        if not _is_finite(self.reduction_factor) or self.reduction_factor <= 1:
+        if self.reduction_factor is not None and (not _is_finite(self.reduction_factor) or self.reduction_factor <= 1):
             raise PetlError(f"--reduction-factor must be a finite number > 1; got {self.reduction_factor}")
+        if self.scheduler == "asha" and self.grace_period is not None and self.grace_period > self.epochs:
+            raise PetlError(f"--grace-period {self.grace_period} is past the trials' last epoch (--epochs "
+                            f"{self.epochs}): ASHA's first rung must be within a trial; lower it or raise --epochs")
         if self.max_concurrent is not None and (not isinstance(self.max_concurrent, int) or self.max_concurrent < 1):
             raise PetlError(f"--max-concurrent must be an integer >= 1; got {self.max_concurrent}")
         _positive("--cpus-per-trial", self.cpus_per_trial)
@@ -145,11 +148,17 @@ class SweepSpec(JobSpec):
             self.suite_datasets()
         check_data(list(self.tasks))
         depth = len(_check_backbone(self.backbone).blocks)
-        parsed = parsed or parse_space(default_space(self.method, depth), self.method)
+        if not parsed:  # the default space, less what the user fixed (--set, --lr, ...): theirs stays fixed
+            parsed = parse_space(default_space(self.method, depth, fixed=[*self.hparams, *self.train]), self.method)
         if not parsed:
-            raise PetlError(f"nothing to search for {self.method!r}: give --space NAME=DIST(ARGS)")
+            raise PetlError(f"nothing to search for {self.method!r} (its default space is fixed by --set/--lr): "
+                            "give --space NAME=DIST(ARGS)")
         self._check_reachable()
         return parsed
+
+    def asha(self) -> tuple[int, float, list]:
+        """ASHA's ``(grace_period, reduction_factor, rungs)`` for this sweep (``asha_rungs``)."""
+        return asha_rungs(self.epochs, self.reduction_factor, self.grace_period)
 
     def _check_suite_flags(self) -> None:
         if self.suite is None:
@@ -170,6 +179,38 @@ class SweepSpec(JobSpec):
         from ..data.vtab import discover, select_datasets
 
         return select_datasets(discover(self.vtab_root), list(self.datasets) if self.datasets else None)
+
+
+# ASHA's reduction factor when none is given: Hyperband's eta of 3 (the best third of the trials at a
+# rung go on). With Tune's default of 4, a 9-epoch sweep had two rungs (1, 4), and ASHA spent 0.41x
+# the full grid's trial-epochs to end 0.57 pt behind it (P7 in docs/benchmarks.md).
+ASHA_REDUCTION_FACTOR = 3
+ASHA_MIN_RUNGS = 3
+
+
+def asha_rungs(epochs: int, reduction_factor: float | None = None,
+               grace_period: int | None = None) -> tuple[int, float, list]:
+    """ASHA's ``(grace_period, reduction_factor, rungs)`` for trials of ``epochs`` epochs (its
+    ``max_t``). ``rungs`` are the epochs at which ASHA compares trials and stops the weaker ones,
+    ``grace_period * reduction_factor**k <= epochs``, as Tune's ASHAScheduler places them (a rung at
+    ``epochs`` itself stops nothing: the trial is done). Given values win; else the grace period is
+    1 epoch and the reduction factor 3 where that makes ``ASHA_MIN_RUNGS`` rungs (from 9 epochs: 1,
+    3, 9; 27 epochs: 1, 3, 9, 27), else 2 where that makes more rungs than 3 (2 epochs: 1, 2; 4 to 8
+    epochs: 1, 2, 4 and 8 at 8), else 3 (1 epoch: one rung, nothing stopped; 3 epochs: 1, 3)."""
+    grace = 1 if grace_period is None else grace_period
+    rf = reduction_factor
+    if rf is None:
+        three, two = len(_rungs(epochs, grace, 3)), len(_rungs(epochs, grace, 2))
+        rf = ASHA_REDUCTION_FACTOR if three >= ASHA_MIN_RUNGS or three >= two else 2
+    return grace, rf, _rungs(epochs, grace, rf)
+
+
+def _rungs(max_t: int, grace: int, rf: float) -> list:
+    out, k = [], 0
+    while (t := grace * rf ** k) <= max_t * (1 + 1e-9):  # a float rf: its power may land a hair above
+        out.append(int(round(t)) if abs(t - round(t)) < 1e-9 else t)
+        k += 1
+    return out
 
 
 def check_address(address: str) -> str | None:

@@ -113,5 +113,6 @@ class AdapterModel(PetlModel):
 
 
 register_method(MethodSpec("adapter", AdapterModel, AdapterConfig, runtime="per_row_adapter", mergeable=False,
+                           # + the lr around the recipe's (registry.LR_MULTIPLES)
                            search_space={"bottleneck": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"},
                            description="AdaptFormer parallel bottleneck (d=8, s=0.1) beside every MLP"))

@@ -124,7 +124,8 @@ class ArcAttModel(ArcModel):
     PATHS = ("attn",)
 
 
-_SPACE = {"rank": "choice(4,8,16)"}
+# + the lr around the recipe's (registry.LR_MULTIPLES); the rate is the branch dropout (official default 0)
+_SPACE = {"rank": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"}
 register_method(MethodSpec("arc", ArcModel, ArcConfig, runtime="per_row_adapter", mergeable=True, search_space=_SPACE,
                            description="ARC (r=50): shared W_down / W_down^T + per-layer coefficients before qkv and fc1"))
 register_method(MethodSpec("arc_att", ArcAttModel, ArcConfig, runtime="per_row_adapter", mergeable=True, search_space=_SPACE,

@@ -45,7 +45,9 @@ _RECIPE = {"lr": 1e-2, "epochs": 30, "weight_decay": 0.05}
 
 
 def _space(depth: int) -> dict[str, str]:
-    """Sweep M (a third, half, two thirds of the depth) and d' (rank)."""
+    """Sweep M (a third, half, two thirds of the depth) and d' (rank), + the lr around the recipe's
+    (registry.LR_MULTIPLES). DTL has no dropout or mask rate (neither the paper nor the authors'
+    scripts): its regulariser is the CSN's low rank and M, both searched here."""
     return {"m": f"choice({depth // 3},{depth // 2},{2 * depth // 3})", "rank": "choice(1,2,4)"}
 
 

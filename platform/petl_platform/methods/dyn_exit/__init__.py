@@ -59,7 +59,8 @@ DYN_FIELD_NAMES = [f[0] for f in DYN_FIELDS]
 
 
 # Searched by default: the dropout rates of shallow / deep stages and the gradient-mask rate
-# (Sec. 3.3), plus the base method's rank where it has one.
+# (Sec. 3.3), plus the base method's rank where it has one, + the lr around the recipe's
+# (registry.LR_MULTIPLES). Not the base's own ``dropout``: p_shallow / p_deep supersede it.
 DYN_SPACE = {"p_shallow": "uniform(0.1,0.7)", "p_deep": "uniform(0.0,0.3)", "p_m": "choice(0.0,0.1,0.2)"}
 
 

@@ -149,5 +149,8 @@ class DyTModel(PetlModel):
 
 
 register_method(MethodSpec("dyt", DyTModel, DyTConfig, runtime="token_dispatch", mergeable=False,
+                           # + the lr around the recipe's (registry.LR_MULTIPLES). DyT has no dropout: the
+                           # dispatcher's token skipping is its dropout-like disturbance (paper, A.1), and
+                           # target_rate sets how much of it
                            search_space={"target_rate": "uniform(0.3,0.9)"},
                            description="DyT: token dispatcher skips the frozen MLP for inactive tokens + adapter"))

@@ -124,5 +124,6 @@ class LoraModel(PetlModel):
 
 
 register_method(MethodSpec("lora", LoraModel, LoraConfig, runtime="per_row_adapter", mergeable=True,
-                           search_space={"rank": "choice(4,8,16)"},
+                           # + the lr around the recipe's (registry.LR_MULTIPLES)
+                           search_space={"rank": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"},
                            description="LoRA rank 8 on the q and v slices of the fused qkv"))

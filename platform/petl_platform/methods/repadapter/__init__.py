@@ -99,5 +99,6 @@ class RepAdapterModel(PetlModel):
 
 
 register_method(MethodSpec("repadapter", RepAdapterModel, RepAdapterConfig, runtime="per_row_adapter", mergeable=True,
+                           # + the lr around the recipe's (registry.LR_MULTIPLES)
                            search_space={"bottleneck": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"},
                            description="RepAdapter (r=8, groups 2) before qkv and fc1, folds into them exactly"))
