@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from ray import serve
@@ -56,7 +57,10 @@ class _Replica:
 
     def __init__(self, backbone: str = SHIPPED, alias: str = CHAMPION, capacity: int | None = None,
                  refresh_s: float = 10.0, dtype: str | None = None, capacity_mb: float = 256.0,
-                 host_mb: float | None = None, load_timeout_s: float = 30.0, warm: list[str] | None = None):
+                 host_mb: float | None = None, load_timeout_s: float = 30.0, warm: list[str] | None = None,
+                 threads: int | None = None):
+        if threads:  # Ray sets OMP_NUM_THREADS=1 in an actor with num_cpus < 2: the engine then uses one core
+            torch.set_num_threads(int(threads))
         stack = Stack.build(backbone, dtype=dtype)  # a replica with num_gpus sees its GPU: the engine runs there
         self.backbone, self.engine = stack.backbone, stack.engine
         self.cache = stack.store(TrackingSettings.from_env(), alias, capacity=capacity, refresh_s=refresh_s,
@@ -92,7 +96,7 @@ class _Replica:
             else:
                 self.cache.drop(t)  # another deployment serves it
         if mine:
-            x = torch.zeros(1, 3, *self.engine.image_size)
+            x = torch.zeros(1, 3, *self.engine.image_size, dtype=torch.uint8)
             self.engine.run(x, [Row(0, t) for t in mine], {t: e.model for t, e in mine.items()})
         log.info("%s warm: %d of %d named tasks", type(self).__name__, len(mine), len(tasks))
 
@@ -129,9 +133,11 @@ class _Replica:
             return {"thresholds": list(e.thresholds_for(knobs["budget"]))}
         return {}  # the thresholds calibrated at training time
 
-    async def run(self, x: torch.Tensor, tasks: list[str], knobs: dict) -> dict:
-        """``{task: answer or error}`` for one request: its cold tasks load first (off the event
-        loop, never holding up other requests), then the request joins the mixed-task batch."""
+    async def run(self, x: torch.Tensor, tasks: list[str], knobs: dict) -> list[dict]:
+        """Per image of ``x`` (``uint8 [N, 3, H, W]`` pixels at the model's size, normalized here),
+        ``{task: answer or error}``: the request's cold tasks load first (off the event loop, never
+        holding up other requests), then its rows (images x tasks) join the mixed-task batch. A
+        request larger than a batch is cut into batch-sized pieces of whole images."""
         cold = [t for t in dict.fromkeys(tasks) if self.cache.resident(t) is None]
         bad = {}
         if cold:
@@ -141,59 +147,85 @@ class _Replica:
                     bad[t] = error_body(g)
                 elif isinstance(g, BaseException):
                     raise g
-        ready = [t for t in tasks if t not in bad]
-        out = await self._batch(x, ready, knobs) if ready else {}
+        ready = [t for t in dict.fromkeys(tasks) if t not in bad]
+        out = [{} for _ in range(len(x))]
+        if ready:
+            step = max(1, self._batch._get_max_batch_size() // len(ready))  # whole images per piece
+            pieces = await asyncio.gather(*(self._batch(_Job(x[i:i + step], ready, knobs, min(
+                len(x[i:i + step]) * len(ready), self._batch._get_max_batch_size()))) for i in range(0, len(x), step)))
+            out = [a for piece in pieces for a in piece]
         self._metrics()
-        return {**out, **bad}
+        return [{**o, **bad} for o in out]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batch(self, xs: list[torch.Tensor], tasks: list[list[str]], knobs: list[dict]) -> list[dict]:
-        """Per request: ``{task: answer or error}`` for its tasks; the whole batch, every task and
-        method in it, is one engine call."""
-        self.m_batch.observe(len(xs))
-        entries, out = {}, [{} for _ in tasks]
-        for t in dict.fromkeys(t for ts in tasks for t in ts):
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=lambda jobs: sum(j.rows for j in jobs))
+    async def _batch(self, jobs: list[_Job]) -> list[list[dict]]:
+        """Per request piece, per image: ``{task: answer or error}``. The batch is counted in rows
+        (images x tasks); the whole of it, every task and method in it, is one engine call."""
+        self.m_batch.observe(sum(j.rows for j in jobs))
+        entries = {}
+        out = [[{} for _ in range(len(j.x))] for j in jobs]
+        for t in dict.fromkeys(t for j in jobs for t in j.tasks):
             e = self.cache.resident(t)
             if e is None:  # evicted since its request checked: rare, load it again
                 try:
                     e = await self.cache.aget(t)
                 except ServeError as err:
-                    for i, ts in enumerate(tasks):
-                        if t in ts:
-                            out[i][t] = error_body(err)
+                    for i, j in enumerate(jobs):
+                        if t in j.tasks:
+                            for o in out[i]:
+                                o[t] = error_body(err)
                     continue
             entries[t] = e
-        rows = []
-        for i, (ts, k) in enumerate(zip(tasks, knobs)):
-            for t in dict.fromkeys(ts):
-                if t in entries:
-                    try:
-                        rows.append(Row(i, t, self.row_knobs(entries[t], k)))
-                    except ServeError as err:
-                        out[i][t] = error_body(err)
+        rows, where, base = [], [], 0
+        for i, j in enumerate(jobs):
+            for t in j.tasks:
+                if t not in entries:
+                    continue
+                try:
+                    k = self.row_knobs(entries[t], j.knobs)
+                except ServeError as err:
+                    for o in out[i]:
+                        o[t] = error_body(err)
+                    continue
+                for n in range(len(j.x)):
+                    rows.append(Row(base + n, t, k))
+                    where.append((i, n))
+            base += len(j.x)
         if not rows:
             return out
         t0 = time.perf_counter()
+        x = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
         try:
             with self.cache.pinned(entries.values()):
-                results = await asyncio.to_thread(self.engine.run, torch.stack(xs), rows,
-                                                  {t: e.model for t, e in entries.items()})
+                results = await asyncio.to_thread(self.engine.run, x, rows, {t: e.model for t, e in entries.items()})
         except PetlError as err:  # a request the engine refuses (e.g. a knob that does not fit)
-            for r in rows:
-                out[r.image][r.task] = error_body(ServeError(400, f"task {r.task!r}: {err}"))
+            for r, (i, n) in zip(rows, where):
+                out[i][n][r.task] = error_body(ServeError(400, f"task {r.task!r}: {err}"))
             return out
         ms = 1000 * (time.perf_counter() - t0)
         for t in dict.fromkeys(r.task for r in rows):
             self.m_latency.observe(ms, tags={"task": t})
-        for r, res in zip(rows, results):
-            e = entries[r.task]
+        for r, res, (i, n) in zip(rows, results, where):
+            e, knobs = entries[r.task], jobs[i].knobs
             if res.exit_stage is not None:
                 self.m_exit.observe(res.exit_stage, tags={"task": r.task})
             if "activation_rate" in res.compute:
                 self.m_rate.observe(res.compute["activation_rate"], tags={"task": r.task})
-            out[r.image][r.task] = answer(res.logits, e.classes, knobs[r.image]["top_k"], method=e.method,
-                                          version=e.version, exit_stage=res.exit_stage, compute=res.compute)
+            out[i][n][r.task] = answer(res.logits, e.classes, knobs["top_k"], probabilities=knobs.get("probabilities",
+                                       False), method=e.method, version=e.version, exit_stage=res.exit_stage,
+                                       compute=res.compute)
         return out
+
+
+@dataclass
+class _Job:
+    """A request (or a batch-sized piece of one) in a replica's batch: its ``uint8`` images, its
+    tasks and knobs, and its size in rows (images x tasks, at most the batch size)."""
+
+    x: torch.Tensor
+    tasks: list[str]
+    knobs: dict
+    rows: int
 
 
 class _TrunkBackbone(_Replica):

@@ -1,7 +1,10 @@
-"""The HTTP front of the Serve app (FastAPI, ``/healthz``, ``/readyz``, ``/v1/tasks``,
-``/v1/predict``): API keys, body limits and validation, image decode and preprocessing, the catalog
-of servable tasks, then one call per deployment (``serve_apps/deployments.py``) with all of a
-request's tasks for it, and the join of their answers. Every failure is a JSON error with a status.
+"""The HTTP front of the Serve app (FastAPI): ``/healthz``, ``/readyz``, ``/v1/tasks``,
+``/v1/predict`` (one or many images, many tasks) and the Open Inference Protocol v2 (``/v2/...``:
+one task, many images, encoded or raw ``UINT8`` pixels, JSON or binary tensors). API keys, body
+and image limits, validation, image decode (to ``uint8`` at the model's size, off the event loop),
+the catalog of servable tasks, then one call per deployment (``serve_apps/deployments.py``) with
+all of a request's images and tasks for it, and the join of their answers. Every failure is a JSON
+error with a status, never a 500.
 """
 
 from __future__ import annotations
@@ -9,29 +12,55 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import logging
 import time
 from collections import defaultdict
 
+import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.metrics import Counter
 
 from petl_platform.backbones import SHIPPED, create_backbone
-from petl_platform.data import make_transform
+from petl_platform.data import Pixels
 from petl_platform.errors import PetlError
-from petl_platform.serving import ApiKeys, ServeError, decode_image, parse_knobs
+from petl_platform.serving import ApiKeys, ServeError, oip, parse_knobs
 from petl_platform.serving.catalog import Catalog
-from petl_platform.serving.request import MAX_PIXELS, parse_tasks
+from petl_platform.serving.request import (MAX_IMAGES, MAX_PIXELS, MAX_REQUEST_PIXELS, decode_many, parse_tasks,
+                                           safe_text)
 from petl_platform.tracking.settings import CHAMPION, TrackingSettings
+from petl_platform.version import __version__
 
 from serve_apps.deployments import ROLE_OF_RUNTIME, error_body
 
 log = logging.getLogger("petl.serve")
+_ANY_TYPE = None  # OIP bodies: JSON or JSON + binary tensors, under any content type
+# the OIP request body in /docs (read by oip.parse_infer: it may carry binary tensors after the JSON)
+_OIP_SCHEMA = oip.InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+_OIP_DEFS = _OIP_SCHEMA.pop("$defs", {})
+_OIP_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description":
+                                            "JSON header (Inference-Header-Content-Length bytes), then raw tensors"}}}}}
 
-api = FastAPI(title="petl-platform", description="Many vision tasks on one frozen ViT with PETL adapters.",
-              version="0.1.0")
+api = FastAPI(title="petl-platform", description="Many vision tasks on one frozen ViT with PETL adapters: "
+              "/v1 (one image, many tasks) and the Open Inference Protocol v2 (/v2).", version=__version__)
+
+
+def _openapi() -> dict:
+    """FastAPI's schema, plus the OIP request models (the infer route reads its body itself: it may
+    hold binary tensors after the JSON, which FastAPI's own body parsing cannot take)."""
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update({**_OIP_DEFS, "InferRequest": _OIP_SCHEMA})
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 class _Ingress:
@@ -42,11 +71,13 @@ class _Ingress:
     def __init__(self, trunk, adapters, early_exit, token_dispatch, tasks: list[str] | None = None,
                  backbone: str = SHIPPED, alias: str = CHAMPION, max_body_mb: float = 10.0,
                  max_pixels: int = MAX_PIXELS, task_pattern: str | None = None, task_tag: str | None = None,
-                 refresh_s: float = 10.0, lookup_timeout_s: float = 10.0):
+                 refresh_s: float = 10.0, lookup_timeout_s: float = 10.0, max_images: int = MAX_IMAGES,
+                 max_request_pixels: int = MAX_REQUEST_PIXELS):
         self.max_pixels = int(max_pixels)  # decoded size limit, checked from the image header first
+        self.max_images, self.max_request_pixels = int(max_images), int(max_request_pixels)
         self.handles = {"trunk": trunk, "adapter": adapters, "early_exit": early_exit, "token_dispatch": token_dispatch}
         self.keys = ApiKeys.from_env()
-        self.transform = make_transform(create_backbone(backbone))
+        self.pixels = Pixels.of(create_backbone(backbone))  # decoded images travel as uint8 at the model's size
         self.alias, self.max_body, self.lookup_timeout_s = alias, int(max_body_mb * 2**20), lookup_timeout_s
         self.settings = TrackingSettings.from_env()
         self.named = list(dict.fromkeys(tasks or []))  # warmed up by the replicas; served like any other
@@ -104,11 +135,12 @@ class _Ingress:
         rows = self.catalog.rows
         return {"tasks": [rows[t] for t in self.keys.visible(key, sorted(rows))]}  # only the key's own
 
-    async def _read(self, request: Request) -> tuple[bytes, dict]:
+    async def _body(self, request: Request, kinds: tuple[str, ...] | None) -> tuple[str, bytes]:
+        """The content type (one of ``kinds``, else 415; any when None) and the body, read under the
+        size limit (413)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in ("multipart/form-data", "application/json"):
-            raise ServeError(415, f"unsupported content type {ctype[:80] or 'none'!r}: send multipart/form-data "
-                                  "(field 'image') or application/json (base64 'image')")
+        if kinds is not None and ctype not in kinds:
+            raise ServeError(415, f"unsupported content type {ctype[:80] or 'none'!r}: send " + " or ".join(kinds))
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_body:
             raise ServeError(413, f"request body of {int(length)} bytes exceeds the limit of {self.max_body}")
@@ -117,47 +149,58 @@ class _Ingress:
             body += chunk
             if len(body) > self.max_body:
                 raise ServeError(413, f"request body exceeds the limit of {self.max_body} bytes")
-        request._body = bytes(body)  # for request.form()
+        return ctype, bytes(body)
+
+    def _count(self, n: int) -> None:
+        if n > self.max_images:
+            raise ServeError(413, f"{n} images in one request; the limit is {self.max_images} per request")
+
+    async def _read(self, request: Request) -> tuple[list[bytes], bool, dict]:
+        """The request's encoded images, whether it sent a list (``images``, or repeated multipart
+        ``image`` fields: the answer is then a list too), and its other fields."""
+        ctype, raw = await self._body(request, ("multipart/form-data", "application/json"))
+        request._body = raw  # for request.form()
         if ctype == "application/json":
             import json
 
             try:
-                fields = json.loads(request._body or b"null")
+                fields = json.loads(raw or b"null")
             except (ValueError, RecursionError):  # RecursionError: nesting like [[[[...]]]]
                 raise ServeError(400, "body is not valid JSON") from None
             if not isinstance(fields, dict):
                 raise ServeError(400, f"body must be a JSON object, got a JSON {type(fields).__name__}")
-            image = fields.get("image") or ""
-            if isinstance(image, str) and image.startswith("data:") and ";base64," in image[:100]:
-                image = image.split(";base64,", 1)[1]  # a data URL
-            try:
-                image = base64.b64decode(image, validate=True)
-            except (binascii.Error, TypeError, ValueError):
-                raise ServeError(400, "'image' must be base64-encoded image bytes") from None
-            return image, fields
+            if "images" in fields:
+                if "image" in fields:
+                    raise ServeError(400, "give 'image' (one) or 'images' (a list), not both")
+                items = fields["images"]
+                if not isinstance(items, list) or not items:
+                    raise ServeError(400, "'images' must be a non-empty list of base64-encoded images")
+                self._count(len(items))
+                return [_b64(v, f"'images'[{i}]") for i, v in enumerate(items)], True, fields
+            return [_b64(fields.get("image") or "", "'image'")], False, fields
         form = await request.form()
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise ServeError(400, "multipart body needs a file field 'image'")
+        uploads = form.getlist("image")
+        if not uploads or any(isinstance(u, str) for u in uploads):
+            raise ServeError(400, "multipart body needs a file field 'image' (repeat it for many images)")
+        self._count(len(uploads))
         fields = {k: v for k, v in form.items() if k != "image"}
         if len(form.getlist("tasks")) > 1:  # tasks=a&tasks=b as well as tasks=a,b
             fields["tasks"] = [t for t in form.getlist("tasks") if isinstance(t, str)] or None
-        return await upload.read(), fields
+        return [await u.read() for u in uploads], len(uploads) > 1, fields
 
     @api.post("/v1/predict")
     async def predict(self, request: Request):
         """Every failure is a JSON error with a status: a ServeError's own, a malformed multipart body's
         400, and for anything unexpected a logged 503 with a reference, never a 500 or a traceback."""
+        from petl_platform.serving.request import safe_text
         from starlette.exceptions import HTTPException
         from starlette.requests import ClientDisconnect
-
-        from petl_platform.serving.request import safe_text
 
         t0 = time.perf_counter()
         auth = request.headers.get("authorization")
         try:
             key = self.keys.check(auth)
-            image, fields = await self._read(request)
+            images, many, fields = await self._read(request)
             tasks = parse_tasks(fields.get("tasks"))
             self.keys.check(auth, tasks)  # 403 before 404: a restricted key learns no other task's name
             rows = await self._rows(tasks)
@@ -180,9 +223,9 @@ class _Ingress:
                 roles = {t: rows[t].get("role") for t in tasks}
                 if misfit := _knob_misfit(knobs, roles):
                     raise ServeError(400, misfit)
-            # off the event loop: a large image takes a replica's CPU for a while
-            x = await asyncio.to_thread(decode_image, image, self.transform, self.max_pixels)
-            results = await self._fan_out(x, tasks, roles, knobs, rows)
+            # off the event loop (Pillow's decoders and resize release the GIL): uint8 at the model's size
+            x = await asyncio.to_thread(decode_many, images, self.pixels, self.max_pixels, self.max_request_pixels)
+            per_image = await self._fan_out(x, tasks, roles, knobs, rows)
         except ServeError as e:
             return self._reply(e.status, error_body(e))
         except HTTPException as e:  # Starlette's own 400 for a malformed multipart body
@@ -195,17 +238,126 @@ class _Ingress:
             reply = self._reply(503, {"error": 503, "detail": f"internal error (ref {ref}); retry later"})
             reply.headers["Retry-After"] = "1"
             return reply
-        failed = {t: r for t, r in results.items() if "error" in r}
-        body = {"results": results, "latency_ms": round(1000 * (time.perf_counter() - t0), 2)}
+        failed = {}
+        for results in per_image:
+            failed.update({t: r for t, r in results.items() if "error" in r})
+        body = {"results": per_image if many else per_image[0], "latency_ms": round(1000 * (time.perf_counter() - t0), 2)}
         if failed:
             status = max(r["error"] for r in failed.values())
             body["detail"] = "; ".join(r["detail"] for r in failed.values())
             return self._reply(status, body)
         return self._reply(200, body)
 
-    async def _fan_out(self, x, tasks, roles, knobs, rows) -> dict:
-        """One call per deployment with all of this request's tasks for it (the task ids travel as
-        data, so the deployment's batch mixes tasks and requests)."""
+    # ------------------------------------------------------------------ Open Inference Protocol v2
+    # The KServe / Triton REST protocol (tritonclient, the kserve SDK): one task per call (a
+    # "model"), many images per call, encoded (BYTES) or raw pixels (UINT8), in JSON or in the binary
+    # tensor extension. The same API keys, catalog, limits and 4xx rules as /v1.
+
+    def _oip_error(self, e: ServeError) -> Response:
+        status, body, headers = oip.error_response(e)
+        self.m_requests.inc(tags={"status": str(status)})
+        if status == 503:
+            headers = {**headers, "Retry-After": "1"}
+        return Response(body, status_code=status, headers=headers)
+
+    async def _oip_row(self, request: Request, task: str) -> dict:
+        """The catalog row of ``task`` for this key: 401/403 for the key, 404 for a task the alias
+        does not name (the same order as /v1: a restricted key learns no other task's name)."""
+        auth = request.headers.get("authorization")
+        self.keys.check(auth)
+        self.keys.check(auth, parse_tasks([task]))
+        row = (await self._rows([task]))[task]
+        if row is None:
+            raise ServeError(404, f"unknown model {safe_text(task, 200)!r}: not registered with alias {self.alias!r}")
+        return row
+
+    @api.get("/v2")
+    async def oip_server(self):
+        return {"name": "petl-platform", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @api.get("/v2/health/live")
+    async def oip_live(self):
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    async def oip_ready(self):
+        ready = any("error" not in r for r in self.catalog.rows.values())
+        return Response(json.dumps({"ready": ready}), status_code=200 if ready else 503,
+                        media_type="application/json")
+
+    @api.get("/v2/models/{task}", response_model=oip.ModelMetadata, response_model_exclude_none=True)
+    @api.get("/v2/models/{task}/versions/{version}", response_model=oip.ModelMetadata,
+             response_model_exclude_none=True, include_in_schema=False)
+    async def oip_metadata(self, task: str, request: Request, version: str | None = None):
+        try:
+            row = await self._oip_row(request, task)
+            self._check_version(row, version)
+        except ServeError as e:
+            return self._oip_error(e)
+        return oip.model_metadata(task, row, self.pixels.image_size)
+
+    @api.get("/v2/models/{task}/ready")
+    @api.get("/v2/models/{task}/versions/{version}/ready", include_in_schema=False)
+    async def oip_model_ready(self, task: str, request: Request, version: str | None = None):
+        try:
+            row = await self._oip_row(request, task)
+            self._check_version(row, version)
+        except ServeError as e:
+            return self._oip_error(e)
+        ready = "error" not in row
+        return Response(json.dumps({"name": task, "ready": ready}), status_code=200 if ready else 503,
+                        media_type="application/json", headers=None if ready else {"Retry-After": "1"})
+
+    @staticmethod
+    def _check_version(row: dict, version: str | None) -> None:
+        if version is not None and version != str(row.get("version")):
+            raise ServeError(404, f"model {row['task']!r} serves version {row.get('version')} (alias "
+                                  f"{row.get('alias')!r}); version {safe_text(version, 40)!r} is not served")
+
+    @api.post("/v2/models/{task}/infer", openapi_extra=_OIP_BODY, response_model=oip.InferResponse,
+              response_model_exclude_none=True)
+    @api.post("/v2/models/{task}/versions/{version}/infer", openapi_extra=_OIP_BODY, include_in_schema=False)
+    async def oip_infer(self, task: str, request: Request, version: str | None = None):
+        """OIP inference: every image of the call for ``task``; knobs as request ``parameters``."""
+        try:
+            row = await self._oip_row(request, task)
+            self._check_version(row, version)
+            if "error" in row:
+                raise ServeError(503, f"model {task!r} is unavailable: {row['error']}")
+            _, raw = await self._body(request, _ANY_TYPE)
+            raw = oip.inflate(raw, request.headers.get("content-encoding"), self.max_body)
+            call = oip.parse_infer(raw, request.headers.get(oip.HEADER), max_images=self.max_images,
+                                   max_pixels=self.max_request_pixels)
+            knobs = {**parse_knobs(call.params), "probabilities": True}
+            roles = {task: row.get("role")}
+            if misfit := _knob_misfit(knobs, roles):
+                raise ServeError(400, misfit)
+            if call.encoded is not None:
+                x = await asyncio.to_thread(decode_many, call.encoded, self.pixels, self.max_pixels,
+                                            self.max_request_pixels)
+            else:
+                x = await asyncio.to_thread(lambda: torch.stack([self.pixels.from_array(a) for a in call.pixels]))
+            answers = [a[task] for a in await self._fan_out(x, [task], roles, knobs, {task: row})]
+            failed = next((a for a in answers if "error" in a), None)
+            if failed is not None:
+                raise ServeError(failed["error"], failed["detail"])
+            body, headers = oip.infer_response(task, str(answers[0].get("version", row.get("version"))), answers,
+                                               None, call)
+        except ServeError as e:
+            return self._oip_error(e)
+        except Exception as e:  # noqa: BLE001 - a bug or a backend fault: logged, the client gets a 503
+            ref = f"{time.time_ns():x}"
+            log.exception("OIP infer failed (ref %s): %s", ref, type(e).__name__)
+            return self._oip_error(ServeError(503, f"internal error (ref {ref}); retry later"))
+        self.m_requests.inc(tags={"status": "200"})
+        return Response(body, status_code=200, headers=headers)
+
+    async def _fan_out(self, x, tasks, roles, knobs, rows) -> list[dict]:
+        """Per image of ``x`` (uint8 ``[N, 3, H, W]``), ``{task: answer or error}``: one call per
+        deployment with all of this request's images and tasks for it (the task ids travel as data,
+        so the deployment's batch mixes tasks and requests)."""
+        from ray.serve.exceptions import BackPressureError
+
         by_role: dict[str, list[str]] = defaultdict(list)
         for t in tasks:
             if roles[t] is not None:
@@ -214,19 +366,31 @@ class _Ingress:
         got = await asyncio.gather(*(self.handles[r].run.remote(x, by_role[r], knobs) for r in keys),
                                    return_exceptions=True)
         done = dict(zip(keys, got))
-        results = {}
+        results = [{} for _ in range(len(x))]
         for t in tasks:
             reply = done.get(roles[t])
             if roles[t] is None:
-                results[t] = {"error": 503, "detail": f"task {t!r} is unavailable: {rows[t]['error']}"}
+                failed = {"error": 503, "detail": f"task {t!r} is unavailable: {rows[t]['error']}"}
+            elif isinstance(reply, BackPressureError):  # the deployment's queue is full: come back shortly
+                failed = {"error": 503, "detail": f"task {t!r}: the server is at capacity; retry shortly"}
             elif isinstance(reply, BaseException):  # e.g. the replica died mid-request: retryable
                 log.warning("task %s failed downstream: %s", t, reply)
-                results[t] = {"error": 503, "detail": f"task {t!r}: the serving replica failed; retry "
-                                                      f"({type(reply).__name__})"}
+                failed = {"error": 503, "detail": f"task {t!r}: the serving replica failed; retry "
+                                                  f"({type(reply).__name__})"}
             else:
-                results[t] = dict(reply[t])
-            results[t]["task"] = t
+                failed = None
+            for n in range(len(x)):
+                results[n][t] = {**(failed or reply[n][t]), "task": t}
         return results
+
+
+def _b64(value, what: str) -> bytes:
+    if isinstance(value, str) and value.startswith("data:") and ";base64," in value[:100]:
+        value = value.split(";base64,", 1)[1]  # a data URL
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise ServeError(400, f"{what} must be base64-encoded image bytes") from None
 
 
 def _knob_misfit(knobs: dict, roles: dict) -> str | None:

@@ -37,7 +37,7 @@ import logging
 from ray import serve
 
 from petl_platform.backbones import SHIPPED
-from petl_platform.serving.request import MAX_PIXELS, parse_tasks
+from petl_platform.serving.request import MAX_IMAGES, MAX_PIXELS, MAX_REQUEST_PIXELS, parse_tasks
 from petl_platform.tracking.settings import CHAMPION
 
 # the deployments and the ingress, re-exported: `serve_apps.petl_app` is the app's one import path
@@ -61,7 +61,9 @@ def build_app(args: dict):
     - ``deployment_options`` (the YAML's ``deployments`` list) when built in-process rather than by
       ``serve run``/``serve deploy``, which apply that list themselves."""
     tasks = parse_tasks(args["tasks"], limit=None) if args.get("tasks") else []
-    cpu = {"ray_actor_options": {"num_cpus": float(args.get("num_cpus_per_replica", 0.25))}}
+    # a full queue (max_queued_requests) answers 503 with Retry-After at once, in every deployment
+    cpu = {"ray_actor_options": {"num_cpus": float(args.get("num_cpus_per_replica", 0.25))},
+           "backpressure_config": {"retry_after_s": 1}}
     opts = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in args.get("deployment_options") or []}
 
     def bind(dep, *a, **kw):
@@ -74,11 +76,12 @@ def build_app(args: dict):
               "refresh_s": float(args.get("refresh_s", 10.0))}
     store = {"capacity": opt("capacity", int), "capacity_mb": float(args.get("capacity_mb", 256.0)),
              "host_mb": opt("host_mb", float), "load_timeout_s": float(args.get("load_timeout_s", 30.0))}
-    roles = [bind(d, **common, **store, dtype=args.get("dtype"), warm=tasks)
+    roles = [bind(d, **common, **store, dtype=args.get("dtype"), warm=tasks, threads=opt("threads", int))
              for d in (TrunkBackbone, TaskAdapters, EarlyExitRouter, TokenDispatchRouter)]
     return bind(Ingress, *roles, tasks=tasks, **common, max_body_mb=float(args.get("max_body_mb", 10.0)),
                 max_pixels=int(args.get("max_pixels", MAX_PIXELS)), task_pattern=args.get("task_pattern"),
-                task_tag=args.get("task_tag"))
+                task_tag=args.get("task_tag"), max_images=int(args.get("max_images", MAX_IMAGES)),
+                max_request_pixels=int(args.get("max_request_pixels", MAX_REQUEST_PIXELS)))
 
 
 def load_config(path: str, tasks: list[str] | None = None, port: int | None = None) -> dict:

@@ -97,6 +97,21 @@ def _results(*tasks, count=None):
     return check
 
 
+def _many(n, *tasks):
+    def check(r):
+        got = r.json()["results"]
+        assert isinstance(got, list) and len(got) == n, r.text[:300]
+        assert all(set(g) == set(tasks) and all(g[t].get("label") for t in tasks) for g in got), r.text[:300]
+    return check
+
+
+def _oip(n):
+    def check(r):
+        outs = {o["name"]: o for o in r.json()["outputs"]}
+        assert outs["probabilities"]["shape"][0] == n and len(outs["label"]["data"]) == n, r.text[:300]
+    return check
+
+
 def _listed(*tasks):
     def check(r):
         assert sorted(t["task"] for t in r.json()["tasks"]) == sorted(tasks), r.text[:300]
@@ -236,6 +251,85 @@ def cases() -> list[tuple]:
     add("tasks: every served task", _json(tasks=tuple(SERVED)), 200, check=_results(*SERVED))
     add("tasks: NaN adapter", _json(tasks=("fashion_mnist-1k",)), 503)
     add("tasks: other-backbone adapter", _json(tasks=("letters-1k",)), 503)
+    # --- many images per request (/v1)
+    add("many: JSON images", {"json": {"images": [_b64(png)] * 3, "tasks": [DIGITS, LORA]}}, 200,
+        check=_many(3, DIGITS, LORA))
+    add("many: repeated multipart image", {"files": [("image", ("a", png)), ("image", ("b", png))],
+                                           "data": {"tasks": DIGITS}}, 200, check=_many(2, DIGITS))
+    add("many: images not a list", {"json": {"images": _b64(png), "tasks": [DIGITS]}}, 400)
+    add("many: images empty", {"json": {"images": [], "tasks": [DIGITS]}}, 400)
+    add("many: image and images", {"json": {"image": _b64(png), "images": [_b64(png)], "tasks": [DIGITS]}}, 400)
+    add("many: 65 images", {"json": {"images": [_b64(_encode(Image.new("L", (1, 1))))] * 65, "tasks": [DIGITS]}},
+        413, check=lambda r: "64" in r.json()["detail"])
+    add("many: the second of 3 corrupt", {"json": {"images": [_b64(png), _b64(png[:30]), _b64(png)],
+                                                   "tasks": [DIGITS]}}, 400,
+        check=lambda r: "image 1" in r.json()["detail"])
+    add("many: a number in the list", {"json": {"images": [_b64(png), 7], "tasks": [DIGITS]}}, 400)
+    # --- Open Inference Protocol v2 (errors in OIP's {"error": ...} form)
+    px = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+
+    def oip(inputs, **extra):
+        return {"json": {"inputs": inputs, **extra}}
+
+    def u8(shape=(2, 32, 32, 3), data=None, datatype="UINT8", name="pixels"):
+        return {"name": name, "shape": list(shape), "datatype": datatype,
+                "data": data if data is not None else np.zeros(shape, dtype=np.uint8).reshape(-1).tolist()}
+
+    def binary(header: dict, blob: bytes, length: int | None = None) -> dict:
+        head = json.dumps(header).encode()
+        return _raw(head + blob, "application/octet-stream") | {
+            "headers": {"content-type": "application/octet-stream",
+                        "Inference-Header-Content-Length": str(len(head) if length is None else length)}}
+
+    raw_in = {"name": "pixels", "shape": [2, 32, 32, 3], "datatype": "UINT8",
+              "parameters": {"binary_data_size": px.nbytes}}
+    infer = f"/v2/models/{DIGITS}/infer"
+
+    def add2(name, req, status, path=infer, **kw):
+        add(f"oip: {name}", req, status, path=path, **kw)
+
+    add2("JSON UINT8 ok", oip([u8()]), 200, check=_oip(2))
+    add2("binary UINT8 ok", binary({"inputs": [raw_in]}, px.tobytes()), 200, check=_oip(2))
+    add2("BYTES base64 ok", oip([{"name": "image", "shape": [1], "datatype": "BYTES", "data": [_b64(png)]}]), 200,
+         check=_oip(1))
+    add2("BYTES budget on a Dyn task", oip([u8()], parameters={"budget": 0.5}), 200, path=f"/v2/models/{DYN}/infer")
+    add2("metadata", {}, 200, method="GET", path=f"/v2/models/{DIGITS}")
+    add2("model ready", {}, 200, method="GET", path=f"/v2/models/{DIGITS}/ready")
+    add2("live without a key", {}, 200, auth=None, method="GET", path="/v2/health/live")
+    add2("not JSON", _raw(b"{inputs"), 400)
+    add2("JSON array", _raw(b"[]"), 400)
+    add2("no inputs", oip([]), 400)
+    add2("two image inputs", oip([u8(), u8(name="more")]), 400)
+    add2("FP32 input", oip([u8(datatype="FP32")]), 400)
+    add2("shape vs data", oip([u8(data=[0] * 10)]), 400)
+    add2("pixel 300", oip([u8(shape=(1, 1, 1, 3), data=[0, 300, 0])]), 400)
+    add2("negative shape", oip([u8(shape=(-1, 32, 32, 3), data=[])]), 400)
+    add2("4 channels", oip([u8(shape=(1, 2, 2, 4))]), 400)
+    add2("3-d UINT8", oip([u8(shape=(2, 32, 32))]), 400)
+    add2("65 images", oip([u8(shape=(65, 1, 1, 3))]), 413)
+    add2("too many pixels", oip([u8(shape=(8, 1024, 1024, 3), data=[])]), 413)  # the shape says it: data unread
+    add2("BYTES not base64", oip([{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]), 400)
+    add2("BYTES bomb", oip([{"name": "image", "shape": [1], "datatype": "BYTES",
+                             "data": [_b64(_png_header(100_000, 100_000))]}]), 413)
+    add2("header length not a number", binary({"inputs": [raw_in]}, px.tobytes(), length=None) | {
+        "headers": {"Inference-Header-Content-Length": "ten", "content-type": "application/octet-stream"}}, 400)
+    add2("header length past the body", binary({"inputs": [raw_in]}, px.tobytes(), length=10**6), 400)
+    add2("header length negative", binary({"inputs": [raw_in]}, px.tobytes(), length=-5), 400)
+    add2("binary size larger than sent", binary({"inputs": [raw_in]}, px.tobytes()[:100]), 400)
+    add2("binary bytes left over", binary({"inputs": [raw_in]}, px.tobytes() + b"extra"), 400)
+    add2("binary size without the header", _raw(json.dumps({"inputs": [raw_in]}).encode() + px.tobytes()), 400)
+    add2("gzip bomb", {"content": zlib.compress(b"{" + b" " * 50_000_000 + b"}"),
+                       "headers": {"content-type": "application/json", "content-encoding": "deflate"}}, 413)
+    add2("unknown content encoding", _with(_raw(b"{}"), **{"content-encoding": "br"}), 415)
+    add2("unknown model", oip([u8()]), 404, path="/v2/models/no-such-task/infer")
+    add2("no key", oip([u8()]), 401, auth=None)
+    add2("restricted key, other model", oip([u8()]), 403, auth=LIMITED, path=f"/v2/models/{LORA}/infer")
+    add2("budget on a linear task", oip([u8()], parameters={"budget": 0.5}), 400)
+    add2("budget 2", oip([u8()], parameters={"budget": 2}), 400, path=f"/v2/models/{DYN}/infer")
+    add2("NaN adapter", oip([u8()]), 503, path="/v2/models/fashion_mnist-1k/infer")
+    add2("version not served", oip([u8()]), 404, path=f"/v2/models/{DIGITS}/versions/9/infer")
+    add2("GET infer", {}, 405, method="GET")
+    add2("over the body limit", _raw(b"{" + b" " * 300_000 + b"}"), 413)
     # --- other routes
     add("route: GET predict", {}, 405, method="GET")
     add("route: PUT predict", _json(), 405, method="PUT")
@@ -263,8 +357,10 @@ def test_bad_input_corpus(served, tmp_path, capsys):
             if LEAKS.search(r.text):
                 problems.append(f"leak {LEAKS.search(r.text).group(0)!r}")
             try:
-                if r.status_code >= 400 and not isinstance(r.json().get("detail"), str):
-                    problems.append("error without a detail")
+                # OIP's own errors are {"error": ...}; the framework's (405) {"detail": ...}
+                fields = ("error", "detail") if path.startswith("/v2/") else ("detail",)
+                if r.status_code >= 400 and not any(isinstance(r.json().get(f), str) for f in fields):
+                    problems.append(f"error without {' or '.join(fields)}")
             except ValueError:
                 problems.append("error body is not JSON")
             if not problems and check is not None:

@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 import pytest
+import tritonclient.http as th  # the test extra installs it
 from petl_platform.serving.oip import (
     HEADER,
     error_response,
@@ -22,7 +23,6 @@ from petl_platform.serving.oip import (
 )
 from petl_platform.serving.request import ServeError
 
-th = pytest.importorskip("tritonclient.http")  # the test extra installs it
 _get_inference_request = th._utils._get_inference_request
 
 LIMITS = {"max_images": 8, "max_pixels": 10_000}

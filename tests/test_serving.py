@@ -82,7 +82,8 @@ def _served_app(tmp_path_factory):
         from serve_apps.petl_app import build_app
 
         serve.run(build_app({"tasks": [*SERVED, *BROKEN], "backbone": st["backbone"], "refresh_s": 1,
-                             "max_body_mb": 0.25, "load_timeout_s": 5}), name="petl", route_prefix="/")
+                             "max_body_mb": 0.25, "load_timeout_s": 5, "max_request_pixels": 2**22}),
+                  name="petl", route_prefix="/")
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
                               headers={"Authorization": f"Bearer {KEY}"})
         try:
@@ -254,6 +255,115 @@ def test_a_hanging_store_delays_only_the_task_being_loaded(served):
     assert _predict(c, ["cold-task"]).status_code == 200
 
 
+def test_many_images_in_one_request_equal_one_image_requests(served):
+    """JSON ``images`` and repeated multipart ``image`` fields: one answer per image, each equal to
+    its own one-image request, for every method family in one request (rows of a deployment's batch)."""
+    c = served["client"]
+    pngs = [_png(s) for s in range(5)]
+    tasks = list(SERVED)
+    r = c.post("/v1/predict", json={"images": [base64.b64encode(p).decode() for p in pngs], "tasks": tasks})
+    assert r.status_code == 200, r.text
+    many = r.json()["results"]
+    assert isinstance(many, list) and len(many) == len(pngs)
+    for p, got in zip(pngs, many):
+        for t in tasks:
+            single = _predict(c, [t], p).json()["results"][t]
+            assert got[t]["label"] == single["label"] and got[t]["exit_stage"] == single["exit_stage"], t
+            assert abs(got[t]["top_k"][0]["probability"] - single["top_k"][0]["probability"]) <= 2e-6, t
+    r = c.post("/v1/predict", files=[("image", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs[:3])],
+               data={"tasks": "digits-1k"})
+    assert r.status_code == 200, r.text
+    assert [a["digits-1k"]["label"] for a in r.json()["results"]] == [a["digits-1k"]["label"] for a in many[:3]]
+
+
+def test_too_many_images_or_pixels_in_one_request_get_413_with_the_limit(served):
+    from petl_platform.serving.request import MAX_IMAGES
+
+    c = served["client"]
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, format="PNG")
+    tiny = base64.b64encode(buf.getvalue()).decode()
+    r = c.post("/v1/predict", json={"images": [tiny] * (MAX_IMAGES + 1), "tasks": ["digits-1k"]})
+    assert r.status_code == 413 and str(MAX_IMAGES) in r.json()["detail"], r.text
+    r = c.post("/v1/predict", json={"images": [], "tasks": ["digits-1k"]})
+    assert r.status_code == 400
+    r = c.post("/v1/predict", json={"images": [tiny, "%%%"], "tasks": ["digits-1k"]})
+    assert r.status_code == 400 and "'images'[1]" in r.json()["detail"], r.text
+    # 3 images of 2000 x 1000 (small PNGs: one colour) hold 6 MP: over this app's per-request 4 MP
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 1000), (9, 9, 9)).save(buf, format="PNG")
+    big = base64.b64encode(buf.getvalue()).decode()
+    r = c.post("/v1/predict", json={"images": [big] * 3, "tasks": ["digits-1k"]})
+    assert r.status_code == 413 and "limit per request" in r.json()["detail"], r.text
+
+
+def _triton(served):
+    import tritonclient.http as httpclient
+
+    url = str(served["client"].base_url).removeprefix("http://").rstrip("/")
+    return httpclient.InferenceServerClient(url=url, network_timeout=60, connection_timeout=60)
+
+
+def test_open_inference_protocol_through_tritonclient(served):
+    """OIP v2 REST through an unmodified tritonclient: health, metadata, and infer with raw UINT8
+    pixels (binary extension and JSON) and encoded PNGs (BYTES), every answer equal to /v1's."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    def auth(key=KEY):  # a new dict per call: tritonclient writes its own headers into the one it is given
+        return {"Authorization": f"Bearer {key}"}
+
+    tc = _triton(served)
+    assert tc.is_server_live() and tc.is_server_ready()
+    assert tc.is_model_ready("dsprites_loc-1k", headers=auth())
+    meta = tc.get_model_metadata("norb_azimuth-1k", headers=auth())
+    assert meta["name"] == "norb_azimuth-1k" and meta["versions"] == ["1"]
+    assert {o["name"] for o in meta["outputs"]} >= {"probabilities", "label", "exit_stage"}
+    pngs = [_png(s) for s in range(3)]
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs])  # [3, 32, 32, 3]
+    for task in ("dsprites_loc-1k", "norb_azimuth-1k", "digits-1k", "clevr_count-1k"):
+        v1 = [_predict(served["client"], [task], p).json()["results"][task] for p in pngs]
+        for binary in (True, False):
+            inp = httpclient.InferInput("pixels", list(pixels.shape), "UINT8")
+            inp.set_data_from_numpy(pixels, binary_data=binary)
+            outs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "label")]
+            res = tc.infer(task, [inp], outputs=outs, headers=auth())
+            probs, labels = res.as_numpy("probabilities"), res.as_numpy("label")
+            assert probs.shape[0] == 3 and probs.dtype == np.float32, (task, probs.shape)
+            assert np.allclose(probs.sum(1), 1, atol=1e-4)
+            for a, p, lab in zip(v1, probs, labels):
+                assert (lab.decode() if isinstance(lab, bytes) else str(lab)) == a["label"], task
+                assert abs(float(p.max()) - a["top_k"][0]["probability"]) < 1e-5, task
+        enc = httpclient.InferInput("image", [3], "BYTES")
+        enc.set_data_from_numpy(np.array(pngs, dtype=np.object_), binary_data=True)
+        res = tc.infer(task, [enc], headers=auth())  # no outputs named: all of them, binary
+        assert [x.decode() for x in res.as_numpy("label")] == [a["label"] for a in v1], task
+        if task == "norb_azimuth-1k":
+            assert list(res.as_numpy("exit_stage")) == [a["exit_stage"] for a in v1]
+    # knobs as request parameters: an early-exit task at a low threshold exits at once
+    inp = httpclient.InferInput("pixels", list(pixels.shape), "UINT8")
+    inp.set_data_from_numpy(pixels)
+    res = tc.infer("norb_azimuth-1k", [inp], headers=auth(), parameters={"threshold": 0.01})
+    assert set(res.as_numpy("exit_stage").tolist()) == {1}
+    # KServe-style JSON: BYTES as base64 strings, plain httpx
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                        "data": [base64.b64encode(pngs[0]).decode()]}]}
+    r = served["client"].post("/v2/models/digits-1k/infer", json=body)
+    assert r.status_code == 200, r.text
+    label = next(o for o in r.json()["outputs"] if o["name"] == "label")["data"][0]
+    assert label == _predict(served["client"], ["digits-1k"], pngs[0]).json()["results"]["digits-1k"]["label"]
+    # errors reach the client as OIP errors with their status
+    for call, status in ((lambda: tc.infer("nope", [inp], headers=auth()), "404"),
+                         (lambda: tc.infer("digits-1k", [inp]), "401"),
+                         (lambda: tc.infer("dsprites_loc-1k", [inp], headers=auth(LIMITED)),
+                          "403")):
+        with pytest.raises(InferenceServerException) as err:
+            call()
+        assert err.value.status() == status, (status, err.value)
+    assert "/v2/models/{task}/infer" in served["client"].get("/openapi.json").json()["paths"]
+    tc.close()
+
+
 def test_bad_inputs_get_their_status_codes(served):
     c = served["client"]
     png = _png()
@@ -369,10 +479,12 @@ def test_overload_is_refused_fast_not_hung(served):
         with httpx.Client(base_url=str(served["client"].base_url), timeout=60,
                           headers={"Authorization": f"Bearer {KEY}"}) as c:
             t0 = time.time()
-            return c.post("/v1/predict", json=body).status_code, time.time() - t0
+            r = c.post("/v1/predict", json=body)
+            return r.status_code, time.time() - t0, r.headers.get("retry-after")
 
     with cf.ThreadPoolExecutor(24) as pool:
         results = list(pool.map(call, range(24)))
-    codes = [c for c, _ in results]
+    codes = [c for c, _, _ in results]
     assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= 1, codes
-    assert max(t for c, t in results if c == 503) < 10  # refused quickly
+    assert max(t for c, t, _ in results if c == 503) < 10  # refused quickly
+    assert all(after == "1" for c, _, after in results if c == 503), results  # and told when to come back

@@ -64,3 +64,48 @@ def task_tensors(task, backbone) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     return {split: (LazyInputs(images, tf), torch.as_tensor(labels, dtype=torch.long))
             if getattr(images, "lazy", False) else to_tensors(images, labels, tf)
             for split, (images, labels) in task.splits.items()}
+
+
+class Pixels:
+    """The model's transform split where pixels become floats, so images travel as ``uint8``
+    (4x fewer bytes than float32) and are normalized where the model runs.
+
+    ``to_uint8(pil)``: the transform's geometric part (resize, centre crop) on the PIL image →
+    ``uint8 [3, H, W]``; ``normalize(u8)``: ``[N, 3, H, W]`` uint8 → float, the transform's own
+    ``ToTensor`` scale and ``Normalize``. ``normalize(to_uint8(im)[None])[0]`` equals
+    ``transform(im)`` exactly: the same PIL resize, the same float arithmetic."""
+
+    def __init__(self, transform, image_size: tuple[int, int]):
+        from torchvision import transforms as T
+
+        ops = list(getattr(transform, "transforms", [transform]))
+        cut = next((i for i, op in enumerate(ops) if type(op).__name__ in ("ToTensor", "MaybeToTensor")), None)
+        if cut is None or not all(isinstance(op, T.Normalize) for op in ops[cut + 1:]) or len(ops) - cut > 2:
+            raise ValueError(f"cannot split the transform at ToTensor: {transform}")
+        self.geometry = T.Compose(ops[:cut])
+        norm = ops[cut + 1] if len(ops) - cut == 2 else None
+        self.mean = torch.as_tensor(norm.mean if norm else (0.0, 0.0, 0.0), dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.as_tensor(norm.std if norm else (1.0, 1.0, 1.0), dtype=torch.float32).view(3, 1, 1)
+        self.image_size = tuple(image_size)
+
+    @classmethod
+    def of(cls, model) -> Pixels:
+        return cls(make_transform(model), tuple(model.patch_embed.img_size))
+
+    def to_uint8(self, im: Image.Image) -> torch.Tensor:
+        a = np.asarray(self.geometry(im.convert("RGB")), dtype=np.uint8)
+        return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
+
+    def from_array(self, a: np.ndarray) -> torch.Tensor:
+        """``uint8 [H, W]``, ``[H, W, 1]`` or ``[H, W, 3]`` pixels → ``uint8 [3, H', W']`` at the
+        model's size; an image already at that size, RGB, is taken as it is (no resize)."""
+        if a.ndim == 3 and a.shape[2] == 1:
+            a = a[:, :, 0]
+        if a.ndim == 3 and a.shape[:2] == self.image_size and a.shape[2] == 3:
+            return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+        return self.to_uint8(Image.fromarray(np.ascontiguousarray(a)))
+
+    def normalize(self, u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        x = u8.to(torch.float32).div_(255)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return x.sub_(mean).div_(std).to(dtype)

@@ -382,7 +382,7 @@ def _outputs(req: InferRequest) -> tuple[dict[str, bool], bool]:
 
 
 # --------------------------------------------------------------------------------------- responses
-def infer_response(model: str, version: str | None, answers: list[dict], classes: list[str],
+def infer_response(model: str, version: str | None, answers: list[dict], classes: list[str] | None,
                    call: InferCall) -> tuple[bytes, dict]:
     """The response body and headers for ``answers`` (one per image, as the server produces them).
     Any binary output: JSON header + raw tensors, ``application/octet-stream`` and
@@ -410,11 +410,11 @@ def infer_response(model: str, version: str | None, answers: list[dict], classes
     return b"".join([head, *blobs]), {"content-type": "application/octet-stream", HEADER: str(len(head))}
 
 
-def _tensor(name: str, answers: list[dict], classes: list[str]):
+def _tensor(name: str, answers: list[dict], classes: list[str] | None):
     n = len(answers)
     if name == "probabilities":
         p = np.stack([_float32(a["probabilities"]) for a in answers])
-        if p.shape[1] != len(classes):
+        if classes is not None and p.shape[1] != len(classes):
             raise ValueError(f"probabilities over {p.shape[1]} classes for a model of {len(classes)}")
         return "FP32", [n, p.shape[1]], p
     if name == "label":

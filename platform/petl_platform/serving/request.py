@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 MAX_PIXELS = 4096 * 4096
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO (multi-picture phone JPEGs)
 MAX_TASKS = 64  # tasks in one request
+MAX_IMAGES = 64  # images in one request (413 above)
+MAX_REQUEST_PIXELS = 64 * 2**20  # decoded pixels of all of a request's images together (413 above)
 MAX_TASK_NAME = 200  # characters
 MAX_THRESHOLDS = 64
 MAX_TOP_K = 1000
@@ -53,6 +55,50 @@ def safe_text(text: str, limit: int = 160) -> str:
 
 def decode_image(data: bytes, transform, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Image bytes → the model input through the training transform; 400/413 on anything else."""
+    return transform(open_rgb(data, max_pixels))
+
+
+def decode_pixels(data: bytes, pixels, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Image bytes → ``uint8 [3, H, W]`` at the model's size (``pixels``: ``data.Pixels``, the
+    transform's geometric part); normalized later, where the model runs. 400/413 as ``open_rgb``."""
+    return pixels.to_uint8(open_rgb(data, max_pixels))
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` from the image header, nothing decoded; 400 when it is no image."""
+    if not data:
+        raise ServeError(400, "empty image: send the image bytes")
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+            return im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ServeError(413, "image exceeds the decoder's pixel limit (decompression bomb): resize it before "
+                              "sending") from None
+    except Exception:  # noqa: BLE001 - any failure to read a header is the client's bytes
+        raise ServeError(400, f"not a readable image: send {', '.join(FORMATS)} bytes") from None
+
+
+def decode_many(images: list[bytes], pixels, max_pixels: int = MAX_PIXELS,
+                max_total: int | None = None) -> torch.Tensor:
+    """Many images → ``uint8 [N, 3, H, W]``. Every header is read first: a request whose images
+    together exceed ``max_total`` pixels is refused (413) before any pixel is decoded."""
+    if max_total is not None:
+        sizes = [image_size(d) for d in images]
+        total = sum(w * h for w, h in sizes)
+        if total > max_total:
+            raise ServeError(413, f"the request's {len(images)} images hold {total} pixels; the limit per request is "
+                                  f"{max_total} pixels: send fewer or smaller images")
+    out = []
+    for i, d in enumerate(images):
+        try:
+            out.append(decode_pixels(d, pixels, max_pixels))
+        except ServeError as e:
+            raise ServeError(e.status, f"image {i}: {e}" if len(images) > 1 else str(e)) from None
+    return torch.stack(out)
+
+
+def open_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Image bytes → an RGB PIL image (see the module docstring); 400/413 on anything else."""
     if not data:
         raise ServeError(400, "empty image: send the image bytes (multipart field 'image' or base64 'image' in JSON)")
     # Pillow only warns between MAX_IMAGE_PIXELS and twice that: capping the budget there makes its
@@ -65,7 +111,7 @@ def decode_image(data: bytes, transform, max_pixels: int = MAX_PIXELS) -> torch.
                 raise ServeError(413, f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
                                       "pixels: resize it before sending")
             im.load()  # truncated files fail here, not later
-            rgb = _to_rgb(ImageOps.exif_transpose(im))
+            return _to_rgb(ImageOps.exif_transpose(im))
     except ServeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -78,7 +124,6 @@ def decode_image(data: bytes, transform, max_pixels: int = MAX_PIXELS) -> torch.
     except Exception as e:  # noqa: BLE001 - Pillow plugins raise many types on hostile bytes
         log.warning("image decode failed with %s: %s", type(e).__name__, safe_text(e))
         raise ServeError(400, f"not a readable image (corrupt {type(e).__name__})") from None
-    return transform(rgb)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -168,10 +213,14 @@ def parse_tasks(value, limit: int | None = MAX_TASKS) -> list[str]:
     return tasks
 
 
-def answer(logits: torch.Tensor, classes: list[str], top_k: int, **extra) -> dict:
-    """One task's answer for one image: label, top-k class probabilities, plus ``extra``."""
+def answer(logits: torch.Tensor, classes: list[str], top_k: int, probabilities: bool = False, **extra) -> dict:
+    """One task's answer for one image: label, top-k class probabilities, plus ``extra``;
+    ``probabilities``: also every class's probability, as a float32 numpy array (the OIP output)."""
     probs = logits.float().softmax(-1)
     k = min(top_k, probs.numel())
     p, i = probs.topk(k)
-    return {"label": classes[int(i[0])], "top_k": [{"class": classes[int(j)], "probability": round(float(q), 6)}
-                                                  for q, j in zip(p, i)], **extra}
+    out = {"label": classes[int(i[0])], "top_k": [{"class": classes[int(j)], "probability": round(float(q), 6)}
+                                                 for q, j in zip(p, i)], **extra}
+    if probabilities:
+        out["probabilities"] = probs.cpu().numpy().astype(np.float32)
+    return out
