@@ -258,15 +258,8 @@ def figures(out: Path) -> list[dict]:
                              f"<= {r['goal']}x", r["met"], source="p4_train_memory.json",
                              note=f"{res['dtl']['peak_delta_mb']:,.0f} vs {res[ref]['peak_delta_mb']:,.0f} MB; {p4['measure']}"))
     serve = _load(out, "serve_load.json")
-    if serve and "p5" in serve:
-        rs = [r["ratio"] for r in serve["p5"]["rounds"]]
-        figs.append(_fig("P5", f"{serve['tasks']} tasks in flight vs one task, throughput through HTTP", serve["p5"]["ratio"],
-                         [min(rs), max(rs)], len(rs), ">= 0.85x", serve["p5"]["ratio"] >= 0.85, source="serve_load.json"))
-    if serve and "p5_lora" in serve:
-        p5l = serve["p5_lora"]
-        rs = [r["ratio"] for r in p5l["rounds"]]
-        figs.append(_fig("P5", f"{p5l['tasks']} LoRA tasks in flight vs one LoRA task, throughput through HTTP (hard case)",
-                         p5l["ratio"], [min(rs), max(rs)], len(rs), ">= 0.85x", p5l["ratio"] >= 0.85, source="serve_load.json"))
+    if serve:
+        figs += served_p5(serve)
     if p5 := _load(out, "p5_mixed_tasks.json"):
         for method, r in p5["families"].items():
             for n, v in r["by_n"].items():
@@ -334,6 +327,8 @@ def figures(out: Path) -> list[dict]:
         figs.append(_fig("P7", "ASHA's best val accuracy behind the grid's best", p7["best_gap_pt_median"],
                          [min(gaps), max(gaps)], len(gaps), "<= 0.5 pt", p7["best_gap_pt_median"] <= 0.5, unit="pt",
                          source="p7_asha_vs_grid.json"))
+    if serve:
+        figs += served_s(serve)
     if serve and "p8" in serve:
         p8 = serve["p8"]
         h, b1 = p8["at_half_saturation"], p8["batch1"]
@@ -348,10 +343,14 @@ def figures(out: Path) -> list[dict]:
         s1 = serve["served_p1"]
         figs.append(_fig("P1 served", f"{s1['tasks_per_request']} tasks in one request vs one request each, through HTTP",
                          s1["speedup"], None, 1, "reported next to P1", None, source="serve_load.json"))
-    if serve and "served_p2" in serve:
-        r = serve["served_p2"]["rounds"]
-        figs.append(_fig("P2 served", "50 % budget vs full depth, through HTTP", serve["served_p2"]["speedup"],
-                         [min(r), max(r)], len(r), "reported next to P2", None, source="serve_load.json"))
+    for key, how in (("served_p2", "one PNG per /v1/predict request"), ("served_p2_multi", "16-image OIP requests")):
+        if serve and key in serve:
+            p2s, r = serve[key], serve[key]["rounds"]
+            goal = p2s.get("goal")  # earlier runs: reported only
+            figs.append(_fig("P2 served", "50 % budget vs full depth, through HTTP" + (f", {how}" if goal else ""),
+                             p2s["speedup"], [min(r), max(r)], len(r), f">= {goal:g}x" if goal else "reported next to P2",
+                             p2s["speedup"] >= goal if goal else None, source="serve_load.json",
+                             note=f"{p2s['request']}, {p2s['concurrency']} in flight" if goal else ""))
     if serve and "replica_kill" in serve:
         k = serve["replica_kill"]
         figs.append(_fig("kill", "replica killed under load: failed requests", k["failed"], None, 1,
@@ -395,6 +394,78 @@ def figures(out: Path) -> list[dict]:
         figs.append(_fig("co-location", f"trunk states shipped to another replica vs co-located tails, batch {co['batch']}",
                          co["hop_overhead"], co.get("ratio_range"), co.get("repeats", 15), "reported (why tails are co-located)",
                          None, source="colocation_hop.json", note=f"{co['states_shipped_mb']:.1f} MB per batch"))
+    return figs
+
+
+def served_p5(serve: dict) -> list[dict]:
+    """P5 through HTTP: mixed-task traffic vs one task (linear probes; LoRA, the hard case; LoRA in
+    16-image OIP requests)."""
+    figs = []
+    for key, what in (("p5", "tasks"), ("p5_lora", "LoRA tasks"), ("p5_lora_multi", "LoRA tasks")):
+        if key not in serve:
+            continue
+        r = serve[key]
+        rs = [x["ratio"] for x in r["rounds"]]
+        how = {"p5": "", "p5_lora": " (hard case)", "p5_lora_multi": " (hard case), 16-image OIP requests"}[key]
+        if "request" in r and key == "p5_lora":
+            how += ", one PNG per /v1/predict request"
+        figs.append(_fig("P5 served", f"{r.get('tasks', serve['tasks'])} {what} in flight vs one {what[:-1]}, throughput "
+                                      f"through HTTP{how}", r["ratio"], [min(rs), max(rs)], len(rs), ">= 0.85x",
+                         r["ratio"] >= 0.85, source="serve_load.json",
+                         note=f"{r['request']}, {r['concurrency']} in flight" if "request" in r else ""))
+    return figs
+
+
+def served_s(serve: dict) -> list[dict]:
+    """S1-S4 and G1 (issue 21): the served data plane against the engine in process, on one task and
+    the same images (``bench/serve_load.py``)."""
+    figs, src = [], "serve_load.json"
+    cpu = serve.get("generator", {}).get("max_cpu_frac")
+    gen = f"; load generator (own process) at most {cpu:.2f} of a core" if cpu is not None else ""
+
+    def med(rounds, key):
+        return statistics.median(r[key] for r in rounds)
+
+    if s1 := serve.get("s1"):
+        rs = s1["rounds"]
+        figs.append(_fig("S1", f"served img/s at saturation, {s1['images_per_request']}-image OIP requests (binary UINT8) "
+                               f"vs the engine in process at batch {s1['in_process_batch']} ({serve['task']})",
+                         s1["ratio"], s1["ratio_range"], len(rs), f">= {s1['goal']:g}x", s1["ratio"] >= s1["goal"], source=src,
+                         note=f"{med(rs, 'served_img_s'):.0f} vs {med(rs, 'in_process_img_s'):.0f} img/s at "
+                              f"{s1['concurrency']} in flight{gen}"))
+    if s2 := serve.get("s2"):
+        rs = s2["rounds"]
+        figs.append(_fig("S2", f"served img/s at saturation, one PNG per /v1/predict request vs the engine in process on "
+                               f"PNGs at batch {s2['in_process_batch']} (decode counted)", s2["ratio"], s2["ratio_range"],
+                         len(rs), f">= {s2['goal']:g}x", s2["ratio"] >= s2["goal"], source=src,
+                         note=f"{med(rs, 'served_img_s'):.0f} vs {med(rs, 'in_process_img_s'):.0f} img/s at "
+                              f"{s2['concurrency']} in flight"))
+    if s3 := serve.get("s3"):
+        rs = s3["rounds"]
+        figs.append(_fig("S3", "p50 latency, one request in flight (one PNG, /v1/predict) vs one in-process batch-1 call",
+                         s3["ratio"], s3["ratio_range"], len(rs), f"<= {s3['goal']:g}x", s3["ratio"] <= s3["goal"], source=src,
+                         note=f"{med(rs, 'served_p50_ms'):.1f} vs {med(rs, 'in_process_ms'):.1f} ms"))
+    if s4 := serve.get("s4"):
+        rs, ra = s4["rounds"], s4["retry_after_fraction"]
+        shed = (f"{100 * s4['shed_fraction']:.0f} % shed with 503, "
+                + ("none, so no Retry-After to check" if ra is None else f"{100 * ra:.0f} % of them with Retry-After"))
+        figs.append(_fig("S4", f"at 4x the saturating concurrency ({s4['concurrency']} in flight): throughput vs saturation",
+                         s4["ratio"], s4["ratio_range"], len(rs), f">= {s4['goal']:g}x, every 503 with Retry-After",
+                         s4["ratio"] >= s4["goal"] and ra in (None, 1.0), source=src,
+                         note=f"{med(rs, 'overload_img_s'):.0f} vs {med(rs, 'saturation_img_s'):.0f} img/s; {shed}"))
+        figs.append(_fig("S4", f"at {s4['concurrency']} in flight: p99/p50 latency of the admitted (200) requests",
+                         s4["tail"], s4["tail_range"], len(rs), f"<= {s4['tail_goal']:g}x", s4["tail"] <= s4["tail_goal"],
+                         source=src, note=f"p50 {med(rs, 'p50_ms'):.0f} ms, p99 {med(rs, 'p99_ms'):.0f} ms"))
+    for step, message in serve.get("errors", {}).items():
+        figs.append(_fig(step, "not measured: the step failed (see the serve log)", None, None, 0, "-", None, source=src,
+                         note=message[:300]))
+    if g1 := serve.get("g1"):
+        name = "served img/s vs the bare backbone in bf16 at the same batch, on a GPU"
+        if "skipped" in g1:
+            figs.append(_fig("G1", name, None, None, 0, "reported", None, source=src, note=f"not measured: {g1['skipped']}"))
+        else:
+            figs.append(_fig("G1", f"{name} ({g1['gpu']}, batch {g1['batch']})", g1["ratio"], None, 1, "reported", None,
+                             source=src, note=f"{g1['served_img_s']:.0f} vs {g1['bare_bf16_img_s']:.0f} img/s"))
     return figs
 
 
@@ -571,8 +642,9 @@ def render(out: Path, runs: dict, quick: bool, machine_facts: dict | None = None
               "data with short CPU schedules, not ViT-B/16 IN-21k on VTAB-1k; the VTAB-1k protocol (`jobs/vtab.py`) "
               "was only run on a fake tree here.",
               "- P4's CPU memory is a peak-RSS delta in a fresh process per method, not CUDA allocator bytes.",
-              "- Serving figures (P5, P8, served P1/P2, replica kill) run Ray Serve, the load generator and the "
-              "replicas on the same 2 cores.", ""]
+              "- Serving figures (S1-S4, P5, P8, served P1/P2, replica kill) run Ray Serve's proxy and replicas, the "
+              "load generator (its own process) and, for S1-S3, the in-process engine on the same cores; the "
+              "in-process side runs while the server is idle.", ""]
     md = "\n".join(lines)
     (out / "report.md").write_text(md)
     (out / "report.json").write_text(json.dumps({"machine": m, "quick": quick, "figures": figs, "runs": runs,

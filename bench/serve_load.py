@@ -1,15 +1,24 @@
-"""Serving benchmarks through the whole HTTP path (async httpx load generator against a local Ray
-Serve deployment on 127.0.0.1, bounded request counts), measured side by side in one run:
+"""Serving benchmarks through the whole HTTP path on a local Ray Serve deployment (127.0.0.1),
+measured side by side in one run. The load generator runs in its own process (``load_gen.py``:
+prebuilt raw HTTP requests on one asyncio loop, its CPU time reported); the in-process engine runs
+in this process while the server is idle. Every figure of S1-S4 uses one LoRA task (p5-lora-0)
+and the same 16 digits-1k test images, as PNG and as uint8 pixels at the model size:
 
-- P5: 32 requests in flight for 32 different tasks (mixed-task batches) vs 32 in flight for one
-  task: throughput ratio (goal >= 0.85x), for linear probes (which share the whole trunk) and,
-  the hard case, for LoRA tasks (per-row low-rank deltas in every block): ``p5_lora``.
-- P8: p50/p99 latency at 50 % of the measured saturation throughput (open loop, Poisson
-  arrivals) and at batch 1 (one request at a time): goal p99 <= 3x p50.
-- Served P1: one request for N shared-trunk tasks vs N single-task requests (task-answers/s).
-- Served P2: a Dyn-* task at a 50 % budget vs the same task at full depth (threshold 1.0).
-- Replica kill: one TrunkBackbone replica (of 2) killed under load; failed requests vs requests
-  in flight on it.
+- S1: served img/s at saturation, 16-image OIP v2 requests (binary UINT8 tensor), vs the engine in
+  process at batch 32 on the same pixels (normalization counted): goal >= 0.8x.
+- S2: served img/s at saturation, one PNG per ``/v1/predict`` JSON request, vs the engine in
+  process on the PNGs at batch 32 (decode + transform counted): goal >= 0.4x.
+- S3: served p50 latency with one request in flight vs one in-process batch-1 call: goal <= 2x.
+- S4: at 4x S2's saturating concurrency: throughput vs saturation (>= 0.9x), p99/p50 of the
+  admitted requests (<= 3x), the fraction shed with 503 and how many of those carry Retry-After.
+- Served P2: a Dyn-LoRA task at a 50 % budget vs full depth (goal >= 1.8x); served P5: 32 LoRA
+  tasks in flight vs one LoRA task (goal >= 0.85x). Each both as one PNG per /v1/predict request
+  (what users send) and as 16-image OIP requests (what measures the engine rather than the
+  per-request cost). P5 for 32 linear probes too (one PNG a request).
+- P8: p50/p99 at 50 % of S2's saturation req/s (open loop, Poisson arrivals) and with one request
+  in flight: goal p99 <= 3x p50. Served P1: one request for N shared-trunk tasks vs N requests.
+- Replica kill: one TrunkBackbone replica (of 2) killed under load; failed vs in flight.
+- G1 (GPU only): S1's served img/s vs the bare backbone in bf16 at the same batch.
 
 Adapters are trained briefly on the shipped backbone and registered in a throwaway MLflow store;
 figures go to bench/results/serve_load.json.
@@ -20,16 +29,15 @@ figures go to bench/results/serve_load.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import io
 import json
 import os
-import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # load_gen, serve_inputs, serve_figures
 
 RESULTS = Path(__file__).parent / "results"
 KEY = "bench-key"
@@ -84,59 +92,6 @@ def _register_lora(settings, bb, n: int) -> list[str]:
     return names
 
 
-def _image() -> bytes:
-    from PIL import Image
-
-    from petl_platform.data import get_task
-
-    buf = io.BytesIO()
-    Image.fromarray(get_task("digits-1k").splits["test"][0][0]).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-async def _one(client, body) -> tuple[float, int]:
-    t0 = time.perf_counter()
-    try:
-        r = await client.post("/v1/predict", json=body)
-        status = r.status_code
-    except Exception:  # noqa: BLE001 - a dropped connection counts as a failure
-        status = 0
-    return time.perf_counter() - t0, status
-
-
-async def closed_loop(client, bodies: list[dict], concurrency: int, n: int) -> dict:
-    """``concurrency`` requests always in flight, ``n`` in all; bodies cycled. Throughput + latencies."""
-    lat, statuses, it = [], [], iter(range(n))
-
-    async def worker(w):
-        for i in it:
-            dt, st = await _one(client, bodies[(i + w) % len(bodies)])
-            lat.append(dt)
-            statuses.append(st)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    wall = time.perf_counter() - t0
-    return {"requests": n, "rps": n / wall, "p50_ms": 1e3 * statistics.median(lat),
-            "p99_ms": 1e3 * sorted(lat)[max(0, int(0.99 * len(lat)) - 1)],
-            "failed": sum(s != 200 for s in statuses),
-            "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))}}
-
-
-async def open_loop(client, body: dict, rate: float, n: int, seed: int = 0) -> dict:
-    """Poisson arrivals at ``rate`` req/s, ``n`` requests: the latency a user sees at that load."""
-    rng = random.Random(seed)
-    tasks, t = [], time.perf_counter()
-    for _ in range(n):
-        t += rng.expovariate(rate)
-        await asyncio.sleep(max(0.0, t - time.perf_counter()))
-        tasks.append(asyncio.create_task(_one(client, body)))
-    res = await asyncio.gather(*tasks)
-    lat = sorted(r[0] for r in res)
-    return {"rate": rate, "requests": n, "p50_ms": 1e3 * statistics.median(lat),
-            "p99_ms": 1e3 * lat[max(0, int(0.99 * len(lat)) - 1)], "failed": sum(r[1] != 200 for r in res)}
-
-
 def _kill_one_replica(deployment: str) -> str:
     import ray
     from ray.util.state import list_actors
@@ -148,101 +103,120 @@ def _kill_one_replica(deployment: str) -> str:
     return victim.name
 
 
-async def run(args) -> dict:
-    import httpx
+def _deploy(args, tasks: list[str], cuda: bool) -> str:
+    """The app through ``petl serve``'s launcher, with the config's replica counts fixed (a benchmark,
+    not autoscaling: each deployment at its minimum) and two TrunkBackbone replicas (the kill)."""
+    from petl_platform.backbones.factory import SHIPPED
+    from serve_apps.petl_app import load_config, run_local
 
+    path = str(Path(__file__).parents[1] / "serve_apps/configs" / ("gpu.yaml" if cuda else "local.yaml"))
+    opts = []
+    for d in load_config(path, tasks)["args"]["deployment_options"]:
+        d = dict(d)
+        auto = d.pop("autoscaling_config", None) or {}
+        least = 2 if d["name"] == "TrunkBackbone" else 1
+        d["num_replicas"] = max(least, int(d.get("num_replicas", auto.get("min_replicas", 1))))
+        opts.append(d)
+    gpu = [d for d in opts if d.get("ray_actor_options", {}).get("num_gpus")]
+    for d in gpu:  # the GPU replicas share the one GPU
+        d["ray_actor_options"] = {**d["ray_actor_options"], "num_gpus": 0.99 / sum(g["num_replicas"] for g in gpu)}
+    # every replica caches all served adapters (capacity above the task count: no LRU thrash)
+    return run_local(path, tasks, args.port, host="127.0.0.1",
+                     args_overrides={"deployment_options": opts, "backbone": SHIPPED, "num_cpus_per_replica": 0.1,
+                                     "capacity": len(tasks) + 2})
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _brief(fig: dict) -> dict:
+    """A figure's headline for the log: its numbers, without the rounds."""
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in fig.items() if k not in ("rounds", "detail")}
+
+
+def _measure(args, out: dict, ctx, inproc, task: str, pngs, pixels, loras, many) -> None:
+    """Every figure in turn into ``out``; one that fails is recorded in ``out["errors"]`` (the report
+    shows it) and the next still runs."""
+    import serve_figures as sf
+
+    def step(name, fn):
+        t = time.time()
+        try:
+            res = fn()
+        except Exception as e:  # noqa: BLE001 - recorded; main exits 1 after writing the rest
+            out.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+            _say(f"{name}: FAILED {type(e).__name__}: {e}")
+            return
+        out.update(res)
+        for k, v in res.items():
+            _say(f"{k} ({time.time() - t:.0f} s): {_brief(v)}")
+
+    def p8():
+        s2, s3 = out["s2"], out["s3"]
+        mid = sorted(s3["rounds"], key=lambda r: r["served_p99_ms"] / r["served_p50_ms"])[len(s3["rounds"]) // 2]
+        return {"p8": sf.p8(ctx, task, pngs, statistics.median(r["served_rps"] for r in s2["rounds"]),
+                            {"p50_ms": mid["served_p50_ms"], "p99_ms": mid["served_p99_ms"], "requests": mid["requests"]})}
+
+    step("S1", lambda: {"s1": sf.s1(ctx, inproc, task, pixels, args.s1_levels)})
+    step("S2-S4", lambda: sf.s2_s3_s4(ctx, inproc, task, pngs, args.s2_levels))
+    step("P8", p8)
+    ctx.repeats = args.pair_repeats
+    c_one, c_multi = out.get("s2", {}).get("concurrency", 16), out.get("s1", {}).get("concurrency", 4)
+    step("P2 served", lambda: sf.served_p2(ctx, "digits-1k", pngs, pixels, c_one, c_multi))
+    step("P5 served", lambda: sf.served_p5(ctx, loras, pngs, pixels, "p5_lora"))
+    if len(many) >= 2:
+        step("P5 served (linear)", lambda: sf.served_p5(ctx, many, pngs, pixels, "p5", multi=False))
+    step("P1 served", lambda: {"served_p1": sf.served_p1(ctx, many[:8], pngs[0])})
+    step("kill", lambda: {"replica_kill": sf.replica_kill(ctx, many, pngs[0], lambda: _kill_one_replica("TrunkBackbone"),
+                                                          args.kill_s)})
+
+
+def run(args) -> dict:
+    import torch
+    from ray import serve
+
+    from load_gen import LoadGen
     from petl_platform import create_backbone
     from petl_platform.backbones.factory import SHIPPED
     from petl_platform.tracking.settings import TrackingSettings
+    from serve_figures import Ctx
+    from serve_inputs import InProcess, bare_bf16_img_s, images
 
+    t0, stages = time.time(), {}
     settings = TrackingSettings.from_env().prepare()
     bb = create_backbone(SHIPPED)
-    many = _register_many(settings, bb, args.tasks, "digits-1k")
+    many = _register_many(settings, bb, args.linear, "digits-1k")
     loras = _register_lora(settings, bb, args.tasks)
-    img = base64.b64encode(_image()).decode()
-    from ray import serve
-
-    from petl_platform.cluster.connect import ensure_ray
-    from serve_apps.petl_app import build_app, load_config
-
-    cfg = load_config(str(Path(__file__).parents[1] / "serve_apps/configs/local.yaml"), [*many, *loras, "digits-1k"])
-    for d in cfg["args"]["deployment_options"]:  # fixed replica counts: a benchmark, not autoscaling
-        d.pop("autoscaling_config", None)
-        d["num_replicas"] = 2 if d["name"] == "TrunkBackbone" else 1
-    ensure_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    # every replica caches all served adapters (capacity above the task count: no LRU thrash)
-    serve.run(build_app({**cfg["args"], "backbone": SHIPPED, "num_cpus_per_replica": 0.1,
-                         "capacity": 2 * len(many) + len(loras) + 2}), name="petl",
-              route_prefix="/")
-    out = {"tasks": args.tasks, "n": args.n}
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{args.port}", timeout=120, limits=limits,
-                                 headers={"Authorization": f"Bearer {KEY}"}) as c:
-        one = {"image": img, "tasks": [many[0]]}
-        await closed_loop(c, [one], 8, 32)  # warm-up: replicas load their adapters
-        await closed_loop(c, [{"image": img, "tasks": [t]} for t in many], 8, 64)
-        rounds = []
-        for _ in range(args.repeats):  # P5, interleaved
-            mixed = await closed_loop(c, [{"image": img, "tasks": [t]} for t in many], 32, args.n)
-            single = await closed_loop(c, [one], 32, args.n)
-            rounds.append({"mixed_rps": mixed["rps"], "single_rps": single["rps"], "ratio": mixed["rps"] / single["rps"]})
-        out["p5"] = {"rounds": rounds, "ratio": statistics.median(r["ratio"] for r in rounds), "goal": 0.85}
-        print(f"P5 mixed-task/one-task throughput: {out['p5']['ratio']:.2f}x "
-              f"({[round(r['ratio'], 2) for r in rounds]})", flush=True)
-
-        # P5 on the hard case: LoRA tasks touch every block, so mixed batches need per-row deltas
-        lora_one = {"image": img, "tasks": [loras[0]]}
-        await closed_loop(c, [{"image": img, "tasks": [t]} for t in loras], 8, 2 * len(loras))  # load them all
-        rounds = []
-        for _ in range(args.repeats):
-            mixed = await closed_loop(c, [{"image": img, "tasks": [t]} for t in loras], 32, args.n)
-            single = await closed_loop(c, [lora_one], 32, args.n)
-            rounds.append({"mixed_rps": mixed["rps"], "single_rps": single["rps"], "ratio": mixed["rps"] / single["rps"]})
-        out["p5_lora"] = {"tasks": len(loras), "rounds": rounds, "ratio": statistics.median(r["ratio"] for r in rounds),
-                          "goal": 0.85}
-        print(f"P5 (LoRA) {len(loras)} LoRA tasks in flight vs one LoRA task: {out['p5_lora']['ratio']:.2f}x "
-              f"({[round(r['ratio'], 2) for r in rounds]})", flush=True)
-
-        sat = await closed_loop(c, [one], 32, args.n)
-        half = await open_loop(c, one, 0.5 * sat["rps"], args.n)
-        seq = await closed_loop(c, [one], 1, max(20, args.n // 4))
-        out["p8"] = {"saturation_rps": sat["rps"], "at_half_saturation": half, "batch1": seq,
-                     "ratio_half": half["p99_ms"] / half["p50_ms"], "ratio_batch1": seq["p99_ms"] / seq["p50_ms"],
-                     "goal": 3.0}
-        print(f"P8 saturation {sat['rps']:.1f} req/s; at 50 %: p50 {half['p50_ms']:.1f} ms p99 {half['p99_ms']:.1f} ms "
-              f"({out['p8']['ratio_half']:.2f}x); batch 1: p50 {seq['p50_ms']:.1f} p99 {seq['p99_ms']:.1f} "
-              f"({out['p8']['ratio_batch1']:.2f}x)", flush=True)
-
-        k = min(8, len(many))
-        fan = await closed_loop(c, [{"image": img, "tasks": many[:k]}], 8, args.n // 4)
-        sep = await closed_loop(c, [{"image": img, "tasks": [t]} for t in many[:k]], 8, args.n // 4 * k)
-        out["served_p1"] = {"tasks_per_request": k, "fan_out_answers_per_s": fan["rps"] * k,
-                            "separate_answers_per_s": sep["rps"], "speedup": fan["rps"] * k / sep["rps"]}
-        print(f"served P1 ({k} trunk tasks in one request vs {k} requests): {out['served_p1']['speedup']:.2f}x", flush=True)
-
-        dyn_full = {"image": img, "tasks": ["digits-1k"], "threshold": 1.0}
-        dyn_half = {"image": img, "tasks": ["digits-1k"], "budget": 0.5}
-        await closed_loop(c, [dyn_full, dyn_half], 8, 32)  # warm-up: load + calibrate the Dyn-* task
-        p2 = []
-        for _ in range(args.repeats):
-            full = await closed_loop(c, [dyn_full], 32, args.n)
-            half_b = await closed_loop(c, [dyn_half], 32, args.n)
-            p2.append(half_b["rps"] / full["rps"])
-        out["served_p2"] = {"speedup": statistics.median(p2), "rounds": p2}
-        print(f"served P2 (budget 50 % vs full depth): {out['served_p2']['speedup']:.2f}x {[round(r, 2) for r in p2]}",
-              flush=True)
-
-        # Replica kill: 2 TrunkBackbone replicas, steady load, one killed (no restart by Ray; Serve replaces it).
-        load = asyncio.create_task(closed_loop(c, [{"image": img, "tasks": [t]} for t in many], 16, args.n * 2))
-        await asyncio.sleep(1.0)
-        victim = await asyncio.to_thread(_kill_one_replica, "TrunkBackbone")
-        res = await load
-        out["replica_kill"] = {"killed": victim, "requests": res["requests"], "failed": res["failed"],
-                               "in_flight_bound": 16}
-        out["replica_kill"]["statuses"] = res["statuses"]
-        print(f"replica kill: {res['failed']} of {res['requests']} requests failed (at most 16 were in flight; "
-              f"statuses {res['statuses']})", flush=True)
+    stages["train_register_s"] = round(time.time() - t0, 1)
+    task, cuda = loras[0], torch.cuda.is_available()
+    pngs, pixels = images(bb)
+    inproc = InProcess(settings, task, SHIPPED, dtype="bf16" if cuda else None)
+    t1 = time.time()
+    url = _deploy(args, [*many, *loras, "digits-1k"], cuda)
+    stages["deploy_s"] = round(time.time() - t1, 1)
+    out = {"task": task, "images": len(pngs), "image_size": list(pixels.shape[1:3]), "tasks": args.tasks,
+           "linear_tasks": len(many), "quick": args.quick, "window_s": args.dur, "repeats": args.repeats,
+           "pair_repeats": args.pair_repeats, "device": "cuda" if cuda else "cpu", "in_process_threads": inproc.threads}
+    gen = LoadGen(url)
+    ctx = Ctx(gen, Path(tempfile.mkdtemp(prefix="petl-load-")), {"Authorization": f"Bearer {KEY}"}, args.dur, args.warm,
+              args.base_s, args.repeats)
+    t2 = time.time()
+    try:
+        _measure(args, out, ctx, inproc, task, pngs, pixels, loras, many)
+    finally:
+        gen.close()
+    stages["measure_s"] = round(time.time() - t2, 1)
+    if cuda and "s1" in out:
+        served = statistics.median(r["served_img_s"] for r in out["s1"]["rounds"])
+        bare = bare_bf16_img_s(SHIPPED, len(pixels), args.base_s)
+        out["g1"] = {"served_img_s": served, "bare_bf16_img_s": bare, "ratio": served / bare, "batch": len(pixels),
+                     "gpu": torch.cuda.get_device_name()}
+    else:
+        out["g1"] = {"skipped": "S1 failed" if cuda else "no GPU on this machine (torch.cuda.is_available() is False)"}
+    out["generator"] = {"process": "bench/load_gen.py, its own process", "max_cpu_frac": max(ctx.cpu, default=None),
+                        "median_cpu_frac": statistics.median(ctx.cpu) if ctx.cpu else None, "measurements": len(ctx.cpu)}
+    out["stages_s"] = stages
     serve.shutdown()
     return out
 
@@ -250,19 +224,28 @@ async def run(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--tasks", type=int, default=32, help="LoRA tasks of served P5")
+    ap.add_argument("--linear", type=int, default=32, help="linear probes (P5 linear, served P1, replica kill)")
     ap.add_argument("--port", type=int, default=8123)
-    ap.add_argument("--out-dir", default=str(RESULTS), help="where the JSON (and PNGs) go")
+    ap.add_argument("--out-dir", default=str(RESULTS), help="where the JSON goes")
     args = ap.parse_args()
-    args.n = 128 if args.quick else 384
-    args.repeats = 2 if args.quick else 3
+    q = args.quick
+    args.dur, args.warm, args.base_s = (2.0, 0.5, 1.5) if q else (5.0, 1.0, 3.0)
+    args.repeats, args.pair_repeats = (3, 2) if q else (5, 3)
+    args.s1_levels = [1, 2, 4, 8] if q else [1, 2, 4, 8, 16]
+    args.s2_levels = [4, 8, 16, 32] if q else [2, 4, 8, 16, 32, 64]
+    args.kill_s = 6.0 if q else 15.0
     os.environ.setdefault("PETL_HOME", tempfile.mkdtemp(prefix="petl-serve-bench-"))
     os.environ["PETL_API_KEYS"] = f"{KEY}=*"
-    out = asyncio.run(run(args))
+    t0 = time.time()
+    out = run(args)
     import ray
     ray.shutdown()
+    out["stages_s"]["total_s"] = round(time.time() - t0, 1)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.out_dir) / "serve_load.json").write_text(json.dumps(out, indent=2) + "\n")
+    if out.get("errors"):
+        sys.exit(f"serve bench: {len(out['errors'])} step(s) failed: {', '.join(out['errors'])} (the rest is written)")
 
 
 if __name__ == "__main__":

@@ -278,3 +278,86 @@ def test_report_carries_a_section_it_did_not_run_into_its_own_folder_with_its_da
     p2_row = _goal_row(md, "P2")
     assert "1.95x" in p2_row[2] and p2_row[6] == "2026-12-02"
     assert "p2_accuracy_vs_flops.png" not in _links(md)
+
+
+def _serve_load(s1=0.5, s2=0.45, s3=1.5, s4=0.95, tail=2.0, retry_after=0.5, p2=1.9, p5=0.8):
+    def rounds(ratio, **extra):
+        return [{"ratio": ratio - 0.1, **extra}, {"ratio": ratio, **extra}, {"ratio": ratio + 0.1, **extra}]
+
+    def rng(v):
+        return [v - 0.1, v + 0.1]
+
+    p5_rounds = [{"mixed_img_s": 80.0, "single_img_s": 100.0, "ratio": p5}] * 2
+    return {
+        "task": "p5-lora-0", "tasks": 32, "generator": {"max_cpu_frac": 0.12},
+        "s1": {"ratio": s1, "ratio_range": rng(s1), "goal": 0.8, "concurrency": 4, "images_per_request": 16,
+               "in_process_batch": 32, "rounds": rounds(s1, served_img_s=300.0, in_process_img_s=600.0)},
+        "s2": {"ratio": s2, "ratio_range": rng(s2), "goal": 0.4, "concurrency": 16, "in_process_batch": 32,
+               "rounds": rounds(s2, served_img_s=270.0, in_process_img_s=600.0, served_rps=270.0)},
+        "s3": {"ratio": s3, "ratio_range": rng(s3), "goal": 2.0,
+               "rounds": rounds(s3, served_p50_ms=7.5, in_process_ms=5.0)},
+        "s4": {"ratio": s4, "ratio_range": rng(s4), "tail": tail, "tail_range": rng(tail), "goal": 0.9, "tail_goal": 3.0,
+               "concurrency": 64, "shed_fraction": 0.25, "retry_after_fraction": retry_after,
+               "rounds": rounds(s4, overload_img_s=256.0, saturation_img_s=270.0, p50_ms=200.0, p99_ms=400.0)},
+        "g1": {"skipped": "no GPU on this machine (torch.cuda.is_available() is False)"},
+        "served_p2": {"speedup": p2, "rounds": [p2 - 0.1, p2, p2 + 0.1], "goal": 1.8, "concurrency": 16,
+                      "request": "one PNG per POST /v1/predict (JSON)"},
+        "served_p2_multi": {"speedup": 2.2, "rounds": [2.1, 2.3], "goal": 1.8, "concurrency": 4,
+                            "request": "POST /v2/models/digits-1k/infer, binary UINT8 [16, 32, 32, 3]"},
+        "p5_lora": {"tasks": 32, "ratio": p5, "rounds": p5_rounds, "goal": 0.85, "concurrency": 32,
+                    "request": "one PNG per POST /v1/predict (JSON)"},
+        "p5_lora_multi": {"tasks": 32, "ratio": 0.9, "rounds": [{**p5_rounds[0], "ratio": 0.9}], "goal": 0.85,
+                          "concurrency": 32, "request": "POST /v2/models/{task}/infer, binary UINT8 [16, 32, 32, 3]"},
+    }
+
+
+def test_report_renders_the_served_data_plane_figures_with_their_goals(tmp_path):
+    """S1-S4, G1, served P2 and P5 (issue 21) from serve_load.json: each goal judged on its median,
+    S4's throughput also on every 503 carrying Retry-After; G1 skipped without a GPU."""
+    report = _module("report")
+    (tmp_path / "serve_load.json").write_text(json.dumps(_serve_load()))
+    machine = {"cpu_count": 2, "cpu": "x86_64", "python": "3", "torch": "t", "cuda": False}
+    md = report.render(tmp_path, {}, quick=True, machine_facts=machine)
+    figs = json.loads((tmp_path / "report.json").read_text())["figures"]
+    by_id = {}
+    for f in figs:
+        by_id.setdefault(f["id"], []).append(f)
+    assert [f["met"] for f in by_id["S1"]] == [False] and by_id["S1"][0]["goal"] == ">= 0.8x"
+    assert [f["met"] for f in by_id["S2"]] == [True] and [f["met"] for f in by_id["S3"]] == [True]
+    throughput, tail = by_id["S4"]
+    assert throughput["met"] is False and "50 % of them with Retry-After" in throughput["note"]  # 0.95x, but 503s bare
+    assert tail["met"] is True and tail["median"] == 2.0 and tail["spread"] == [1.9, 2.1]
+    assert by_id["G1"][0]["met"] is None and "no GPU" in by_id["G1"][0]["note"]
+    assert [(f["median"], f["met"]) for f in by_id["P2 served"]] == [(1.9, True), (2.2, True)]
+    assert [(f["median"], f["met"]) for f in by_id["P5 served"]] == [(0.8, False), (0.9, True)]
+    s1 = _goal_row(md, "S1")
+    assert s1[2] == "0.50x" and s1[3] == "0.40x - 0.60x (n=3)" and s1[5] == "**missed**"
+    assert "300 vs 600 img/s at 4 in flight" in s1[7] and "0.12 of a core" in s1[7]
+    assert _goal_row(md, "S3")[4] == "<= 2x" and "7.5 vs 5.0 ms" in _goal_row(md, "S3")[7]
+    assert _goal_row(md, "G1")[2] == "-"
+
+    # every 503 with Retry-After, or none shed: S4's throughput row is judged on its ratio alone
+    for ra, met in ((1.0, True), (None, True)):
+        (tmp_path / "serve_load.json").write_text(json.dumps(_serve_load(retry_after=ra)))
+        report.render(tmp_path, {}, quick=True, machine_facts=machine)
+        s4 = [f for f in json.loads((tmp_path / "report.json").read_text())["figures"] if f["id"] == "S4"]
+        assert s4[0]["met"] is met
+
+
+def test_report_keeps_an_earlier_served_p2_without_a_goal_as_reported(tmp_path):
+    report = _module("report")
+    (tmp_path / "serve_load.json").write_text(json.dumps({"tasks": 32, "served_p2": {"speedup": 1.18, "rounds": [1.17, 1.19]}}))
+    figs = report.figures(tmp_path)
+    assert [(f["id"], f["figure"], f["goal"], f["met"]) for f in figs] == [
+        ("P2 served", "50 % budget vs full depth, through HTTP", "reported next to P2", None)]
+
+
+def test_report_shows_a_failed_serving_step_and_the_figures_measured_around_it(tmp_path):
+    report = _module("report")
+    serve = _serve_load()
+    del serve["s1"]
+    serve["errors"] = {"S1": "RuntimeError: s1: no answer of 200 at 1 in flight; statuses {'404': 12}"}
+    (tmp_path / "serve_load.json").write_text(json.dumps(serve))
+    figs = {f["id"]: f for f in report.figures(tmp_path)}
+    assert figs["S1"]["median"] is None and figs["S1"]["met"] is None and "'404': 12" in figs["S1"]["note"]
+    assert figs["S2"]["met"] is True
