@@ -131,3 +131,13 @@ def test_train_on_the_token_cluster_with_the_token_file(head):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "on 1 Ray Train worker(s): test accuracy" in p.stdout
     assert head["token"] not in p.stdout + p.stderr
+    # quiet: petl's own lines only; Ray Train's per-epoch lines and the controller's core-worker
+    # errors stay in Ray's log files, which the first line names
+    terminal = p.stdout + p.stderr
+    for ray_line in ("Checkpoint successfully created", "Reporting training result", "PreemptionWatcher",
+                     "TrainController pid=", "RayTrainWorker pid=", "Requesting resources"):
+        assert ray_line not in terminal, terminal[-3000:]
+    lines = [ln for ln in terminal.splitlines() if ln.strip()]
+    assert lines[0].startswith("Ray's logs (") and lines[1].startswith("epoch 1/1: train loss "), terminal[-3000:]
+    assert all(ln.startswith(("Ray's logs (", "epoch ", "digits-1k / linear on 1 Ray Train worker(s)"))
+               for ln in lines), terminal[-3000:]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from ..errors import PetlError
 from .common import Parser, parse_sets, print_registered, tracking_settings, train_overrides
@@ -44,7 +45,11 @@ def cmd_train(args) -> None:
         return _train_local(spec, args)
     from ..cluster.train import run_train
 
-    result = run_train(spec)  # validates the spec before any cluster starts; registers with --register
+    # petl's own lines only: Ray's own output stays in Ray's log files (the first line says where).
+    # With --json they go to stderr, so stdout is the one JSON object.
+    out = sys.stderr if args.json else sys.stdout
+    # validates the spec before any cluster starts; registers with --register
+    result = run_train(spec, progress=lambda line: print(line, file=out, flush=True))
     if args.out and result.get("checkpoint"):
         import shutil
         from pathlib import Path

@@ -4,6 +4,7 @@ into the user's one-line error (``ray_error``)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from urllib.parse import urlparse
@@ -42,6 +43,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
     if not address and not in_job:
         # The dashboard serves the State API Ray Train's controller polls, and the Jobs API.
         kwargs.update(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+        # Ray turns token auth on for a cluster it starts and says so in a WARNING on every run,
+        # nothing to act on (RAY_AUTH_MODE=disabled still opts out). Setting RAY_AUTH_MODE here
+        # instead would not do: Ray caches its config, and its own client then sends no token.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         # "local": always a new cluster of our own, never one a stale /tmp/ray/ray_current_cluster names
         return ray.init(address=address or (None if in_job else "local"), **kwargs)
@@ -50,6 +55,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
     except ray.exceptions.AuthenticationError:
         from .auth import auth_error
         raise auth_error(address or os.environ.get("RAY_ADDRESS")) from None
+
+
+def ray_logs_dir() -> str | None:
+    """The Ray session's log folder on this node (each worker's and actor's ``.out``/``.err``), or
+    None when there is none here (a ``ray://`` client)."""
+    import ray
+
+    try:
+        return ray._private.worker.global_worker.node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - a private Ray API: the hint is optional
+        return None
 
 
 def storage(path: str):

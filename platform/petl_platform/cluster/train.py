@@ -4,23 +4,29 @@ adapter in MLflow; with ``spec.register`` the run's adapter is registered as the
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
-from .connect import ray_error, ray_session, storage, user_error
+from .connect import ray_error, ray_logs_dir, ray_session, storage, user_error
 
 if TYPE_CHECKING:
     from ..training.spec import TrainSpec
 
+Progress = Callable[[str], None]
 
-def run_train(spec: TrainSpec) -> dict:
+
+def run_train(spec: TrainSpec, progress: Progress | None = None) -> dict:
     """Fine-tune through Ray Train: ``spec.workers`` data-parallel ranks, checkpoints in Ray
     storage, metrics and the adapter in MLflow. ``spec`` is validated first, before any cluster
     starts. Returns the last reported metrics + run id + checkpoint; with ``spec.register`` also
-    ``registered``, the champion decision of the registration (``training.run.register_run``)."""
+    ``registered``, the champion decision of the registration (``training.run.register_run``).
+    ``progress``: see ``fit_checked``."""
     from ..training.run import register_run
 
     spec.validate()
-    result = fit_checked(spec)
+    result = fit_checked(spec, progress)
     if spec.register:
         result["registered"] = register_run(spec.settings, spec.task, spec.method, result.get("mlflow_run_id"),
                                             result.get("val_accuracy"), model_name=spec.model_name,
@@ -40,16 +46,22 @@ def default_name(task: str, method: str, when: float | None = None) -> str:
     return f"train-{task_slug(task)}-{method}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}"
 
 
-def fit_checked(spec: TrainSpec) -> dict:
-    """``run_train`` for a spec already validated (the VTAB suite's final fits)."""
+def fit_checked(spec: TrainSpec, progress: Progress | None = None) -> dict:
+    """``run_train`` for a spec already validated (the VTAB suite's final fits). ``progress``, when
+    given, takes over the terminal: it gets petl's own lines (where Ray's logs are, then one line
+    per epoch), and the output of Ray Train's controller and workers (its per-epoch "Checkpoint
+    successfully created" / "Reporting training result" lines, the workers' tracebacks) stays in
+    Ray's log files. Without it, a cluster started here forwards that output as Ray does."""
     import time
 
     from ..tracking.runs import git_commit
+    from ..training.run import train_config
     from ..training.trial import trial_config
 
     task, method, settings, name = spec.task, spec.method, spec.settings, spec.name
     t0 = time.time()
-    with ray_session(spec.address):
+    with ray_session(spec.address, log_to_driver=progress is None), \
+            _epoch_lines(progress, train_config(method, spec.train).epochs) as lines:
         import ray.train
         from ray.train.torch import TorchTrainer
 
@@ -59,6 +71,7 @@ def fit_checked(spec: TrainSpec) -> dict:
         config = trial_config(task, method, spec.backbone, settings, spec.experiment, spec.hparams, spec.train,
                               spec.budget, tags={"mlflow.source.git.commit": git_commit(), "petl.job": name, **spec.tags},
                               run_name=name)
+        config[PROGRESS_KEY] = lines
         # Ray retries any worker failure; a PetlError (bad data, bad hyperparameters) fails the
         # same way every time. So Ray gets no retries, and a failure is retried here, by type: a
         # PetlError never, anything else (a dead worker or node) up to max_failures times, each
@@ -83,12 +96,64 @@ def fit_checked(spec: TrainSpec) -> dict:
         return out
 
 
+PROGRESS_KEY = "progress_queue"  # in the worker's config: the driver's queue of epoch metrics, or None
+
+
+@contextmanager
+def _epoch_lines(progress: Progress | None, epochs: int):
+    """Yields a Ray queue that rank 0 puts each epoch's metrics on, and prints them on the driver
+    as they come (a thread: ``fit`` blocks the main thread). The workers' own output never reaches
+    this process (``log_to_driver=False``), so petl's progress cannot be a worker's print."""
+    if progress is None:
+        yield None
+        return
+    from ray.util.queue import Empty, Queue
+
+    logs = ray_logs_dir()
+    if logs:
+        progress(f"Ray's logs (Train controller, workers' output and tracebacks): {logs}")
+    q = Queue(actor_options={"num_cpus": 0})  # never waits for a CPU the workers hold
+    done = threading.Event()
+
+    def pump():
+        while True:
+            try:
+                m = q.get(timeout=0.5)
+            except Empty:
+                if done.is_set():  # fit returned and the queue is drained: the last epoch is printed
+                    return
+                continue
+            except Exception:  # noqa: BLE001 - Ray going down: fit's own error is the one to report
+                return
+            progress(f"epoch {m.get('epoch')}/{epochs}: train loss {m.get('train_loss', float('nan')):.4f}, "
+                     f"val accuracy {m.get('val_accuracy', float('nan')):.4f}, "
+                     f"{m.get('img_per_s', 0):.0f} img/s")
+
+    t = threading.Thread(target=pump, name="petl-epoch-lines", daemon=True)
+    t.start()
+    try:
+        yield q
+    finally:
+        done.set()
+        t.join(timeout=30)
+        with suppress(Exception):  # a cluster already gone took the queue with it
+            q.shutdown()
+
+
 def ray_train_worker(config: dict) -> None:
-    """``TorchTrainer`` ``train_loop_per_worker``: one data-parallel rank of ``run_trial``."""
+    """``TorchTrainer`` ``train_loop_per_worker``: one data-parallel rank of ``run_trial``. Rank 0
+    also puts each epoch's metrics on the driver's progress queue, once Ray has them."""
     import ray.train
 
     from ..training.trial import run_trial
 
     ctx = ray.train.get_context()
-    run_trial(config, report=ray.train.report, get_checkpoint=ray.train.get_checkpoint,
+    lines = config.get(PROGRESS_KEY) if ctx.get_world_rank() == 0 else None
+
+    def report(metrics: dict, checkpoint=None) -> None:
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if lines is not None:
+            lines.put(metrics)
+
+    run_trial(config, report=report, get_checkpoint=ray.train.get_checkpoint,
               checkpoint_cls=ray.train.Checkpoint, rank=ctx.get_world_rank(), world=ctx.get_world_size())
