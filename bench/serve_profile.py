@@ -40,12 +40,20 @@ STAGES = [
     ("batching (serve.batch)", ["batching.py"]),
     ("metrics + logging", ["metrics", "logging", "prometheus", "opentelemetry"]),
     ("asyncio event loop", ["asyncio/", "uvloop"]),
-    ("threads idle / waiting", ["threading.py", "concurrent/futures", "queue.py"]),
+    ("idle (event loop / thread parked)", ["threading.py", "concurrent/futures", "queue.py"]),
 ]
+
+
+# an innermost frame that is an event loop's or a worker's own loop: it is parked in native code
+# (epoll, a condition wait), which py-spy cannot tell from running: counted as idle, not as work
+IDLE_LEAVES = ("_run_router_event_loop", "_run_user_code_event_loop", "Worker.main_loop", "run_forever",
+               "_run_once", "select (selectors.py", "wait (threading.py", "_worker (concurrent")
 
 
 def classify(stack: str) -> str:
     frames = stack.split(";")[::-1]  # innermost first
+    if not frames[0] or any(k in frames[0] for k in IDLE_LEAVES):
+        return "idle (event loop / thread parked)"
     for f in frames:
         for stage, keys in STAGES:
             if any(k in f for k in keys):
@@ -152,6 +160,10 @@ def main() -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="pyspy-"))
+    def cpu_s(pid: int) -> float:  # user + system CPU seconds of a process, all its threads
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     load = subprocess.Popen([sys.executable, "-c", LOAD, url, body, str(args.concurrency), str(args.seconds + 4)],
                             stdout=subprocess.PIPE, text=True)
     time.sleep(2)
@@ -161,8 +173,13 @@ def main() -> None:
                                      "--nonblocking", "-o", str(tmp / f"{name}.txt")],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for name, pid in {**pids, "load generator": load.pid}.items()}
+    watched = {**pids, "load generator": load.pid}
+    cpu0 = {n: cpu_s(p) for n, p in watched.items()}
+    t_cpu = time.perf_counter()
     for p in spies.values():
         p.wait()
+    cpu = {n: cpu_s(p) - cpu0[n] for n, p in watched.items()}
+    window = time.perf_counter() - t_cpu
     gen = json.loads(load.communicate()[0].strip().splitlines()[-1])
     images_per_s = gen["rps"] * args.images
     report = {"images_per_request": args.images, "concurrency": args.concurrency, "seconds": args.seconds,
@@ -170,16 +187,19 @@ def main() -> None:
               "load": gen, "images_per_s": images_per_s, "processes": {}}
     print(f"{gen['rps']:.1f} req/s = {images_per_s:.1f} img/s, p50 {gen['p50_ms']:.1f} ms "
           f"(load generator: {gen['cpu_s']:.1f} CPU-s)")
-    images = images_per_s * args.seconds  # served while py-spy sampled (100 samples = 1 CPU-second per thread)
+    images = images_per_s * window  # served while py-spy sampled
+    idle = "idle (event loop / thread parked)"
     for name in spies:
         c = read_raw(str(tmp / f"{name}.txt"))
-        total = sum(c.values())
-        ms = {k: 10.0 * v / max(1.0, images) for k, v in c.items()}  # CPU ms per image
-        report["processes"][name] = {"samples": total, "cpu_s": total / 100, "stages": dict(c.most_common()),
-                                     "cpu_ms_per_image": {k: round(v, 3) for k, v in ms.items()}}
-        print(f"\n{name}: {total / 100:.1f} CPU-s sampled, {10.0 * total / max(1.0, images):.2f} CPU-ms per image")
-        for stage, n in c.most_common():
-            print(f"  {100 * n / max(1, total):5.1f} %  {ms[stage]:6.2f} ms/img  {stage}")
+        busy = sum(v for k, v in c.items() if k != idle)
+        per_img = 1000 * cpu[name] / max(1.0, images)  # measured CPU (/proc), shared out by py-spy's busy samples
+        ms = {k: per_img * v / max(1, busy) for k, v in c.items() if k != idle}
+        report["processes"][name] = {"cpu_s": round(cpu[name], 2), "cpu_ms_per_image": round(per_img, 3),
+                                     "samples": dict(c.most_common()),
+                                     "stage_ms_per_image": {k: round(v, 3) for k, v in ms.items()}}
+        print(f"\n{name}: {cpu[name]:.1f} CPU-s in {window:.0f} s = {per_img:.2f} CPU-ms per image")
+        for stage, v in sorted(ms.items(), key=lambda kv: -kv[1]):
+            print(f"  {100 * v / max(1e-9, per_img):5.1f} %  {v:6.2f} ms/img  {stage}")
     (out_dir / f"serve_profile{'-' + args.tag if args.tag else ''}.json").write_text(json.dumps(report, indent=2) + "\n")
     serve.shutdown()
     ray.shutdown()

@@ -8,7 +8,7 @@
     TaskAdapters        LoRA / Adapter / RepAdapter / ARC: frozen ops once, each row's own deltas
 
 A replica holds the frozen backbone, the mixed-task engine and the adapter store
-(``petl_platform.serving.Stack``), batches across requests and tasks (``@serve.batch``), and
+(``petl_platform.serving.Stack``), batches across requests and tasks (``serving.Batcher``), and
 reports its store, load, latency, batch, exit-stage and token-activation metrics.
 """
 
@@ -27,7 +27,7 @@ from petl_platform.backbones import SHIPPED
 from petl_platform.errors import PetlError
 from petl_platform.inference import Row
 from petl_platform.methods.registry import spec_of
-from petl_platform.serving import ServeError, Stack, answer
+from petl_platform.serving import Batcher, ServeError, Stack, answer
 from petl_platform.tracking.settings import CHAMPION, TrackingSettings
 
 log = logging.getLogger("petl.serve")
@@ -49,8 +49,9 @@ def error_body(e: ServeError) -> dict:
 class _Replica:
     """The frozen backbone once per replica (on the GPU when the replica has one), the adapter store
     on top of it, and the mixed-task engine that answers a whole batch in one pass. Every
-    deployment batches across requests AND tasks with ``@serve.batch``: each request carries its
-    task ids as data (``@serve.multiplexed`` would split batches per task). A request whose task is
+    deployment batches across requests AND tasks (``serving.Batcher``, continuous batching in rows;
+    why not ``@serve.batch``: see its module): each request carries its task ids as data
+    (``@serve.multiplexed`` would split batches per task). A request whose task is
     cold waits for that load before it joins a batch, so batches of loaded tasks never wait on it."""
 
     role = ""
@@ -61,6 +62,7 @@ class _Replica:
                  threads: int | None = None):
         if threads:  # Ray sets OMP_NUM_THREADS=1 in an actor with num_cpus < 2: the engine then uses one core
             torch.set_num_threads(int(threads))
+
         stack = Stack.build(backbone, dtype=dtype)  # a replica with num_gpus sees its GPU: the engine runs there
         self.backbone, self.engine = stack.backbone, stack.engine
         self.cache = stack.store(TrackingSettings.from_env(), alias, capacity=capacity, refresh_s=refresh_s,
@@ -78,6 +80,7 @@ class _Replica:
         self.m_rate = Histogram("petl_token_activation_rate", description="DyT measured token activation per batch",
                                 boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], tag_keys=("task",))
         self._loads_seen = 0
+        self.batcher = Batcher(self._run_batch, max_rows=32, wait_s=0.005)  # reconfigure() sets both
         self.warm_up(warm or [])
         self.cache.start()  # the alias refresh, on its own thread from now on
 
@@ -101,9 +104,10 @@ class _Replica:
         log.info("%s warm: %d of %d named tasks", type(self).__name__, len(mine), len(tasks))
 
     def reconfigure(self, config: dict) -> None:
-        """Serve YAML ``user_config``: the batch size and wait timeout of this deployment's batcher."""
-        self._batch.set_max_batch_size(int(config.get("max_batch_size", 32)))
-        self._batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
+        """Serve YAML ``user_config``: the batch size (in rows: images x tasks) and the longest wait for
+        company of this deployment's batcher (``serving.Batcher``)."""
+        self.batcher.max_rows = int(config.get("max_batch_size", 32))
+        self.batcher.wait_s = float(config.get("batch_wait_timeout_s", 0.005))
 
     def _metrics(self) -> None:
         snap = self.cache.snapshot()
@@ -150,18 +154,18 @@ class _Replica:
         ready = [t for t in dict.fromkeys(tasks) if t not in bad]
         out = [{} for _ in range(len(x))]
         if ready:
-            step = max(1, self._batch._get_max_batch_size() // len(ready))  # whole images per piece
-            pieces = await asyncio.gather(*(self._batch(_Job(x[i:i + step], ready, knobs, min(
-                len(x[i:i + step]) * len(ready), self._batch._get_max_batch_size()))) for i in range(0, len(x), step)))
+            step = max(1, self.batcher.max_rows // len(ready))  # whole images per piece
+            pieces = await asyncio.gather(*(self.batcher.submit(_Job(x[i:i + step], ready, knobs),
+                                                                len(x[i:i + step]) * len(ready))
+                                            for i in range(0, len(x), step)))
             out = [a for piece in pieces for a in piece]
         self._metrics()
         return [{**o, **bad} for o in out]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=lambda jobs: sum(j.rows for j in jobs))
-    async def _batch(self, jobs: list[_Job]) -> list[list[dict]]:
-        """Per request piece, per image: ``{task: answer or error}``. The batch is counted in rows
-        (images x tasks); the whole of it, every task and method in it, is one engine call."""
-        self.m_batch.observe(sum(j.rows for j in jobs))
+    async def _run_batch(self, jobs: list[_Job]) -> list[list[dict]]:
+        """Per request piece, per image: ``{task: answer or error}``. The batch (counted in rows:
+        images x tasks, see ``serving.Batcher``), every task and method in it, is one engine call."""
+        self.m_batch.observe(sum(len(j.x) * len(j.tasks) for j in jobs))
         entries = {}
         out = [[{} for _ in range(len(j.x))] for j in jobs]
         for t in dict.fromkeys(t for j in jobs for t in j.tasks):
@@ -220,12 +224,11 @@ class _Replica:
 @dataclass
 class _Job:
     """A request (or a batch-sized piece of one) in a replica's batch: its ``uint8`` images, its
-    tasks and knobs, and its size in rows (images x tasks, at most the batch size)."""
+    tasks and knobs."""
 
     x: torch.Tensor
     tasks: list[str]
     knobs: dict
-    rows: int
 
 
 class _TrunkBackbone(_Replica):

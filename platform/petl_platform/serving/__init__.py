@@ -3,8 +3,9 @@ models loaded from the MLflow registry by alias, and the one assembly of backbon
 transform every server holds (``Stack``). ``serve_apps/`` wires these into Ray Serve."""
 
 from .auth import ApiKeys
+from .batcher import Batcher
 from .models import TaskModelCache
 from .request import ServeError, answer, decode_image, parse_knobs
 from .stack import Stack
 
-__all__ = ["ApiKeys", "ServeError", "TaskModelCache", "answer", "decode_image", "parse_knobs", "Stack"]
+__all__ = ["ApiKeys", "Batcher", "ServeError", "TaskModelCache", "answer", "decode_image", "parse_knobs", "Stack"]
