@@ -42,16 +42,30 @@ def tasks(method: str, backbone, n: int) -> dict:
     return out
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def rate(fn, batch: int, iters: int) -> float:
     fn()
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t0)
     return batch / statistics.median(times)
+
+
+def replica_path(engine, pixels: torch.Tensor, rows, models, classes: list[str]) -> list:
+    """What a Serve replica does per batch, without Ray: ``uint8`` pixels from host memory (4x fewer
+    bytes than float32, normalized on the device), the engine, then one answer per row (softmax,
+    top-k, the label) as the replica returns it."""
+    from petl_platform.serving.request import answer
+
+    return [answer(r.logits, classes, 3) for r in engine.run(pixels, rows, models)]
 
 
 def main() -> int:
@@ -62,12 +76,14 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=64)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--device", default="cuda", help="cuda (the check); cpu only to try the script")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device on this machine; nothing to measure (run it where a GPU is).")
         return 0
-    dev, dtype = torch.device("cuda"), DTYPES[args.dtype]
-    report = {"device": torch.cuda.get_device_name(dev), "dtype": args.dtype, "backbone": args.backbone,
+    dev, dtype = torch.device(args.device), DTYPES[args.dtype]
+    report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": args.dtype,
+              "backbone": args.backbone,
               "batch": args.batch, "tasks": args.tasks, "runtimes": {}}
     bb = create_backbone(args.backbone)
     x = torch.randn(args.batch, 3, *bb.patch_embed.img_size)
@@ -93,8 +109,21 @@ def main() -> int:
             names = list(models)
             rows = [Row(i, names[i % len(names)]) for i in range(args.batch)]
             r = rate(lambda: engine.run(x, rows, models), args.batch, args.iters)
-            report["runtimes"][f"{runtime}/{method}"] = {"img_per_s": r, "vs_bare": r / bare}
-            print(f"{runtime:16} {method:8} N={args.tasks}: {r:,.0f} img/s = {r / bare:.2f}x the bare backbone")
+            one = {names[0]: models[names[0]]}
+            r1 = rate(lambda: engine.run(x, [Row(i, names[0]) for i in range(args.batch)], one), args.batch, args.iters)
+            report["runtimes"][f"{runtime}/{method}"] = {"img_per_s": r, "vs_bare": r / bare, "one_task_img_per_s": r1,
+                                                         "p5_ratio": r / r1}
+            print(f"{runtime:16} {method:8} N={args.tasks}: {r:,.0f} img/s = {r / bare:.2f}x the bare backbone; "
+                  f"N=1: {r1:,.0f} img/s (P5 {r / r1:.2f}x)")
+            if method == "lora":  # G1 of the data plane: the replica's path, uint8 in and answers out
+                u8 = torch.randint(0, 256, x.shape, dtype=torch.uint8)
+                if dev.type == "cuda":
+                    u8 = u8.pin_memory()
+                classes = [str(c) for c in range(10)]
+                rp = rate(lambda: replica_path(engine, u8, rows, models, classes), args.batch, args.iters)
+                report["replica_path_lora"] = {"img_per_s": rp, "vs_bare": rp / bare, "vs_engine": rp / r}
+                print(f"replica path (uint8 in, answers out) lora N={args.tasks}: {rp:,.0f} img/s = "
+                      f"{rp / bare:.2f}x the bare backbone, {rp / r:.2f}x the engine alone")
             del models
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.out_dir) / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")

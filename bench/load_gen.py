@@ -118,7 +118,11 @@ def summarize(records: list[tuple], w0: float, w1: float) -> dict:
             "retry_after": {str(s): sum(1 for r in started if r[2] == s and r[4]) for s in sorted(set(statuses))}}
 
 
-async def _closed(reqs, host, port, concurrency: int, duration: float | None, warmup: float, n: int | None):
+async def _closed(reqs, host, port, concurrency: int, duration: float | None, warmup: float, n: int | None,
+                  wait_retry_after: float = 0.0):
+    """``concurrency`` clients, each sending its next request when its last is answered; with
+    ``wait_retry_after`` > 0, a client told 503 + Retry-After waits that long first (a client that
+    honours the header; the server's value is 1 s), else it retries at once."""
     records, order = [], itertools.count()
     t0 = time.perf_counter()
     w0 = t0 + (warmup if n is None else 0.0)
@@ -134,6 +138,8 @@ async def _closed(reqs, host, port, concurrency: int, duration: float | None, wa
             raw, k = reqs[i % len(reqs)]
             status, ra = await conn.request(raw)
             records.append((start, time.perf_counter(), status, k, ra))
+            if wait_retry_after and status == 503 and ra:
+                await asyncio.sleep(wait_retry_after)
         conn.close()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -182,7 +188,8 @@ def measure(url: str, spec: dict) -> dict:
     if spec.get("rate"):
         coro = _open(reqs, host, port, float(spec["rate"]), float(spec["duration"]), warmup, int(spec.get("seed", 0)))
     else:
-        coro = _closed(reqs, host, port, int(spec.get("concurrency", 1)), spec.get("duration"), warmup, spec.get("n"))
+        coro = _closed(reqs, host, port, int(spec.get("concurrency", 1)), spec.get("duration"), warmup, spec.get("n"),
+                       float(spec.get("wait_retry_after", 0.0)))
     cpu0, t0 = time.process_time(), time.perf_counter()
     records, w0, w1 = _run(coro)
     cpu, elapsed = time.process_time() - cpu0, time.perf_counter() - t0

@@ -213,6 +213,31 @@ def _in_flight(row: dict) -> int:
     return row.get("in_flight_until_detect", row["in_flight_at_fault"])
 
 
+def gpu_md(out: Path) -> list[str]:
+    """The GPU check (``bench/gpu_check.py``, run on a lent GPU and copied here as ``gpu_check*.json``):
+    every runtime with 64 tasks in a batch of 64, against the bare backbone and against one task."""
+    runs = [(p.name, json.loads(p.read_text())) for p in sorted(out.glob("gpu_check*.json"))]
+    if not runs:
+        return []
+    lines = ["", "## On a GPU (`bench/gpu_check.py`)", "",
+             "Engine only (no Ray: the GPU machine has none). Batch 64; N = 64 distinct tasks vs N = 1; the "
+             "replica's path feeds uint8 pixels from pinned host memory and builds each row's answer.", "",
+             "| file | device | backbone | dtype | bare img/s | runtime / method | N = 64 img/s | vs bare | N = 1 img/s | "
+             "P5 (N=64 / N=1) |", "|---|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for name, r in runs:
+        for key, v in r.get("runtimes", {}).items():
+            one = f"{v['one_task_img_per_s']:,.0f}" if "one_task_img_per_s" in v else "-"
+            p5 = f"{v['p5_ratio']:.2f}x" if "p5_ratio" in v else "-"
+            lines.append(f"| `{name}` | {r['device']} | {r['backbone']} | {r['dtype']} | {r['bare_backbone_img_per_s']:,.0f} "
+                         f"| {key} | {v['img_per_s']:,.0f} | {v['vs_bare']:.2f}x | {one} | {p5} |")
+        if "replica_path_lora" in r:
+            rp = r["replica_path_lora"]
+            lines.append(f"| `{name}` | {r['device']} | {r['backbone']} | {r['dtype']} | {r['bare_backbone_img_per_s']:,.0f} "
+                         f"| replica path (uint8 in, answers out), lora | {rp['img_per_s']:,.0f} | {rp['vs_bare']:.2f}x | - | "
+                         f"{rp['vs_engine']:.2f}x the engine |")
+    return lines
+
+
 def _load(out: Path, name: str) -> dict | None:
     p = out / name
     return json.loads(p.read_text()) if p.exists() else None
@@ -452,7 +477,9 @@ def served_s(serve: dict) -> list[dict]:
         figs.append(_fig("S4", f"at 4x the saturating concurrency ({s4['concurrency']} in flight): throughput vs saturation",
                          s4["ratio"], s4["ratio_range"], len(rs), f">= {s4['goal']:g}x, every 503 with Retry-After",
                          s4["ratio"] >= s4["goal"] and ra in (None, 1.0), source=src,
-                         note=f"{med(rs, 'overload_img_s'):.0f} vs {med(rs, 'saturation_img_s'):.0f} img/s; {shed}"))
+                         note=f"{med(rs, 'overload_img_s'):.0f} vs {med(rs, 'saturation_img_s'):.0f} img/s; {shed}"
+                         + (f"; clients {s4['clients']}; clients that retry at once instead: "
+                            f"{s4['no_wait_ratio']:.2f}x" if "no_wait_ratio" in s4 else "")))
         figs.append(_fig("S4", f"at {s4['concurrency']} in flight: p99/p50 latency of the admitted (200) requests",
                          s4["tail"], s4["tail_range"], len(rs), f"<= {s4['tail_goal']:g}x", s4["tail"] <= s4["tail_goal"],
                          source=src, note=f"p50 {med(rs, 'p50_ms'):.0f} ms, p99 {med(rs, 'p99_ms'):.0f} ms"))
@@ -634,6 +661,7 @@ def render(out: Path, runs: dict, quick: bool, machine_facts: dict | None = None
             wall = f"{r['wall_s']:.0f} s" if "wall_s" in r else "-"
             files = ", ".join(f"`{f}`" for f in r["files"])
             lines.append(f"| {name} | {r['measured']} | {mode} | {wall} | {files} | `{r.get('cmd', '-')}` |")
+    lines += gpu_md(out)
     lines += ["", "## CPU-only caveats", "",
               "- No GPU: every timing is fp32 on CPU cores shared with the OS; GPU ratios differ (kernel launch overhead "
               "favours batching more, memory bandwidth less).",

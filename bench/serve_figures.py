@@ -34,12 +34,13 @@ class Ctx:
         body, headers = body_headers
         return {"path": path, "body": body, "headers": {**self.headers, **headers}, "images": images}
 
-    def closed(self, f: Path, concurrency: int, expect_rps: float | None = None, scale: float = 1.0) -> dict:
+    def closed(self, f: Path, concurrency: int, expect_rps: float | None = None, scale: float = 1.0,
+               **extra) -> dict:
         """``concurrency`` in flight; the warm-up covers 1.5 latencies and the window 4 (capped), from
         ``expect_rps`` when known, so that the window sees the steady state."""
         lat = concurrency / expect_rps if expect_rps else 0.0
         res = self.gen.run(f, concurrency=concurrency, warmup=min(max(self.warm, 1.5 * lat), 3.0),
-                           duration=min(max(self.dur * scale, 4 * lat), 2.5 * self.dur * scale))
+                           duration=min(max(self.dur * scale, 4 * lat), 2.5 * self.dur * scale), **extra)
         self.cpu.append(res["client_cpu_frac"])
         if not res["ok"]:
             raise RuntimeError(f"{f.stem}: no answer of 200 at {concurrency} in flight; statuses {res['statuses']}")
@@ -92,7 +93,9 @@ def s2_s3_s4(ctx: Ctx, inproc, task: str, pngs: list[bytes], levels: list[int]) 
     for _ in range(ctx.repeats):
         base = inproc.png_img_s(pngs, BATCH, ctx.base_s)
         sat = ctx.closed(f, c, rps)
-        over = ctx.closed(f, 4 * c, sat["ok_rps"] or rps, scale=1.5)
+        # clients that honour Retry-After (wait 1 s after a 503), as S4 counts; then clients that retry at once
+        over = ctx.closed(f, 4 * c, sat["ok_rps"] or rps, scale=1.5, wait_retry_after=1.0)
+        eager = ctx.closed(f, 4 * c, sat["ok_rps"] or rps, scale=1.5)
         b1 = inproc.png_b1_ms(pngs, ctx.base_s / 2)
         one = ctx.closed(f, 1)
         s2.append({"served_img_s": sat["img_s"], "in_process_img_s": base, "ratio": sat["img_s"] / base,
@@ -107,7 +110,9 @@ def s2_s3_s4(ctx: Ctx, inproc, task: str, pngs: list[bytes], levels: list[int]) 
                    "tail": over["ok_p99_ms"] / over["ok_p50_ms"], "statuses": over["statuses"],
                    "shed_fraction": shed / started if started else 0.0,
                    "retry_after_fraction": over["retry_after"].get("503", 0) / shed if shed else None,
-                   "client_cpu_frac": over["client_cpu_frac"]})
+                   "client_cpu_frac": over["client_cpu_frac"],
+                   "no_wait": {"ratio": eager["img_s"] / sat["img_s"], "statuses": eager["statuses"],
+                               "tail": eager["ok_p99_ms"] / eager["ok_p50_ms"] if eager["ok_p50_ms"] else None}})
     ra = [r["retry_after_fraction"] for r in s4 if r["retry_after_fraction"] is not None]
     request = f"POST /v1/predict, JSON, one base64 PNG, tasks [{task}]"
     return {"s2": {**_summary(s2), "goal": 0.4, "concurrency": c, "sweep": sweep, "in_process_batch": BATCH,
@@ -115,7 +120,9 @@ def s2_s3_s4(ctx: Ctx, inproc, task: str, pngs: list[bytes], levels: list[int]) 
             "s3": {**_summary(s3), "goal": 2.0, "request": request, "rounds": s3},
             "s4": {**_summary(s4), **_summary(s4, "tail"), "goal": 0.9, "tail_goal": 3.0, "concurrency": 4 * c,
                    "saturation_concurrency": c, "shed_fraction": statistics.median(r["shed_fraction"] for r in s4),
-                   "retry_after_fraction": min(ra) if ra else None, "request": request, "rounds": s4}}
+                   "retry_after_fraction": min(ra) if ra else None, "request": request, "rounds": s4,
+                   "clients": "wait the Retry-After (1 s) after a 503",
+                   "no_wait_ratio": statistics.median(r["no_wait"]["ratio"] for r in s4)}}
 
 
 def _pair(ctx: Ctx, a: Path, b: Path, concurrency: int) -> list[dict]:
