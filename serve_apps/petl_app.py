@@ -4,7 +4,7 @@ every deployment's replicas, autoscaling, queue limits and batch settings).
 
     HTTP → Ingress (FastAPI: auth, validation, decode, preprocessing, fan-out and join)
              ├─► TrunkBackbone       linear / DTL tasks: the frozen trunk once per batch for every
-             │                       task that shares it (@serve.batch across requests and tasks);
+             │                       task that shares it (serving.Batcher across requests and tasks);
              │                       their heads / side-network tails live here too (co-located:
              │                       shipping k+1 trunk states to another replica copies ~k+1 times
              │                       the image's activations for nothing)
