@@ -24,18 +24,18 @@ N_IMAGES = 16
 
 def images(backbone, n: int = N_IMAGES) -> tuple[list[bytes], np.ndarray]:
     """The first ``n`` digits-1k test images: PNG bytes (their own size) and uint8 [n, H, W, 3] pixels
-    resized to the model's input size as the training transform resizes (bicubic)."""
+    at the model's input size, resized as the server resizes them (``data.Pixels``)."""
     from PIL import Image
 
-    from petl_platform.data import get_task
+    from petl_platform.data import Pixels, get_task
 
-    h, w = backbone.patch_embed.img_size
+    px = Pixels.of(backbone)
     pngs, pixels = [], []
     for im in get_task("digits-1k").splits["test"][0][:n]:
         buf = io.BytesIO()
         Image.fromarray(im).save(buf, format="PNG")
         pngs.append(buf.getvalue())
-        pixels.append(np.asarray(Image.fromarray(im).convert("RGB").resize((w, h), Image.BICUBIC)))
+        pixels.append(px.to_uint8(Image.fromarray(im)).permute(1, 2, 0).numpy())
     return pngs, np.stack(pixels)
 
 
@@ -78,7 +78,6 @@ class InProcess:
     def __init__(self, settings, task: str, backbone: str, dtype: str | None = None):
         import torch
 
-        from petl_platform.data.transforms import data_config
         from petl_platform.serving import Stack
 
         self.stack = Stack.build(backbone, dtype=dtype)
@@ -86,9 +85,6 @@ class InProcess:
         self.model = store.get(task, timeout=120).model
         store.close()
         self.task = task
-        cfg = data_config(self.stack.backbone)
-        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
         self.threads = torch.get_num_threads()
 
     def _answer(self, x):
@@ -99,11 +95,12 @@ class InProcess:
         results = self.stack.engine.run(x, [Row(i, self.task) for i in range(len(x))], {self.task: self.model})
         return torch.stack([r.logits for r in results]).float().softmax(-1)
 
-    def _from_u8(self, pixels: np.ndarray):
+    @staticmethod
+    def _from_u8(pixels: np.ndarray):
+        """uint8 [N, 3, H, W]: the engine normalizes it, as on a replica."""
         import torch
 
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
-        return (x - self.mean) / self.std
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
     def _from_png(self, pngs: list[bytes]):
         import torch
@@ -117,7 +114,7 @@ class InProcess:
         return [items[i % len(items)] for i in range(batch)]
 
     def u8_img_s(self, pixels: np.ndarray, batch: int, seconds: float) -> float:
-        """img/s on uint8 [N, H, W, 3] pixels at the model size: normalization + engine + softmax."""
+        """img/s on uint8 [N, H, W, 3] pixels at the model size: normalization (in the engine) + engine + softmax."""
         x = np.stack(self._batch(list(pixels), batch))
         return _rate(lambda: self._answer(self._from_u8(x)), batch, seconds)
 

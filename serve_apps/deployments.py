@@ -62,7 +62,6 @@ class _Replica:
                  threads: int | None = None):
         if threads:  # Ray sets OMP_NUM_THREADS=1 in an actor with num_cpus < 2: the engine then uses one core
             torch.set_num_threads(int(threads))
-
         stack = Stack.build(backbone, dtype=dtype)  # a replica with num_gpus sees its GPU: the engine runs there
         self.backbone, self.engine = stack.backbone, stack.engine
         self.cache = stack.store(TrackingSettings.from_env(), alias, capacity=capacity, refresh_s=refresh_s,

@@ -280,15 +280,19 @@ class _Ingress:
             headers = {**headers, "Retry-After": "1"}
         return Response(body, status_code=status, headers=headers)
 
-    async def _oip_row(self, request: Request, task: str) -> dict:
+    async def _oip_row(self, request: Request, task: str, version: str | None) -> dict:
         """The catalog row of ``task`` for this key: 401/403 for the key, 404 for a task the alias
-        does not name (the same order as /v1: a restricted key learns no other task's name)."""
+        does not name (the same order as /v1: a restricted key learns no other task's name) or for
+        a ``version`` other than the one served."""
         auth = request.headers.get("authorization")
         self.keys.check(auth)
         self.keys.check(auth, parse_tasks([task]))
         row = (await self._rows([task]))[task]
         if row is None:
             raise ServeError(404, f"unknown model {safe_text(task, 200)!r}: not registered with alias {self.alias!r}")
+        if version is not None and version != str(row.get("version")):
+            raise ServeError(404, f"model {task!r} serves version {row.get('version')} (alias {self.alias!r}); "
+                                  f"version {safe_text(version, 40)!r} is not served")
         return row
 
     @api.get("/v2")
@@ -310,8 +314,7 @@ class _Ingress:
              response_model_exclude_none=True, include_in_schema=False)
     async def oip_metadata(self, task: str, request: Request, version: str | None = None):
         try:
-            row = await self._oip_row(request, task)
-            self._check_version(row, version)
+            row = await self._oip_row(request, task, version)
         except ServeError as e:
             return self._oip_error(e)
         return oip.model_metadata(task, row, self.pixels.image_size)
@@ -320,8 +323,7 @@ class _Ingress:
     @api.get("/v2/models/{task}/versions/{version}/ready", include_in_schema=False)
     async def oip_model_ready(self, task: str, request: Request, version: str | None = None):
         try:
-            row = await self._oip_row(request, task)
-            self._check_version(row, version)
+            row = await self._oip_row(request, task, version)
         except ServeError as e:
             return self._oip_error(e)
         ready = "error" not in row
@@ -333,20 +335,13 @@ class _Ingress:
         return oip.parse_infer(raw, headers.get(oip.HEADER), max_images=self.max_images,
                                max_pixels=self.max_request_pixels)
 
-    @staticmethod
-    def _check_version(row: dict, version: str | None) -> None:
-        if version is not None and version != str(row.get("version")):
-            raise ServeError(404, f"model {row['task']!r} serves version {row.get('version')} (alias "
-                                  f"{row.get('alias')!r}); version {safe_text(version, 40)!r} is not served")
-
     @api.post("/v2/models/{task}/infer", openapi_extra=_OIP_BODY, response_model=oip.InferResponse,
               response_model_exclude_none=True)
     @api.post("/v2/models/{task}/versions/{version}/infer", openapi_extra=_OIP_BODY, include_in_schema=False)
     async def oip_infer(self, task: str, request: Request, version: str | None = None):
         """OIP inference: every image of the call for ``task``; knobs as request ``parameters``."""
         try:
-            row = await self._oip_row(request, task)
-            self._check_version(row, version)
+            row = await self._oip_row(request, task, version)
             if "error" in row:
                 raise ServeError(503, f"model {task!r} is unavailable: {row['error']}")
             _, raw = await self._body(request, _ANY_TYPE)
