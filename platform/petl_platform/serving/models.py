@@ -38,13 +38,49 @@ import torch
 
 from ..errors import NotFoundError, PetlError
 from ..inference.engine import measured_gflops
-from ..tracking.artifacts import load_adapter
+from ..tracking.artifacts import model_from_state, read_adapter
 from ..tracking.runs import fetch_adapter, show_model
 from ..tracking.settings import CHAMPION, TrackingSettings
 from .request import ServeError
 
 log = logging.getLogger(__name__)
 MB = 2**20
+
+
+@dataclass
+class Fetched:
+    """One adapter version as a replica receives it: its ``adapter_config.json`` and its flat
+    tensors (CPU), with where they came from: ``"s3"`` (the registry's artifact store) or
+    ``"node"`` (the node's object store, filled once by a per-node fetcher; see
+    ``serve_apps/node_adapters.py``)."""
+
+    version: int
+    config: dict
+    state: dict
+    source: str = "s3"
+    fetch_ms: float = 0.0
+
+
+class AdapterRefused(PetlError):
+    """An adapter version that was found but cannot be served (unreadable, NaN, another backbone)."""
+
+    def __init__(self, version: int, message: str):
+        super().__init__(message)
+        self.version = version
+
+
+def fetch_from_registry(settings: TrackingSettings, ref: str, fingerprint: str | None = None,
+                        backbone_name: str = "?") -> Fetched:
+    """``ref``'s adapter (``task@alias`` or ``task/version``) from the registry and its artifact store,
+    read into flat tensors; the downloaded files are deleted at once. 404 / 503 ``ServeError`` as
+    ``fetched``; ``AdapterRefused`` for a version that cannot be served."""
+    t0 = time.perf_counter()
+    with fetched(settings, ref) as (path, info):
+        try:
+            cfg, state = read_adapter(path, fingerprint, backbone_name)
+        except PetlError as e:
+            raise AdapterRefused(info["version"], str(e).replace(str(path), ref)) from None
+    return Fetched(info["version"], cfg, state, "s3", 1000 * (time.perf_counter() - t0))
 
 
 @dataclass
@@ -57,6 +93,7 @@ class TaskEntry:
     gflops: float  # measured full-forward GFLOPs per image
     nbytes: int = 0  # the task's own tensors (adapter + head), not the shared backbone
     load_ms: float = 0.0
+    source: str = "s3"  # where its tensors came from: "s3" or "node" (the node's object store)
     pins: int = 0  # batches running this entry right now: it is not moved off the device meanwhile
 
     @property
@@ -107,7 +144,9 @@ class TaskModelCache:
     def __init__(self, backbone, settings: TrackingSettings, alias: str = CHAMPION, capacity: int | None = None,
                  refresh_s: float = 10.0, capacity_mb: float = 256.0, host_mb: float | None = None,
                  load_timeout_s: float = 30.0, load_workers: int = 2,
-                 prepare: Callable[[str, torch.nn.Module], float] | None = None, background: bool = False):
+                 prepare: Callable[[str, torch.nn.Module], float] | None = None, background: bool = False,
+                 fetch: Callable[[str], Fetched] | None = None,
+                 admit: Callable[[str, Fetched], tuple[object, float]] | None = None):
         if capacity_mb <= 0 or (capacity is not None and capacity < 1):
             raise PetlError("the adapter store needs capacity_mb > 0 (and capacity >= 1 when given)")
         self.backbone, self.settings, self.alias = backbone, settings, alias
@@ -123,9 +162,16 @@ class TaskModelCache:
         self.loading: dict[str, cf.Future] = {}
         self.unavailable: dict[str, tuple[ServeError, float, int | None]] = {}  # error, when, refused version
         self.stats = {"hits": 0, "misses": 0, "loads": 0, "refused": 0, "evictions": 0, "refreshes": 0,
-                      "host_hits": 0, "load_timeouts": 0}
+                      "host_hits": 0, "load_timeouts": 0, "loads_s3": 0, "loads_node": 0}
         self.load_ms: list[float] = []  # the last 256 loads
         self._prepare = prepare or self._default_prepare
+        fp = getattr(backbone, "fingerprint", None)
+        # where a version's tensors come from (the registry and S3 by default; a node's object store
+        # through ``serve_apps/node_adapters.py``), and what makes a task model of them (by default a
+        # module tree on the backbone, readied by ``prepare``; the engine's banks in a replica)
+        name = str(getattr(backbone, "petl_name", "?"))
+        self._fetch = fetch or (lambda ref: fetch_from_registry(self.settings, ref, fp, name))
+        self._admit = admit or self._default_admit
         self._lock = threading.Lock()  # held for bookkeeping only, never across a load or a registry call
         self._pool = cf.ThreadPoolExecutor(load_workers, thread_name_prefix="petl-load")
         self._stop = threading.Event()
@@ -218,19 +264,36 @@ class TaskModelCache:
         model.to(device=self.device, dtype=self.dtype)  # the backbone is there already: a no-op for it
         return measured_gflops(model, self.backbone.patch_embed.img_size, self.device, self.dtype)
 
+    def _default_admit(self, task: str, got: Fetched) -> tuple[object, float]:
+        model = model_from_state(got.config, got.state, self.backbone, source=f"{task} v{got.version}")
+        return model, self._prepare(task, model)
+
     def _load_job(self, task: str, ref: str) -> TaskEntry:
         """Fetch, build and ready one version, with no lock held; then insert it (or record why not)."""
         t0 = time.perf_counter()
         version = None
         try:
-            with fetched(self.settings, ref) as (path, info):
-                version = info["version"]
-                try:
-                    model = load_adapter(path, self.backbone)
-                    gflops = self._prepare(task, model)
-                except PetlError as e:
-                    raise ServeError(503, f"task {task!r} is unavailable: version {version} refused: "
-                                          f"{self._client_safe(str(e), path, ref)}") from None
+            try:
+                got = self._fetch(ref)
+                version = got.version
+                have = got.config.get("backbone_fingerprint")
+                if have != getattr(self.backbone, "fingerprint", have):  # a fetcher that did not check it
+                    raise AdapterRefused(version, f"adapter {ref} was trained on backbone {got.config.get('backbone')!r} "
+                                                  f"with fingerprint {have}, but the given backbone "
+                                                  f"{getattr(self.backbone, 'petl_name', '?')!r} has fingerprint "
+                                                  f"{self.backbone.fingerprint}")
+                model, gflops = self._admit(task, got)
+            except AdapterRefused as e:
+                version = e.version
+                raise ServeError(503, f"task {task!r} is unavailable: version {version} refused: "
+                                      f"{self._client_safe(str(e), '', ref)}") from None
+            except ServeError:
+                raise
+            except PetlError as e:
+                if version is None:
+                    raise
+                raise ServeError(503, f"task {task!r} is unavailable: version {version} refused: "
+                                      f"{self._client_safe(str(e), '', ref)}") from None
         except ServeError as e:
             with self._lock:
                 if self.loading.get(task) is not None and ref.endswith(f"@{self.alias}"):
@@ -244,9 +307,11 @@ class TaskModelCache:
                 self.loading.pop(task, None)
             raise
         classes = list(model.classes or [str(i) for i in range(model.num_classes)])  # set by load_adapter
-        nbytes = sum(t.numel() * t.element_size() for t in own_tensors(model, self.backbone))
+        nbytes = getattr(model, "nbytes", None)  # a banked task: its slot's bytes
+        if nbytes is None:
+            nbytes = sum(t.numel() * t.element_size() for t in own_tensors(model, self.backbone))
         ms = 1000 * (time.perf_counter() - t0)
-        entry = TaskEntry(task, model, version, model.method, classes, gflops, nbytes, ms)
+        entry = TaskEntry(task, model, version, model.method, classes, gflops, nbytes, ms, got.source)
         with self._lock:
             old = self.entries.get(task) or self.host.get(task)
             if old is None or old.version != version:
@@ -261,6 +326,7 @@ class TaskModelCache:
             if ref.endswith(f"@{self.alias}"):
                 self.loading.pop(task, None)
             self.stats["loads"] += 1
+            self.stats["loads_node" if got.source == "node" else "loads_s3"] += 1
             self.load_ms = [*self.load_ms[-255:], ms]
             self._evict(keep=task)
         return entry
@@ -337,7 +403,8 @@ class TaskModelCache:
     def _client_safe(self, message: str, path, ref: str) -> str:
         """``message`` without this server's file paths: the adapter copy and the backbone file."""
         name = str(getattr(self.backbone, "petl_name", ""))
-        message = message.replace(str(path), ref)
+        if path:
+            message = message.replace(str(path), ref)
         return message.replace(name, Path(name).name) if os.sep in name else message
 
 

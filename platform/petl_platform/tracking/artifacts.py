@@ -82,30 +82,50 @@ def _budget_curve(model, raw, source: str) -> dict[float, list[float]]:
                     "re-save the adapter by training again, or delete the key to serve it with explicit thresholds only")
 
 
-def load_adapter(path, backbone, strict_fingerprint: bool = True):
-    """Rebuild the task model saved at ``path`` on ``backbone``; refuse another backbone.
-
-    ``model.budget_thresholds`` is the artifact's ``{budget: [threshold per early exit]}`` curve
-    (``{}`` for an artifact saved without one), ``model.budget_calibration`` what it was calibrated
-    on; a malformed curve refuses the artifact."""
-    from ..methods import build_model
-
+def read_adapter(path, fingerprint: str | None = None, backbone_name: str = "?") -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config, state)`` of the adapter saved at ``path``: its ``adapter_config.json`` and the flat
+    tensors of ``adapter.safetensors``, checked (a truncated or tampered file, NaN / inf values, and,
+    when ``fingerprint`` is given, another backbone are refused). No module is built: a serving
+    replica copies ``state`` into its adapter bank, ``model_from_state`` builds a model from it."""
     cfg = read_adapter_config(path)
-    if strict_fingerprint and cfg["backbone_fingerprint"] != backbone.fingerprint:
+    if fingerprint is not None and cfg["backbone_fingerprint"] != fingerprint:
         raise PetlError(f"adapter {path} was trained on backbone {cfg.get('backbone')!r} with fingerprint "
-                        f"{cfg['backbone_fingerprint']}, but the given backbone {getattr(backbone, 'petl_name', '?')!r} "
-                        f"has fingerprint {backbone.fingerprint}")
+                        f"{cfg['backbone_fingerprint']}, but the given backbone {backbone_name!r} has fingerprint {fingerprint}")
     try:
         state = load_file(str(Path(path) / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
         raise PetlError(f"cannot read {Path(path) / WEIGHTS} (truncated or tampered?): {e}") from None
     if any(not torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
         raise PetlError(f"{Path(path) / WEIGHTS} holds NaN or inf values; refusing to load it")
+    return cfg, state
+
+
+def model_from_state(cfg: dict, state: dict[str, torch.Tensor], backbone, source: str = "state"):
+    """The task model of an adapter's ``(config, state)`` (``read_adapter``) on ``backbone``, in eval mode.
+
+    ``model.budget_thresholds`` is the artifact's ``{budget: [threshold per early exit]}`` curve
+    (``{}`` for an artifact saved without one), ``model.budget_calibration`` what it was calibrated
+    on; a malformed curve refuses the artifact."""
+    from ..methods import build_model
+
     model = build_model(cfg["method"], backbone, cfg["num_classes"], **cfg["hparams"])
-    model.load_trainable_state(state, source=str(Path(path) / WEIGHTS))
+    model.load_trainable_state(state, source=source)
     model.task = cfg.get("task")
     model.classes = cfg.get("classes")
-    model.budget_thresholds = _budget_curve(model, cfg.get("budget_thresholds"), str(Path(path) / CONFIG))
+    model.budget_thresholds = budget_curve_of(model, cfg, source)
     calibration = cfg.get("budget_calibration")
     model.budget_calibration = calibration if isinstance(calibration, dict) and model.budget_thresholds else {}
     return model.eval()
+
+
+def budget_curve_of(model, cfg: dict, source: str) -> dict[float, list[float]]:
+    """The checked budget curve of an adapter config for ``model`` (a model of its method)."""
+    return _budget_curve(model, cfg.get("budget_thresholds"), source)
+
+
+def load_adapter(path, backbone, strict_fingerprint: bool = True):
+    """Rebuild the task model saved at ``path`` on ``backbone``; refuse another backbone
+    (``read_adapter`` + ``model_from_state``)."""
+    cfg, state = read_adapter(path, backbone.fingerprint if strict_fingerprint else None,
+                              getattr(backbone, "petl_name", "?"))
+    return model_from_state(cfg, state, backbone, source=str(Path(path) / WEIGHTS))
