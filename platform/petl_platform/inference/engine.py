@@ -37,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..data.transforms import Pixels
 from ..errors import PetlError, unknown
 from ..methods.base import PetlModel, replace_module, run_trunk, share_frozen
-from ..methods.registry import spec_of
+from ..methods.registry import get_method, spec_of
+from .banks import Bank, BankedTask, NotBankable, run_head
 
 
 # A task gets merged weights after this many single-task batches: merging costs a few folds, so
@@ -77,30 +78,65 @@ class TaskInfo:
 
 class RowSite(nn.Module):
     """A frozen module of the mixed ViT where some tasks add a delta: the frozen op runs once on
-    the whole batch; each run of consecutive segments whose modules share a class gets its deltas
-    from that class's ``batched_input_delta`` / ``add_batched_output_delta`` (one gathered ``bmm``
-    per weight where the method has one)."""
+    the whole batch. Banked tasks (``banks.py``): each run of rows of one bank gets its deltas from
+    the module class's gathered kernel (``bank_input_delta`` / ``bank_output_delta``) with every
+    row's weights gathered by slot. Other tasks: each run of consecutive segments whose modules
+    share a class gets its deltas from ``batched_input_delta`` / ``add_batched_output_delta``."""
 
-    def __init__(self, name: str, frozen: nn.Module, segments: dict):
+    def __init__(self, name: str, frozen: nn.Module, segments: dict, bank_runs: list):
         super().__init__()
         self.name, self.frozen = name, frozen
         self.segments = segments  # the engine's {site: [(start, end, class, modules, lengths)]} of this pass
+        self.bank_runs = bank_runs  # the engine's [BankRun] of this pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         runs = self.segments.get(self.name)
-        if not runs:
+        banked = [(r, r.bank.sites[self.name]) for r in self.bank_runs if self.name in r.bank.sites]
+        if not runs and not banked:
             return self.frozen(x)
         inp = x
-        for a, b, cls, mods, lengths in runs:
+        weights = [(r, cls, mod, {arg: r.weights(key) for arg, key in args.items()}) for r, (cls, mod, args) in banked]
+        for r, cls, mod, w in weights:
+            d = cls.bank_input_delta(mod, x[r.start:r.end], w)
+            if d is not None:
+                if inp is x:
+                    inp = x.clone()
+                inp[r.start:r.end] += d
+        for a, b, cls, mods, lengths in runs or ():
             d = cls.batched_input_delta(mods, x[a:b], lengths)
             if d is not None:
                 if inp is x:
                     inp = x.clone()
                 inp[a:b] += d
         out = self.frozen(inp)
-        for a, b, cls, mods, lengths in runs:
+        for r, cls, mod, w in weights:
+            cls.bank_output_delta(mod, out[r.start:r.end], x[r.start:r.end], w)
+        for a, b, cls, mods, lengths in runs or ():
             cls.add_batched_output_delta(out[a:b], mods, x[a:b], lengths)
         return out
+
+
+@dataclass
+class BankRun:
+    """Rows ``start:end`` of the running batch, all of one bank: ``slots`` is their slot per row
+    (``[rows]`` on the device) or one ``int`` when they are one task's (its slot, read as a view)."""
+
+    start: int
+    end: int
+    bank: Bank
+    slots: torch.Tensor | int
+    shared: dict = field(default_factory=dict)  # gathered once per run: tensors several sites read
+
+    def weights(self, key: str) -> torch.Tensor:
+        t = self.bank.tensors[key]
+        if isinstance(self.slots, int):
+            return t[self.slots:self.slots + 1]
+        if key in self.bank.shared:
+            got = self.shared.get(key)
+            if got is None:
+                got = self.shared[key] = t.index_select(0, self.slots)
+            return got
+        return t.index_select(0, self.slots)
 
 
 def measured_gflops(model: nn.Module, image_size, device, dtype) -> float:
@@ -120,7 +156,7 @@ class Engine:
     """
 
     def __init__(self, backbone: nn.Module, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, merge_cache: int = 2):
+                 dtype: torch.dtype | None = None, merge_cache: int = 2, gather: str = "rows"):
         self.fingerprint = getattr(backbone, "fingerprint", None)
         if self.fingerprint is None:
             raise PetlError("the engine's backbone has no fingerprint; create it with create_backbone()")
@@ -139,11 +175,21 @@ class Engine:
         self.merge_cache = merge_cache
         self.last_stats: dict = {}
         self._pixels = None  # the backbone's normalization, for uint8 images
+        if gather not in ("rows", "segments"):
+            raise PetlError(f"gather must be 'rows' or 'segments', got {gather!r}")
+        # banked rows: "rows" gathers each row's weights by slot (one kernel call per bank and site);
+        # "segments" runs each task's rows with its slot's view (one call per task and site)
+        self.gather = gather
+        self.banks: dict[str, Bank] = {}
+        self._templates: dict[str, PetlModel] = {}
+        self._adopted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PetlModel -> (BankedTask, tensors, version)
+        self._bank_runs: list[BankRun] = []
+        self._bank_lock = __import__("threading").Lock()
 
     # ------------------------------------------------------------------ task models
     def check(self, task: str, model) -> None:
-        """Refuse a model that is not a ``PetlModel`` on this engine's backbone."""
-        if not isinstance(model, PetlModel):
+        """Refuse a model that is not a ``PetlModel`` (or a banked task) on this engine's backbone."""
+        if not isinstance(model, (PetlModel, BankedTask)):
             raise PetlError(f"task {task!r}: expected a PetlModel, got {type(model).__name__}")
         if model.backbone_fingerprint != self.fingerprint:
             raise PetlError(f"task {task!r} was built on backbone {model.backbone_name!r} (fingerprint "
@@ -158,6 +204,12 @@ class Engine:
         """The engine's record of ``model``: checked, moved to the engine's device and dtype, its
         runtime, FLOPs, adapter sites and exits found once."""
         info = self._info.get(model)
+        if info is None and isinstance(model, BankedTask):
+            self.check(task, model)
+            spec = spec_of(model)
+            gflops, costs = self._measured(model.bank.template, spec)
+            info = TaskInfo(spec.runtime, gflops, {}, {b: i for i, b in enumerate(model.bank.exit_blocks)}, costs)
+            self._info[model] = info
         if info is None:
             self.check(task, model)
             model.to(device=self.device, dtype=self.dtype).eval()
@@ -186,6 +238,79 @@ class Engine:
         if key not in self._measures:
             self._measures[key] = measure()
         return self._measures[key]
+
+    # ------------------------------------------------------------------ banks
+    def admit(self, method: str, hparams: dict, num_classes: int, state: Mapping[str, torch.Tensor],
+              source: str = "state") -> BankedTask | None:
+        """A task of ``method`` from its flat tensors, as a slot of its architecture's bank (no module
+        is built but the bank's template, once per architecture); None when the method has no bank
+        layout (the caller builds its model). A state that does not fit is refused (PetlError)."""
+        spec = get_method(method)
+        if spec.bank is None:
+            return None
+        template = self._template(method, dict(hparams), int(num_classes))
+        try:
+            bank = self._bank_for(template)
+        except NotBankable:
+            return None
+        slot = bank.admit(state, source)
+        thr = state.get("exit_thresholds")
+        return BankedTask(bank, slot, int(num_classes), template.config,
+                          None if thr is None else thr.detach().float().cpu())
+
+    def _template(self, method: str, hparams: dict, num_classes: int) -> PetlModel:
+        from ..methods import build_model
+
+        key = json.dumps([method, hparams, num_classes], sort_keys=True, default=str)
+        with self._bank_lock:
+            t = self._templates.get(key)
+        if t is None:
+            t = build_model(method, self.backbone, num_classes, **hparams).to(device=self.device, dtype=self.dtype).eval()
+            with self._bank_lock:
+                t = self._templates.setdefault(key, t)
+        return t
+
+    def _bank_for(self, template: PetlModel) -> Bank:
+        key = Bank.key_of(template)
+        with self._bank_lock:
+            bank = self.banks.get(key)
+            if bank is None:
+                bank = self.banks[key] = Bank(key, template, self.backbone)
+            return bank
+
+    def _banked(self, model) -> BankedTask | None:
+        """The bank slot running ``model``: itself when banked, else (a ``PetlModel`` of a method with a
+        bank layout) a copy of its tensors in a slot, made when first seen and again whenever its
+        tensors changed in place (their version counters moved); None: no bank for it."""
+        if isinstance(model, BankedTask):
+            return model
+        hit = self._adopted.get(model)
+        if hit is not None and (hit[0] is None or sum(t._version for t in hit[1]) == hit[2]):
+            return hit[0]
+        if spec_of(model).bank is None or ":" in model.method:
+            self._adopted[model] = (None, [], 0)
+            return None
+        try:
+            template = self._template(model.method, model.config.to_dict(), model.num_classes)
+            bank = self._bank_for(template)
+        except NotBankable:
+            self._adopted[model] = (None, [], 0)
+            return None
+        # the bank's keys select the task's tensors (a model built before the engine moved the
+        # backbone to its dtype no longer tells its frozen tensors from its own by address)
+        full = model.state_dict()
+        state = {k: full[k] for k in bank.shapes if k in full}
+        thr = state.get("exit_thresholds")
+        bt = BankedTask(bank, bank.admit(state, f"task model {model.method}"), model.num_classes, model.config,
+                        None if thr is None else thr.detach().float().cpu())
+        tensors = list(state.values())
+        self._adopted[model] = (bt, tensors, sum(t._version for t in tensors))
+        return bt
+
+    def bank_stats(self) -> list[dict]:
+        """Per bank: its method, slots and slots used (for the replica's metrics)."""
+        with self._bank_lock:
+            return [b.stats() for b in self.banks.values()]
 
     # ------------------------------------------------------------------ one call
     def run(self, images: torch.Tensor, rows: Sequence[Row], models: Mapping[str, PetlModel]) -> list[RowResult]:
@@ -251,10 +376,10 @@ class Engine:
                 out[i] = RowResult(t, logits[j], None, compute)
 
     # ------------------------------------------------------------------ per-row adapters + early exit
-    def _mixed_vit(self, infos) -> nn.Module:
+    def _mixed_vit(self, site_maps) -> nn.Module:
         need = {}
-        for info in infos:
-            for name, m in info.sites.items():
+        for sites in site_maps:
+            for name, m in sites.items():
                 if need.setdefault(name, m.absorbs) != m.absorbs:
                     raise PetlError(f"adapter site {name}: tasks disagree on the modules it absorbs "
                                     f"({need[name]} vs {m.absorbs})")
@@ -276,7 +401,7 @@ class Engine:
                 replace_module(vit, sib_name, nn.Identity())
             frozen = vit.get_submodule(name)
             replace_module(vit, name, RowSite(name, nn.Sequential(*absorbed, frozen) if absorbed else frozen,
-                                              self._segments))
+                                              self._segments, self._bank_runs))
         return vit.eval()
 
     def merged(self, model: PetlModel) -> PetlModel:
@@ -286,7 +411,8 @@ class Engine:
         if hit is not None and hit[0]() is model:
             self._merged.move_to_end(key)
             return hit[1]
-        merged = model.merged().to(device=self.device, dtype=self.dtype).eval()
+        full = model.materialize() if isinstance(model, BankedTask) else model
+        merged = full.merged().to(device=self.device, dtype=self.dtype).eval()
         self._merged[key] = (weakref.ref(model), merged)
         while len(self._merged) > self.merge_cache:
             self._merged.popitem(last=False)
@@ -295,8 +421,14 @@ class Engine:
     def _blockwise(self, emb, rows, idx, models, infos, out) -> None:
         used, z0 = emb
         pos = {img: j for j, img in enumerate(used)}
-        # each task a contiguous segment, tasks of one method side by side (one gathered run per site)
-        order = sorted(idx, key=lambda i: (models[rows[i].task].method, rows[i].task))
+        banked = {t: self._banked(models[t]) for t in dict.fromkeys(rows[i].task for i in idx)}
+
+        def order_key(i):  # banked rows by bank and slot; the others task by task, one method side by side
+            t = rows[i].task
+            bt = banked[t]
+            return (0, bt.bank.uid, bt.slot, t) if bt is not None else (1, models[t].method, t)
+
+        order = sorted(idx, key=order_key)
         tasks = [rows[i].task for i in order]
         only = tasks[0] if tasks[0] == tasks[-1] else None
         runner = {t: models[t] for t in dict.fromkeys(tasks)}
@@ -304,49 +436,108 @@ class Engine:
             infos[only].solo += 1
         if only is not None and self.merge_cache > 0 and infos[only].solo > MERGE_AFTER and spec_of(models[only]).mergeable:
             runner[only] = self.merged(models[only])
-            blocks, sites = runner[only].vit.blocks, {}
+            banked[only] = None
+            vit, sites = runner[only].vit, {}
         else:
-            blocks = self._mixed_vit([infos[t] for t in runner]).blocks
-            sites = {t: infos[t].sites for t in runner}
-        thresholds = {}  # row -> its early-exit thresholds
+            sites = {t: infos[t].sites for t in runner if banked[t] is None}
+            vit = self._mixed_vit([*sites.values(), *({n: m for n, (_, m, _) in b.sites.items()}
+                                                      for b in {id(bt.bank): bt.bank for bt in banked.values()
+                                                                if bt is not None}.values())])
+        thresholds, known = {}, {}  # row -> its early-exit thresholds
         for i in order:
-            model = models[rows[i].task]
-            thr = rows[i].knobs.get("thresholds")
-            thresholds[i] = model.exit_thresholds_for(thr).tolist() if infos[rows[i].task].runtime == "early_exit" else []
+            t, thr = rows[i].task, rows[i].knobs.get("thresholds")
+            if infos[t].runtime != "early_exit":
+                thresholds[i] = []
+                continue
+            k = (t, None if thr is None else tuple(thr))
+            if k not in known:
+                known[k] = (banked[t] or runner[t]).exit_thresholds_for(thr).tolist()
+            thresholds[i] = known[k]
         h = z0.index_select(0, torch.tensor([pos[rows[i].image] for i in order], device=z0.device))
         alive = list(order)
         segs = None  # {task: (start, end)} of the rows still running, redone when rows leave
-        for b, blk in enumerate(blocks, 1):
-            if segs is None:
-                segs = _segments(alive, rows)
-                self._set_segments(segs, sites)
-            h = blk(h)
-            self.last_stats["row_blocks"] += len(alive)
-            keep = torch.ones(len(alive), dtype=torch.bool)
-            for t, (a, e) in segs.items():
-                stage = infos[t].exits.get(b)
-                if stage is None:
-                    continue
-                logits = runner[t].exit_logits(h[a:e], stage).float()
-                last = stage == len(infos[t].exits) - 1
-                if last:
-                    leave = torch.ones(e - a, dtype=torch.bool)
-                else:
-                    thr = torch.tensor([thresholds[i][stage] for i in alive[a:e]])
-                    leave = logits.softmax(-1).amax(-1).cpu() >= thr
-                if not leave.any():
-                    continue
-                logits = logits.cpu()
-                for j in leave.nonzero().flatten().tolist():
-                    out[alive[a + j]] = self._exit_result(t, logits[j], stage, infos[t])
-                keep[a:e] &= ~leave
-            if not keep.all():
-                h = h[keep.to(h.device)]
-                alive = [i for i, k in zip(alive, keep.tolist()) if k]
-                segs = None
-            if not alive:
-                break
-        self._segments.clear()
+        try:
+            for b, blk in enumerate(vit.blocks, 1):
+                if segs is None:
+                    segs = _segments(alive, rows)
+                    self._set_segments(segs, sites)
+                    self._set_bank_runs(alive, rows, banked)
+                h = blk(h)
+                self.last_stats["row_blocks"] += len(alive)
+                keep = torch.ones(len(alive), dtype=torch.bool)
+                for t, (a, e) in segs.items():  # tasks that run as modules: their own exit heads
+                    stage = infos[t].exits.get(b)
+                    if stage is None or banked[t] is not None:
+                        continue
+                    logits = runner[t].exit_logits(h[a:e], stage).float()
+                    self._leave(t, stage, logits, alive, a, e, thresholds, infos[t], keep, out)
+                for r in self._bank_runs:  # banked rows: every task's head of this exit, gathered by slot
+                    stage = _stage_at(r.bank, b)
+                    if stage is None:
+                        continue
+                    head, params = r.bank.heads[stage]
+                    feats = vit.forward_head(vit.norm(h[r.start:r.end]), pre_logits=True)
+                    logits = run_head(head, feats, lambda p: r.weights(params[p])).float()
+                    self._leave_banked(r, stage, logits, alive, rows, thresholds, infos, keep, out)
+                if not keep.all():
+                    h = h[keep.to(h.device)]
+                    alive = [i for i, k in zip(alive, keep.tolist()) if k]
+                    segs = None
+                if not alive:
+                    break
+        finally:
+            self._segments.clear()
+            self._bank_runs.clear()
+        self.last_stats["banks"] = len({id(bt.bank) for bt in banked.values() if bt is not None})
+
+    def _leave(self, t, stage, logits, alive, a, e, thresholds, info, keep, out) -> None:
+        """Rows ``a:e`` (task ``t``) at exit ``stage``: those confident enough (all at the last exit) leave."""
+        if stage == len(info.exits) - 1:
+            leave = torch.ones(e - a, dtype=torch.bool)
+        else:
+            thr = torch.tensor([thresholds[i][stage] for i in alive[a:e]])
+            leave = logits.softmax(-1).amax(-1).cpu() >= thr
+        if not leave.any():
+            return
+        logits = logits.cpu()
+        for j in leave.nonzero().flatten().tolist():
+            out[alive[a + j]] = self._exit_result(t, logits[j], stage, info)
+        keep[a:e] &= ~leave
+
+    def _leave_banked(self, r, stage, logits, alive, rows, thresholds, infos, keep, out) -> None:
+        a, e = r.start, r.end
+        if stage == len(r.bank.exit_blocks) - 1:
+            leave = torch.ones(e - a, dtype=torch.bool)
+        else:
+            thr = torch.tensor([thresholds[i][stage] for i in alive[a:e]])
+            leave = logits.softmax(-1).amax(-1).cpu() >= thr
+        if not leave.any():
+            return
+        logits = logits.cpu()
+        for j in leave.nonzero().flatten().tolist():
+            t = rows[alive[a + j]].task
+            out[alive[a + j]] = self._exit_result(t, logits[j], stage, infos[t])
+        keep[a:e] &= ~leave
+
+    def _set_bank_runs(self, alive: list[int], rows, banked: dict) -> None:
+        """The runs of banked rows: per bank (``gather="rows"``) or per task (``"segments"``), with
+        each row's slot."""
+        self._bank_runs.clear()
+        start = 0
+        while start < len(alive):
+            bt = banked[rows[alive[start]].task]
+            end = start + 1
+            if bt is None:
+                start = end
+                continue
+            same = (lambda o: o is not None and o.bank is bt.bank) if self.gather == "rows" else (lambda o: o is bt)
+            while end < len(alive) and same(banked[rows[alive[end]].task]):
+                end += 1
+            slots = [banked[rows[i].task].slot for i in alive[start:end]]
+            one = slots[0] if slots[0] == slots[-1] else None  # sorted by slot: one task iff first == last
+            self._bank_runs.append(BankRun(start, end, bt.bank, one if one is not None else
+                                           torch.tensor(slots, device=self.device)))
+            start = end
 
     def _set_segments(self, segs: dict, sites: dict) -> None:
         """Per site, runs of adjacent task segments whose modules share a class."""
@@ -386,6 +577,13 @@ class Engine:
                        "flops_fraction": stats["flops_ratio"], "activation_rate": stats["activation_rate"]}
             for j, i in enumerate(members):
                 out[i] = RowResult(t, logits[j], None, compute)
+
+
+def _stage_at(bank: Bank, block: int) -> int | None:
+    try:
+        return bank.exit_blocks.index(block)
+    except ValueError:
+        return None
 
 
 def _group(rows, idx) -> dict[str, list[int]]:

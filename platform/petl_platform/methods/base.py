@@ -92,6 +92,26 @@ class AdapterModule(nn.Module):
                 out[a:a + n] += d
             a += n
 
+    # Banks (``MethodSpec.bank``, ``inference/banks.py``): tasks as slots of stacked tensors. A module
+    # class that supports them returns its tensors by kernel argument in ``bank_tensors`` (its own
+    # parameters, or ones it shares with the model, like ARC's down-projection) and what tasks of
+    # one bank must share in ``bank_static``; its kernels get ``mod`` (the bank's template module,
+    # for static values and frozen sub-modules), the rows ``x`` and ``w``: each argument's weights
+    # gathered per row (``[rows, ...]``) or one task's (``[1, ...]``, broadcast over the rows).
+    def bank_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} declares no bank layout")
+
+    def bank_static(self) -> tuple:
+        return ()
+
+    @classmethod
+    def bank_input_delta(cls, mod: AdapterModule, x: torch.Tensor, w: dict) -> torch.Tensor | None:
+        return None
+
+    @classmethod
+    def bank_output_delta(cls, mod: AdapterModule, out: torch.Tensor, x: torch.Tensor, w: dict) -> None:
+        """Add every row's delta to its rows of ``out`` in place."""
+
 
 def row_index(lengths: list[int], device) -> torch.Tensor:
     """``[0, 0, 1, 2, 2, 2, ...]``: the segment of each row, for gathering per-row weights."""
@@ -228,6 +248,11 @@ class PetlModel(nn.Module):
     def exit_costs(self) -> list[float]:
         """Per-sample FLOPs fraction of ``model(x)`` spent when leaving at each exit."""
         return [1.0]
+
+    def exit_head(self, stage: int) -> nn.Module:
+        """The head of exit ``stage``: ``exit_logits(h, stage)`` is
+        ``exit_head(stage)(vit.forward_head(vit.norm(h), pre_logits=True))``."""
+        return self.head
 
     def exit_thresholds_for(self, thresholds=None) -> torch.Tensor:
         """Confidence thresholds of the early exits (none here; Dyn-* overrides)."""

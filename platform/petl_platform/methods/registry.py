@@ -29,6 +29,24 @@ BUDGET_MAX = 1.5
 LR_MULTIPLES = (1 / 3, 27.0)
 
 
+@dataclass(frozen=True)
+class BankLayout:
+    """How tasks of a method sit in an adapter bank (``inference/banks.py``): a resident task is a
+    slot of stacked ``[slots, ...]`` tensors, one per tensor of its trainable state (adapters, head,
+    exit heads, buffers), and the engine runs the rows of every task of a bank at a site with their
+    weights gathered by slot (the BGMV idea of Punica / S-LoRA).
+
+    ``modules``: the ``AdapterModule`` classes the method injects. Each declares, in its own class,
+    its layout (``bank_tensors``: kernel argument -> its tensor; ``bank_static``: what tasks of one
+    bank must share, e.g. LoRA's targets and scaling) and its gathered kernel
+    (``bank_input_delta`` / ``bank_output_delta``). Heads are ``nn.Linear`` (or ``Sequential``s of
+    ``Linear`` and parameter-free modules, Dyn-*'s MLP exits) and need no declaration. Tasks whose
+    shapes or static values differ get their own bank: padding a rank-4 LoRA to rank 16 would make it
+    pay rank 16's FLOPs and memory."""
+
+    modules: tuple[type, ...]
+
+
 class EarlyExits(Protocol):
     """Calibrated early exits: everything code outside ``methods/`` does with a model's exits, so
     none of it imports one method's internals. ``MethodSpec.exits`` of every ``early_exit`` method
@@ -83,6 +101,8 @@ class MethodSpec:
     # the default space's lr: log-uniform over these multiples of the recipe lr (None: no lr searched);
     # an ``lr`` in ``search_space`` wins
     lr_multiples: tuple[float, float] | None = LR_MULTIPLES
+    # how a resident task sits in the engine's adapter banks (per-row runtimes); None: a module tree
+    bank: BankLayout | None = None
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -90,6 +110,8 @@ class MethodSpec:
         if (self.exits is not None) != (self.runtime == "early_exit"):
             raise ValueError(f"method {self.name!r}: exits are given by early_exit methods, and only by them "
                              f"(runtime {self.runtime!r})")
+        if self.bank is not None and self.runtime not in ("per_row_adapter", "early_exit"):
+            raise ValueError(f"method {self.name!r}: a bank layout is for per-row runtimes, not {self.runtime!r}")
         if self.lr_multiples is not None and not 0 < self.lr_multiples[0] < self.lr_multiples[1]:
             raise ValueError(f"method {self.name!r}: lr_multiples must be (low, high) with 0 < low < high, "
                              f"got {self.lr_multiples}")

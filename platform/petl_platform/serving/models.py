@@ -164,6 +164,7 @@ class TaskModelCache:
         self.stats = {"hits": 0, "misses": 0, "loads": 0, "refused": 0, "evictions": 0, "refreshes": 0,
                       "host_hits": 0, "load_timeouts": 0, "loads_s3": 0, "loads_node": 0}
         self.load_ms: list[float] = []  # the last 256 loads
+        self.load_sources: list[str] = []  # where each of them came from ("s3" or "node"), in step with load_ms
         self._prepare = prepare or self._default_prepare
         fp = getattr(backbone, "fingerprint", None)
         # where a version's tensors come from (the registry and S3 by default; a node's object store
@@ -328,6 +329,7 @@ class TaskModelCache:
             self.stats["loads"] += 1
             self.stats["loads_node" if got.source == "node" else "loads_s3"] += 1
             self.load_ms = [*self.load_ms[-255:], ms]
+            self.load_sources = [*self.load_sources[-255:], got.source]
             self._evict(keep=task)
         return entry
 
@@ -343,7 +345,9 @@ class TaskModelCache:
             del self.entries[task]
             used -= e.nbytes
             self.stats["evictions"] += 1
-            if self.host_budget >= e.nbytes:
+            # a banked task's slot is freed when the last batch holding it lets go (``BankedTask``);
+            # it never waits in host memory: a reload copies it again from the node's object store
+            if self.host_budget >= e.nbytes and not hasattr(e.model, "slot"):
                 move_own(e.model, self.backbone, "cpu")
                 self.host[task] = e
         held = sum(e.nbytes for e in self.host.values())

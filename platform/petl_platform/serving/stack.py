@@ -3,7 +3,7 @@ place that answers tasks holds (a Ray Serve replica, a ``petl predict`` scoring 
 pyfunc flavor), assembled here once. Plain torch, no Ray::
 
     stack = Stack.build("petl_vit_t12_p4_32")          # on the GPU when there is one
-    store = stack.store(settings, alias="champion")    # adapters from the registry, ready for the engine
+    store = stack.store(settings, alias="champion")    # adapters from the registry, as slots of the engine's banks
     results = stack.engine.run(x, rows, {t: store.get(t).model for t in tasks})
 """
 
@@ -18,8 +18,9 @@ from ..backbones import SHIPPED, create_backbone
 from ..data import make_transform
 from ..errors import PetlError
 from ..inference import Engine
+from ..tracking.artifacts import budget_curve_of, model_from_state
 from ..tracking.settings import CHAMPION, TrackingSettings
-from .models import TaskModelCache
+from .models import Fetched, TaskModelCache
 
 # the ``dtype`` names of the Serve YAML; None keeps the weights' own (fp32)
 DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,9 +64,25 @@ class Stack:
         fingerprint, depth), moves it to its device and dtype, and measures its GFLOPs per image."""
         return self.engine.info(task, model).gflops
 
+    def admit(self, task: str, got: Fetched) -> tuple[object, float]:
+        """The adapter store's ``admit`` hook: a fetched version becomes a slot of the engine's adapter
+        bank for its architecture (per-row methods: no module is built), or a task model on the
+        backbone (the other runtimes); with its GFLOPs per image."""
+        cfg, source = got.config, f"{task} v{got.version}"
+        banked = self.engine.admit(cfg["method"], cfg["hparams"], cfg["num_classes"], got.state, source=source)
+        if banked is None:
+            model = model_from_state(cfg, got.state, self.backbone, source=source)
+            return model, self.prepare(task, model)
+        banked.task, banked.classes = cfg.get("task"), cfg.get("classes")
+        banked.budget_thresholds = budget_curve_of(banked.bank.template, cfg, source)
+        calibration = cfg.get("budget_calibration")
+        banked.budget_calibration = calibration if isinstance(calibration, dict) and banked.budget_thresholds else {}
+        return banked, self.engine.info(task, banked).gflops
+
     def store(self, settings: TrackingSettings | None = None, alias: str = CHAMPION, **options) -> TaskModelCache:
         """The adapter store on this backbone, its models readied by the engine (``prepare``).
         ``settings`` default to the environment's; ``options`` are ``TaskModelCache``'s (capacity,
         capacity_mb, host_mb, refresh_s, load_timeout_s, ...)."""
+        options.setdefault("admit", self.admit)
         return TaskModelCache(self.backbone, settings or TrackingSettings.from_env(), alias, prepare=self.prepare,
                               **options)

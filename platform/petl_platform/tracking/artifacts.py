@@ -100,7 +100,8 @@ def read_adapter(path, fingerprint: str | None = None, backbone_name: str = "?")
     return cfg, state
 
 
-def model_from_state(cfg: dict, state: dict[str, torch.Tensor], backbone, source: str = "state"):
+def model_from_state(cfg: dict, state: dict[str, torch.Tensor], backbone, source: str = "state",
+                     config_source: str | None = None):
     """The task model of an adapter's ``(config, state)`` (``read_adapter``) on ``backbone``, in eval mode.
 
     ``model.budget_thresholds`` is the artifact's ``{budget: [threshold per early exit]}`` curve
@@ -112,7 +113,7 @@ def model_from_state(cfg: dict, state: dict[str, torch.Tensor], backbone, source
     model.load_trainable_state(state, source=source)
     model.task = cfg.get("task")
     model.classes = cfg.get("classes")
-    model.budget_thresholds = budget_curve_of(model, cfg, source)
+    model.budget_thresholds = budget_curve_of(model, cfg, config_source or source)
     calibration = cfg.get("budget_calibration")
     model.budget_calibration = calibration if isinstance(calibration, dict) and model.budget_thresholds else {}
     return model.eval()
@@ -128,4 +129,4 @@ def load_adapter(path, backbone, strict_fingerprint: bool = True):
     (``read_adapter`` + ``model_from_state``)."""
     cfg, state = read_adapter(path, backbone.fingerprint if strict_fingerprint else None,
                               getattr(backbone, "petl_name", "?"))
-    return model_from_state(cfg, state, backbone, source=str(Path(path) / WEIGHTS))
+    return model_from_state(cfg, state, backbone, source=str(Path(path) / WEIGHTS), config_source=str(Path(path) / CONFIG))

@@ -30,7 +30,7 @@ from torch import nn
 from ...errors import PetlError
 from ..base import AdapterModule, PetlModel, find_modules, replace_module, row_index
 from ..config import MethodConfig, check
-from ..registry import MethodSpec, register_method
+from ..registry import BankLayout, MethodSpec, register_method
 
 MLP = r"blocks\.\d+\.mlp"
 
@@ -93,6 +93,22 @@ class ParallelAdapterMlp(AdapterModule):
         z = torch.relu(torch.baddbmm(bd.unsqueeze(1), h, wd.transpose(1, 2)))
         out.view(len(out), -1, out.shape[-1]).add_(scale * torch.baddbmm(bu.unsqueeze(1), z, wu.transpose(1, 2)))
 
+    def bank_tensors(self) -> dict[str, torch.Tensor]:
+        return {"wd": self.down.weight, "bd": self.down.bias, "wu": self.up.weight, "bu": self.up.bias}
+
+    def bank_static(self) -> tuple:
+        return (self.on_norm, self.scale)
+
+    @classmethod
+    def bank_output_delta(cls, mod, out, x, w) -> None:
+        """Every row's own bottleneck ``s up(ReLU(down(x)))``, weights gathered per row."""
+        h = x.reshape(len(x), -1, x.shape[-1])
+        if mod.on_norm:
+            h = mod.norm(h)  # the frozen LayerNorm: the same for every task
+        z = torch.relu(torch.matmul(h, w["wd"].transpose(1, 2)) + w["bd"].unsqueeze(1))
+        branch = torch.matmul(z, w["wu"].transpose(1, 2)) + w["bu"].unsqueeze(1)
+        out.view(len(out), -1, out.shape[-1]).add_(mod.scale * branch)
+
 
 class AdapterModel(PetlModel):
     def inject(self) -> None:
@@ -113,6 +129,7 @@ class AdapterModel(PetlModel):
 
 
 register_method(MethodSpec("adapter", AdapterModel, AdapterConfig, runtime="per_row_adapter", mergeable=False,
+                           bank=BankLayout((ParallelAdapterMlp,)),
                            # + the lr around the recipe's (registry.LR_MULTIPLES)
                            search_space={"bottleneck": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"},
                            description="AdaptFormer parallel bottleneck (d=8, s=0.1) beside every MLP"))

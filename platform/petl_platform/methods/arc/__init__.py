@@ -30,7 +30,7 @@ from ...errors import PetlError
 from ..base import AdapterModule, PetlModel, find_modules, replace_module, row_index
 from ..config import MethodConfig, check
 from ..lora.merge import fold_affine, plain_merged
-from ..registry import MethodSpec, register_method
+from ..registry import BankLayout, MethodSpec, register_method
 
 TARGETS = {"attn": r"blocks\.\d+\.attn\.qkv", "mlp": r"blocks\.\d+\.mlp\.fc1"}
 
@@ -92,6 +92,20 @@ class ArcLinear(AdapterModule):
         h = x.reshape(len(x), -1, x.shape[-1])
         return torch.baddbmm(bias, torch.bmm(h, d) * coef, d.transpose(1, 2)).reshape(x.shape)
 
+    def bank_tensors(self) -> dict[str, torch.Tensor]:
+        return {"down": self.down, "coef": self.coef, "bias": self.bias}  # down: the model's shared matrix
+
+    def bank_static(self) -> tuple:
+        return (self.path,)
+
+    @classmethod
+    def bank_input_delta(cls, mod, x, w) -> torch.Tensor:
+        """Every row's own ``x W_down C W_up + bias``, gathered per row."""
+        d = w["down"]  # [rows, C, r]
+        h = x.reshape(len(x), -1, x.shape[-1])
+        z = torch.matmul(torch.matmul(h, d) * w["coef"].unsqueeze(1), d.transpose(1, 2)) + w["bias"].unsqueeze(1)
+        return z.reshape(x.shape)
+
     def folded(self) -> nn.Linear:
         d = self.down.detach().double()
         m = (d * self.coef.detach().double()) @ d.T  # W_down C W_up
@@ -127,6 +141,8 @@ class ArcAttModel(ArcModel):
 # + the lr around the recipe's (registry.LR_MULTIPLES); the rate is the branch dropout (official default 0)
 _SPACE = {"rank": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"}
 register_method(MethodSpec("arc", ArcModel, ArcConfig, runtime="per_row_adapter", mergeable=True, search_space=_SPACE,
+                           bank=BankLayout((ArcLinear,)),
                            description="ARC (r=50): shared W_down / W_down^T + per-layer coefficients before qkv and fc1"))
 register_method(MethodSpec("arc_att", ArcAttModel, ArcConfig, runtime="per_row_adapter", mergeable=True, search_space=_SPACE,
+                           bank=BankLayout((ArcLinear,)),
                            description="ARC on the attention path only (before qkv)"))

@@ -138,7 +138,7 @@ def register_dyn_variants() -> list[str]:
             log.warning("no %s: %s", name, e)
             continue
         register_method(MethodSpec(name, make_dyn_model_class(base, spec.model_cls), cfg_cls, runtime="early_exit",
-                                   mergeable=spec.mergeable, search_space=_dyn_space(spec), exits=EXITS,
+                                   mergeable=spec.mergeable, search_space=_dyn_space(spec), exits=EXITS, bank=spec.bank,
                                    description=f"Dyn-Adapter early exits over {base}"))
         done.append(name)
     return done

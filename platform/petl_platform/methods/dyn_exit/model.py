@@ -137,6 +137,9 @@ class DynExitMixin:
             return self.forward_head(feats)
         return self.exits[stage](self.vit.forward_head(feats, pre_logits=True))
 
+    def exit_head(self, stage: int) -> nn.Module:
+        return self.head if stage == self.stages - 1 else self.exits[stage]
+
     def all_exit_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         h, out = self.embed(x), []
         for s in range(self.stages):

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..base import AdapterModule, PetlModel, find_modules, replace_module, row_index
 from ..config import MethodConfig, check
-from ..registry import MethodSpec, register_method
+from ..registry import BankLayout, MethodSpec, register_method
 from .merge import folded_linear, plain_merged
 
 QKV = r"blocks\.\d+\.attn\.qkv"
@@ -102,6 +102,22 @@ class LoraQKV(AdapterModule):
             if t in a_of:  # [rows, T, in] @ ([rows,] in, r) @ ([rows,] r, dim)
                 o[..., i * first.dim:(i + 1) * first.dim] += torch.matmul(torch.matmul(h, a_of[t]), b_of[t]) * scale
 
+    def bank_tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"A_{t}": self.lora_A[t] for t in self.targets}, **{f"B_{t}": self.lora_B[t] for t in self.targets}}
+
+    def bank_static(self) -> tuple:
+        return (self.targets, self.dim, self.scaling)
+
+    @classmethod
+    def bank_output_delta(cls, mod, out, x, w) -> None:
+        """``s B A x`` of every row into its q / v slice: ``[rows, T, in] @ [rows, in, r] @ [rows, r, dim]``."""
+        h = x.reshape(len(x), -1, x.shape[-1])
+        o = out.view(len(out), -1, out.shape[-1])
+        for i, t in enumerate(SLICES):
+            if t in mod.targets:
+                d = torch.matmul(torch.matmul(h, w[f"A_{t}"].transpose(1, 2)), w[f"B_{t}"].transpose(1, 2))
+                o[..., i * mod.dim:(i + 1) * mod.dim] += d * mod.scaling
+
     def folded(self) -> nn.Linear:
         w = self.base.weight.detach().double().clone()  # new tensor: the frozen one stays untouched
         for i, t in enumerate(SLICES):
@@ -124,6 +140,7 @@ class LoraModel(PetlModel):
 
 
 register_method(MethodSpec("lora", LoraModel, LoraConfig, runtime="per_row_adapter", mergeable=True,
+                           bank=BankLayout((LoraQKV,)),
                            # + the lr around the recipe's (registry.LR_MULTIPLES)
                            search_space={"rank": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"},
                            description="LoRA rank 8 on the q and v slices of the fused qkv"))

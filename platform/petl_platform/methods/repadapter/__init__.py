@@ -24,7 +24,7 @@ from ...errors import PetlError
 from ..base import AdapterModule, PetlModel, find_modules, replace_module
 from ..config import MethodConfig, check
 from ..lora.merge import fold_affine, plain_merged
-from ..registry import MethodSpec, register_method
+from ..registry import BankLayout, MethodSpec, register_method
 
 TARGETS = {"attn": r"blocks\.\d+\.attn\.qkv", "mlp": r"blocks\.\d+\.mlp\.fc1"}
 
@@ -73,6 +73,20 @@ class RepAdapterLinear(AdapterModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x + self.input_delta(x))
 
+    def bank_tensors(self) -> dict[str, torch.Tensor]:
+        return {"wd": self.down.weight, "bd": self.down.bias, "wu": self.up_weight, "bu": self.up_bias}
+
+    def bank_static(self) -> tuple:
+        return (self.groups, self.scale)
+
+    @classmethod
+    def bank_input_delta(cls, mod, x, w) -> torch.Tensor:
+        """Every row's own ``s ((x W_d + b_d) W_u + b_u)``, the group-wise W_u gathered per row."""
+        h = x.reshape(len(x), -1, x.shape[-1])
+        z = (torch.matmul(h, w["wd"].transpose(1, 2)) + w["bd"].unsqueeze(1)).unflatten(-1, (mod.groups, -1))
+        up = torch.einsum("ntgi,ngoi->ntgo", z, w["wu"].expand(len(x), *w["wu"].shape[1:])).flatten(-2)
+        return (mod.scale * (up + w["bu"].unsqueeze(1))).reshape(x.shape)
+
     def dense_up(self) -> torch.Tensor:
         """W_u as the dense block-diagonal ``C x r`` matrix."""
         return torch.block_diag(*self.up_weight.unbind(0))
@@ -99,6 +113,7 @@ class RepAdapterModel(PetlModel):
 
 
 register_method(MethodSpec("repadapter", RepAdapterModel, RepAdapterConfig, runtime="per_row_adapter", mergeable=True,
+                           bank=BankLayout((RepAdapterLinear,)),
                            # + the lr around the recipe's (registry.LR_MULTIPLES)
                            search_space={"bottleneck": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"},
                            description="RepAdapter (r=8, groups 2) before qkv and fc1, folds into them exactly"))
