@@ -8,6 +8,10 @@ slot, no module is built, and nothing is stacked per call. The engine gathers ea
 slot at every site (``index_select`` on the bank, the BGMV idea of Punica / S-LoRA), or, for rows of
 one task, reads its slot as a view.
 
+Tasks of one bank may have different class counts: the class dimension of each exit's last Linear
+is padded to the widest task of the bank, and each row's logits are cut to its own task's classes
+(and its padded classes never count in an early exit's confidence).
+
 One *template* model per bank (a ``PetlModel`` built once, with its own untrained tensors) gives
 the frozen structure, the static values and the heads' layout; its tensors never answer a row.
 Banks grow by doubling when every slot is taken (the tensors are reallocated and copied; a batch in
@@ -47,6 +51,17 @@ def head_layout(template: PetlModel, stage: int, names: dict[int, str]) -> tuple
         params[pname] = key
     _check_head(head)
     return head, params
+
+
+def class_keys(template: PetlModel, names: dict[int, str]) -> set[str]:
+    """The state keys of every exit's last Linear (weight and bias): their first dimension is the
+    task's class count."""
+    keys = set()
+    for s in range(len(template.exit_blocks())):
+        last = [m for m in template.exit_head(s).modules() if isinstance(m, nn.Linear)][-1:]
+        for m in last:
+            keys |= {names[p.data_ptr()] for p in m.parameters() if p.data_ptr() in names}
+    return keys
 
 
 def _check_head(m: nn.Module) -> None:
@@ -103,6 +118,8 @@ class Bank:
         self.shared = {k for k, n in uses.items() if n > 1}  # gathered once per pass (ARC's down-projection)
         self.exit_blocks = template.exit_blocks()
         self.heads = [head_layout(template, s, names) for s in range(len(self.exit_blocks))]
+        self.class_keys = class_keys(template, names)
+        self.classes = template.num_classes  # the class dimension of the class keys: the widest task's
         self.tensors = {k: torch.zeros((slots, *shape), dtype=self.dtypes[k], device=self.device)
                         for k, shape in self.shapes.items()}
         self.capacity = slots
@@ -115,28 +132,39 @@ class Bank:
         """What tasks of one bank share: method, tensor names and shapes, every site's module class
         and static values, and the exits."""
         sites = sorted((n, type(m).__qualname__, repr(m.bank_static())) for n, m in template.adapter_sites().items())
-        shapes = sorted((k, list(v.shape), str(v.dtype)) for k, v in template.trainable_state_dict().items())
-        heads = [repr(template.exit_head(s)) for s in range(len(template.exit_blocks()))]
+        state = template.trainable_state_dict()
+        per_class = class_keys(template, {v.data_ptr(): k for k, v in state.items()})
+        shapes = sorted((k, ["C", *v.shape[1:]] if k in per_class else list(v.shape), str(v.dtype)) for k, v in state.items())
+        heads = [[type(m).__name__ for m in template.exit_head(s).modules()] for s in range(len(template.exit_blocks()))]
         return json.dumps([template.method, template.exit_blocks(), sites, shapes, heads])
 
     # ------------------------------------------------------------------ slots
-    def admit(self, state: Mapping[str, torch.Tensor], source: str = "state") -> int:
-        """Copy a task's flat tensors into a free slot (growing the bank when full); its slot."""
+    def admit(self, state: Mapping[str, torch.Tensor], classes: int, source: str = "state") -> int:
+        """Copy a task of ``classes`` classes' flat tensors into a free slot (growing the bank when
+        full, widening its class dimension for a wider task); its slot."""
         missing, unexpected = sorted(set(self.shapes) - set(state)), sorted(set(state) - set(self.shapes))
         if missing or unexpected:
             raise PetlError(f"{source} does not fit method {self.template.method!r}: missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}")
         for k, v in state.items():
-            if tuple(v.shape) != self.shapes[k]:
-                raise PetlError(f"{source}: tensor {k} has shape {tuple(v.shape)}, expected {self.shapes[k]}")
+            want = (classes, *self.shapes[k][1:]) if k in self.class_keys else self.shapes[k]
+            if tuple(v.shape) != want:
+                raise PetlError(f"{source}: tensor {k} has shape {tuple(v.shape)}, expected {want}")
         with self._lock:
+            if classes > self.classes:
+                self._widen(classes)
             if not self.free:
                 self._grow()
             slot = self.free.pop()
             self.used += 1
         try:
+            tensors = self.tensors
             for k, v in state.items():
-                self.tensors[k][slot].copy_(v, non_blocking=True)
+                if k in self.class_keys:
+                    tensors[k][slot, :classes].copy_(v, non_blocking=True)
+                    tensors[k][slot, classes:].zero_()
+                else:
+                    tensors[k][slot].copy_(v, non_blocking=True)
         except BaseException:
             self.release(slot)
             raise
@@ -158,13 +186,23 @@ class Bank:
         self.free = list(range(new - 1, self.capacity - 1, -1)) + self.free
         self.capacity = new
 
-    def slot_state(self, slot: int) -> dict[str, torch.Tensor]:
-        """The task's tensors in slot ``slot`` (copies)."""
-        return {k: t[slot].clone() for k, t in self.tensors.items()}
+    def _widen(self, classes: int) -> None:
+        wide = dict(self.tensors)
+        for k in self.class_keys:
+            t = self.tensors[k]
+            w = torch.zeros((t.shape[0], classes, *t.shape[2:]), dtype=t.dtype, device=t.device)
+            w[:, :self.classes].copy_(t)
+            wide[k] = w
+        self.tensors = wide
+        self.classes = classes
+
+    def slot_state(self, slot: int, classes: int) -> dict[str, torch.Tensor]:
+        """The tensors of the task in slot ``slot`` (copies, cut to its ``classes``)."""
+        return {k: (t[slot, :classes] if k in self.class_keys else t[slot]).clone() for k, t in self.tensors.items()}
 
     def stats(self) -> dict:
         return {"bank": self.template.method, "key": self.key, "slots": self.capacity, "used": self.used,
-                "slot_bytes": self.slot_bytes}
+                "slot_bytes": self.slot_bytes, "classes": self.classes}
 
 
 class BankedTask:
@@ -202,7 +240,7 @@ class BankedTask:
         self._release()
 
     def state(self) -> dict[str, torch.Tensor]:
-        return self.bank.slot_state(self.slot)
+        return self.bank.slot_state(self.slot, self.num_classes)
 
     def materialize(self) -> PetlModel:
         """The task as a module tree (for the merged single-task path), built from its slot."""

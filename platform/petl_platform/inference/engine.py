@@ -125,7 +125,15 @@ class BankRun:
     end: int
     bank: Bank
     slots: torch.Tensor | int
+    classes: list[int]  # each row's task's class count (the bank's class dimension is the widest task's)
     shared: dict = field(default_factory=dict)  # gathered once per run: tensors several sites read
+
+    def cut(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits [rows, bank classes]`` with every row's padded classes at -inf."""
+        if self.classes[0] == self.classes[-1] == logits.shape[-1] and len(set(self.classes)) == 1:
+            return logits
+        n = torch.tensor(self.classes, device=logits.device)
+        return logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= n[:, None], float("-inf"))
 
     def weights(self, key: str) -> torch.Tensor:
         t = self.bank.tensors[key]
@@ -253,7 +261,7 @@ class Engine:
             bank = self._bank_for(template)
         except NotBankable:
             return None
-        slot = bank.admit(state, source)
+        slot = bank.admit(state, int(num_classes), source)
         thr = state.get("exit_thresholds")
         return BankedTask(bank, slot, int(num_classes), template.config,
                           None if thr is None else thr.detach().float().cpu())
@@ -301,7 +309,7 @@ class Engine:
         full = model.state_dict()
         state = {k: full[k] for k in bank.shapes if k in full}
         thr = state.get("exit_thresholds")
-        bt = BankedTask(bank, bank.admit(state, f"task model {model.method}"), model.num_classes, model.config,
+        bt = BankedTask(bank, bank.admit(state, model.num_classes, f"task model {model.method}"), model.num_classes, model.config,
                         None if thr is None else thr.detach().float().cpu())
         tensors = list(state.values())
         self._adopted[model] = (bt, tensors, sum(t._version for t in tensors))
@@ -477,7 +485,7 @@ class Engine:
                         continue
                     head, params = r.bank.heads[stage]
                     feats = vit.forward_head(vit.norm(h[r.start:r.end]), pre_logits=True)
-                    logits = run_head(head, feats, lambda p: r.weights(params[p])).float()
+                    logits = r.cut(run_head(head, feats, lambda p: r.weights(params[p])).float())
                     self._leave_banked(r, stage, logits, alive, rows, thresholds, infos, keep, out)
                 if not keep.all():
                     h = h[keep.to(h.device)]
@@ -516,7 +524,7 @@ class Engine:
         logits = logits.cpu()
         for j in leave.nonzero().flatten().tolist():
             t = rows[alive[a + j]].task
-            out[alive[a + j]] = self._exit_result(t, logits[j], stage, infos[t])
+            out[alive[a + j]] = self._exit_result(t, logits[j, :r.classes[j]], stage, infos[t])
         keep[a:e] &= ~leave
 
     def _set_bank_runs(self, alive: list[int], rows, banked: dict) -> None:
@@ -536,7 +544,8 @@ class Engine:
             slots = [banked[rows[i].task].slot for i in alive[start:end]]
             one = slots[0] if slots[0] == slots[-1] else None  # sorted by slot: one task iff first == last
             self._bank_runs.append(BankRun(start, end, bt.bank, one if one is not None else
-                                           torch.tensor(slots, device=self.device)))
+                                           torch.tensor(slots, device=self.device),
+                                           [banked[rows[i].task].num_classes for i in alive[start:end]]))
             start = end
 
     def _set_segments(self, segs: dict, sites: dict) -> None:

@@ -26,7 +26,7 @@ import logging
 
 from ..base import PetlModel
 from ..config import check
-from ..registry import MethodSpec, get_method, list_methods, register_method
+from ..registry import BankLayout, MethodSpec, get_method, list_methods, register_method
 from .calibrate import (BUDGETS, EXITS, accuracy_flops_curve, budget_curve, calibrate, exit_probabilities,
                         parse_budget_curve, save_curve_png, thresholds_for_budget)
 from .model import DynExitMixin, make_dyn_model_class, stage_weights
@@ -138,7 +138,8 @@ def register_dyn_variants() -> list[str]:
             log.warning("no %s: %s", name, e)
             continue
         register_method(MethodSpec(name, make_dyn_model_class(base, spec.model_cls), cfg_cls, runtime="early_exit",
-                                   mergeable=spec.mergeable, search_space=_dyn_space(spec), exits=EXITS, bank=spec.bank,
+                                   mergeable=spec.mergeable, search_space=_dyn_space(spec), exits=EXITS,
+                                   bank=spec.bank or BankLayout(()),  # the exit heads are banked even over a linear probe
                                    description=f"Dyn-Adapter early exits over {base}"))
         done.append(name)
     return done
