@@ -9,7 +9,9 @@
 
 A replica holds the frozen backbone, the mixed-task engine and the adapter store
 (``petl_platform.serving.Stack``), batches across requests and tasks (``serving.Batcher``), and
-reports its store, load, latency, batch, exit-stage and token-activation metrics.
+reports its store, bank, load, latency, batch, exit-stage and token-activation metrics. Its store
+fetches adapters through the node's fetcher and object store (``node_adapters.py``, ``node_cache``):
+registry look-ups, downloads and reads run there, once per node, not in the replica.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from petl_platform.inference import Row
 from petl_platform.methods.registry import spec_of
 from petl_platform.serving import Batcher, ServeError, Stack, answer
 from petl_platform.tracking.settings import CHAMPION, TrackingSettings
+from serve_apps.node_adapters import node_fetch
 
 log = logging.getLogger("petl.serve")
 ROLES = ("trunk", "early_exit", "token_dispatch", "adapter")
@@ -59,17 +62,27 @@ class _Replica:
     def __init__(self, backbone: str = SHIPPED, alias: str = CHAMPION, capacity: int | None = None,
                  refresh_s: float = 10.0, dtype: str | None = None, capacity_mb: float = 256.0,
                  host_mb: float | None = None, load_timeout_s: float = 30.0, warm: list[str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, node_cache: bool = True, node_cache_mb: float = 1024.0):
         if threads:  # Ray sets OMP_NUM_THREADS=1 in an actor with num_cpus < 2: the engine then uses one core
             torch.set_num_threads(int(threads))
         stack = Stack.build(backbone, dtype=dtype)  # a replica with num_gpus sees its GPU: the engine runs there
         self.backbone, self.engine = stack.backbone, stack.engine
-        self.cache = stack.store(TrackingSettings.from_env(), alias, capacity=capacity, refresh_s=refresh_s,
-                                 capacity_mb=capacity_mb, host_mb=host_mb, load_timeout_s=load_timeout_s)
+        settings = TrackingSettings.from_env()
+        fetch = None  # the store's own: registry + S3 in this process
+        if node_cache:  # registry look-ups, downloads and reads in the node's fetcher; arrays via its object store
+            fetch = node_fetch(settings, getattr(self.backbone, "fingerprint", None),
+                               str(getattr(self.backbone, "petl_name", "?")), max_age_s=refresh_s, max_mb=node_cache_mb)
+            if hasattr(fetch, "warm"):  # the node's actor started now, not in the first cold load
+                fetch.warm()
+        self.cache = stack.store(settings, alias, capacity=capacity, refresh_s=refresh_s, capacity_mb=capacity_mb,
+                                 host_mb=host_mb, load_timeout_s=load_timeout_s, fetch=fetch)
         self.m_cache = Gauge("petl_adapter_store", description="adapter store per replica: resident tasks and bytes, "
                              "loads, evictions, hits, misses, refused", tag_keys=("kind",))
-        self.m_load = Histogram("petl_adapter_load_ms", description="cold load time of a task adapter",
-                                boundaries=[10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 30000])
+        self.m_load = Histogram("petl_adapter_load_ms", description="cold load time of a task adapter, by where "
+                                "its tensors came from: s3 (the registry's store) or node (the node's object store)",
+                                boundaries=[10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 30000], tag_keys=("source",))
+        self.m_bank = Gauge("petl_adapter_bank_slots", description="the engine's adapter banks: slots used and free",
+                            tag_keys=("bank", "state"))
         self.m_latency = Histogram("petl_task_latency_ms", description="per-task compute latency in the replica",
                                    boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000], tag_keys=("task",))
         self.m_batch = Histogram("petl_batch_size", description="batch sizes formed by the batcher "
@@ -109,19 +122,30 @@ class _Replica:
         self.batcher.wait_s = float(config.get("batch_wait_timeout_s", 0.002))
 
     def _metrics(self) -> None:
-        """The store's gauges, at most once a second (11 gauge sets a request cost ~1 ms of a
-        replica's CPU per request in the profile), and every load since."""
+        """The store's and the banks' gauges, at most once a second (11 gauge sets a request cost
+        ~1 ms of a replica's CPU per request in the profile), and every load since, by source."""
         now = time.monotonic()
         if now - self._metrics_at < 1.0 and self.cache.stats["loads"] == self._loads_seen:
             return
         self._metrics_at = now
         snap = self.cache.snapshot()
-        for kind in ("resident", "resident_bytes", "host_resident", "host_bytes", "loads", "evictions", "hits",
-                     "misses", "refused", "refreshes", "load_timeouts"):
+        for kind in ("resident", "resident_bytes", "host_resident", "host_bytes", "loads", "loads_s3", "loads_node",
+                     "evictions", "hits", "misses", "refused", "refreshes", "load_timeouts"):
             self.m_cache.set(snap[kind], tags={"kind": kind})
-        for ms in self.cache.load_ms[len(self.cache.load_ms) - max(0, snap["loads"] - self._loads_seen):]:
-            self.m_load.observe(ms)
+        new = min(max(0, snap["loads"] - self._loads_seen), len(self.cache.load_ms))
+        ms_list, sources = self.cache.load_ms, self.cache.load_sources  # in step (a load between the reads: off by one)
+        for ms, source in zip(ms_list[len(ms_list) - new:], sources[len(sources) - new:]):
+            self.m_load.observe(ms, tags={"source": source})
         self._loads_seen = snap["loads"]
+        if hasattr(self.engine, "bank_stats"):
+            banks: dict[str, list[int]] = {}  # per method: banks of other shapes add up
+            for b in self.engine.bank_stats():
+                slots_used = banks.setdefault(str(b["bank"]), [0, 0])
+                slots_used[0] += int(b["slots"])
+                slots_used[1] += int(b["used"])
+            for bank, (slots, used) in banks.items():
+                self.m_bank.set(used, tags={"bank": bank, "state": "used"})
+                self.m_bank.set(slots - used, tags={"bank": bank, "state": "free"})
 
     @staticmethod
     def row_knobs(e, knobs: dict) -> dict:
