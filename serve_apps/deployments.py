@@ -54,8 +54,9 @@ class _Replica:
     on top of it, and the mixed-task engine that answers a whole batch in one pass. Every
     deployment batches across requests AND tasks (``serving.Batcher``, continuous batching in rows;
     why not ``@serve.batch``: see its module): each request carries its task ids as data
-    (``@serve.multiplexed`` would split batches per task). A request whose task is
-    cold waits for that load before it joins a batch, so batches of loaded tasks never wait on it."""
+    (``@serve.multiplexed`` would split batches per task). A request whose task is cold waits for
+    that load before it joins a batch (its load starts when it arrives, however long the queue ahead
+    of it: a prefetch), so a batch never waits on a load; it runs with the rows that are ready."""
 
     role = ""
 
@@ -171,7 +172,8 @@ class _Replica:
         ``{task: answer or error}``: the request's cold tasks load first (off the event loop, never
         holding up other requests), then its rows (images x tasks) join the mixed-task batch. A
         request larger than a batch is cut into batch-sized pieces of whole images."""
-        cold = [t for t in dict.fromkeys(tasks) if self.cache.resident(t) is None]
+        entries = {t: self.cache.resident(t) for t in dict.fromkeys(tasks)}
+        cold = [t for t, e in entries.items() if e is None]
         bad = {}
         if cold:
             got = await asyncio.gather(*(self.cache.aget(t) for t in cold), return_exceptions=True)
@@ -180,11 +182,14 @@ class _Replica:
                     bad[t] = error_body(g)
                 elif isinstance(g, BaseException):
                     raise g
+                else:
+                    entries[t] = g
         ready = [t for t in dict.fromkeys(tasks) if t not in bad]
         out = [{} for _ in range(len(x))]
         if ready:
             step = max(1, self.batcher.max_rows // len(ready))  # whole images per piece
-            pieces = await asyncio.gather(*(self.batcher.submit(_Job(x[i:i + step], ready, knobs),
+            mine = {t: entries[t] for t in ready}
+            pieces = await asyncio.gather(*(self.batcher.submit(_Job(x[i:i + step], ready, knobs, mine),
                                                                 len(x[i:i + step]) * len(ready))
                                             for i in range(0, len(x), step)))
             out = [a for piece in pieces for a in piece]
@@ -195,20 +200,15 @@ class _Replica:
         """Per request piece, per image: ``{task: answer or error}``. The batch (counted in rows:
         images x tasks, see ``serving.Batcher``), every task and method in it, is one engine call."""
         self.m_batch.observe(sum(len(j.x) * len(j.tasks) for j in jobs))
-        entries = {}
         out = [[{} for _ in range(len(j.x))] for j in jobs]
-        for t in dict.fromkeys(t for j in jobs for t in j.tasks):
-            e = self.cache.resident(t)
-            if e is None:  # evicted since its request checked: rare, load it again
-                try:
-                    e = await self.cache.aget(t)
-                except ServeError as err:
-                    for i, j in enumerate(jobs):
-                        if t in j.tasks:
-                            for o in out[i]:
-                                o[t] = error_body(err)
-                    continue
-            entries[t] = e
+        # the store's entry when the task is still resident; else the one its requests held from when
+        # they joined the queue: an evicted task stays usable for them (a banked slot is freed only
+        # when its last holder lets go), so a batch never waits on a load
+        entries = {}
+        for j in jobs:
+            for t, e in j.entries.items():
+                if t not in entries:
+                    entries[t] = self.cache.resident(t) or e
         rows, where, base = [], [], 0
         for i, j in enumerate(jobs):
             for t in j.tasks:
@@ -258,6 +258,7 @@ class _Job:
     x: torch.Tensor
     tasks: list[str]
     knobs: dict
+    entries: dict  # task -> the store's entry, held from when the request joined the queue
 
 
 class _TrunkBackbone(_Replica):

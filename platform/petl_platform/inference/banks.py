@@ -123,6 +123,7 @@ class Bank:
         self.tensors = {k: torch.zeros((slots, *shape), dtype=self.dtypes[k], device=self.device)
                         for k, shape in self.shapes.items()}
         self.capacity = slots
+        self.measured = None  # (GFLOPs per image, exit costs) of its architecture, set by the engine
         self.free = list(range(slots - 1, -1, -1))
         self.used = 0
         self._lock = threading.Lock()

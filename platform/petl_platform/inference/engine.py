@@ -215,7 +215,10 @@ class Engine:
         if info is None and isinstance(model, BankedTask):
             self.check(task, model)
             spec = spec_of(model)
-            gflops, costs = self._measured(model.bank.template, spec)
+            bank = model.bank
+            if bank.measured is None:  # once per bank: its tasks cost the same
+                bank.measured = self._measured(bank.template, spec)
+            gflops, costs = bank.measured
             info = TaskInfo(spec.runtime, gflops, {}, {b: i for i, b in enumerate(model.bank.exit_blocks)}, costs)
             self._info[model] = info
         if info is None:
@@ -279,7 +282,9 @@ class Engine:
         return t
 
     def _bank_for(self, template: PetlModel) -> Bank:
-        key = Bank.key_of(template)
+        key = template.__dict__.get("_bank_key")
+        if key is None:
+            key = template.__dict__["_bank_key"] = Bank.key_of(template)  # once per template, not per load
         with self._bank_lock:
             bank = self.banks.get(key)
             if bank is None:

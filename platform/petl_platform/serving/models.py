@@ -45,6 +45,10 @@ from .request import ServeError
 
 log = logging.getLogger(__name__)
 MB = 2**20
+# eviction: "lru" (least recently used first) or "lfu" (fewest lookups first, counts halved every
+# AGE_EVERY lookups so a task that was hot once does not stay forever; ties: least recently used)
+POLICIES = ("lru", "lfu")
+AGE_EVERY = 4096
 
 
 @dataclass
@@ -146,9 +150,14 @@ class TaskModelCache:
                  load_timeout_s: float = 30.0, load_workers: int = 2,
                  prepare: Callable[[str, torch.nn.Module], float] | None = None, background: bool = False,
                  fetch: Callable[[str], Fetched] | None = None,
-                 admit: Callable[[str, Fetched], tuple[object, float]] | None = None):
+                 admit: Callable[[str, Fetched], tuple[object, float]] | None = None, policy: str = "lru"):
         if capacity_mb <= 0 or (capacity is not None and capacity < 1):
             raise PetlError("the adapter store needs capacity_mb > 0 (and capacity >= 1 when given)")
+        if policy not in POLICIES:
+            raise PetlError(f"the adapter store's eviction policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+        self.policy = policy
+        self.freq: dict[str, float] = {}  # lookups per task, resident or not, halved every AGE_EVERY lookups
+        self._lookups = 0
         self.backbone, self.settings, self.alias = backbone, settings, alias
         self.capacity, self.refresh_s, self.load_timeout_s = capacity, refresh_s, load_timeout_s
         frozen = next(backbone.parameters())
@@ -184,6 +193,7 @@ class TaskModelCache:
     def resident(self, task: str) -> TaskEntry | None:
         """The task's entry when it is resident (promoted from host memory if it waits there)."""
         with self._lock:
+            self._count(task)
             entry = self.entries.get(task)
             if entry is not None:
                 self.entries.move_to_end(task)
@@ -218,6 +228,19 @@ class TaskModelCache:
                 return fut
             fut = self.loading[task] = self._pool.submit(self._load_job, task, f"{task}@{self.alias}")
             return fut
+
+    def is_resident(self, task: str) -> bool:
+        """Whether ``task`` is on the device now (a peek: no lookup is counted, nothing moves)."""
+        return task in self.entries
+
+    def prefetch(self, task: str) -> cf.Future | None:
+        """Start loading ``task`` if it is neither resident nor loading (a queued request's task,
+        before it reaches a batch); the load's future, or None when resident."""
+        with self._lock:
+            if task in self.entries:
+                return None
+            fut = self.loading.get(task)
+        return fut if fut is not None else self.load(task)
 
     def get(self, task: str, timeout: float | None = None) -> TaskEntry:
         """The task's entry, loading it if needed (blocking; ``aget`` in async code)."""
@@ -333,10 +356,20 @@ class TaskModelCache:
             self._evict(keep=task)
         return entry
 
+    def _count(self, task: str) -> None:
+        self.freq[task] = self.freq.get(task, 0.0) + 1.0
+        self._lookups += 1
+        if self._lookups % AGE_EVERY == 0:
+            self.freq = {t: f / 2 for t, f in self.freq.items() if f >= 0.5 or t in self.entries}
+
     def _evict(self, keep: str | None = None) -> None:
-        """Least recently used first: off the device (to the host when it has room), then out."""
+        """By the policy (LRU or LFU order): off the device (to the host when it has room), then out."""
         used = sum(e.nbytes for e in self.entries.values())
-        for task in list(self.entries):
+        order = list(self.entries)  # least recently used first
+        if self.policy == "lfu":
+            rank = {t: i for i, t in enumerate(order)}
+            order.sort(key=lambda t: (self.freq.get(t, 0.0), rank[t]))
+        for task in order:
             if used <= self.budget and (self.capacity is None or len(self.entries) <= self.capacity):
                 break
             e = self.entries[task]
