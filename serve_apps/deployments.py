@@ -63,7 +63,8 @@ class _Replica:
     def __init__(self, backbone: str = SHIPPED, alias: str = CHAMPION, capacity: int | None = None,
                  refresh_s: float = 10.0, dtype: str | None = None, capacity_mb: float = 256.0,
                  host_mb: float | None = None, load_timeout_s: float = 30.0, warm: list[str] | None = None,
-                 threads: int | None = None, node_cache: bool = True, node_cache_mb: float = 1024.0):
+                 threads: int | None = None, node_cache: bool = True, node_cache_mb: float = 1024.0,
+                 eviction: str = "lru"):
         if threads:  # Ray sets OMP_NUM_THREADS=1 in an actor with num_cpus < 2: the engine then uses one core
             torch.set_num_threads(int(threads))
         stack = Stack.build(backbone, dtype=dtype)  # a replica with num_gpus sees its GPU: the engine runs there
@@ -76,7 +77,7 @@ class _Replica:
             if hasattr(fetch, "warm"):  # the node's actor started now, not in the first cold load
                 fetch.warm()
         self.cache = stack.store(settings, alias, capacity=capacity, refresh_s=refresh_s, capacity_mb=capacity_mb,
-                                 host_mb=host_mb, load_timeout_s=load_timeout_s, fetch=fetch)
+                                 host_mb=host_mb, load_timeout_s=load_timeout_s, fetch=fetch, policy=eviction)
         self.m_cache = Gauge("petl_adapter_store", description="adapter store per replica: resident tasks and bytes, "
                              "loads, evictions, hits, misses, refused", tag_keys=("kind",))
         self.m_load = Histogram("petl_adapter_load_ms", description="cold load time of a task adapter, by where "

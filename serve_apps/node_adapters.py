@@ -47,6 +47,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import ray
+import numpy as np
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -82,24 +83,35 @@ def split_ref(ref: str) -> tuple[str, str, str]:
     return ref.partition("@") if "@" in ref else ref.partition("/")
 
 
+ALIGN = 64  # every tensor starts on a 64-byte boundary of the buffer (any dtype's view is aligned)
+
+
 def pack(state: dict[str, torch.Tensor]) -> dict:
-    """Flat CPU tensors as numpy arrays for the object store: each tensor's bytes (``uint8``, so any
-    dtype travels, bf16 too) with its dtype and shape. No copy here; ``ray.put`` makes the one copy."""
-    arrays, meta = {}, {}
+    """Flat CPU tensors as ONE ``uint8`` numpy buffer for the object store, with an index of
+    ``(key, dtype, shape, offset, nbytes)``: any dtype travels (bf16 too), and a replica reads it
+    with one buffer to map and no per-tensor deserialization."""
+    index, parts, off = [], [], 0
     for k, t in state.items():
         t = t.detach().cpu().contiguous()
-        arrays[k] = t.reshape(-1).view(torch.uint8).numpy()
-        meta[k] = (str(t.dtype).removeprefix("torch."), tuple(t.shape))
-    return {"arrays": arrays, "meta": meta}
+        raw = t.reshape(-1).view(torch.uint8)
+        pad = -off % ALIGN
+        if pad:
+            parts.append(torch.zeros(pad, dtype=torch.uint8))
+            off += pad
+        index.append((k, str(t.dtype).removeprefix("torch."), tuple(t.shape), off, raw.numel()))
+        parts.append(raw)
+        off += raw.numel()
+    buffer = torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.uint8)
+    return {"buffer": buffer, "index": index}
 
 
 def unpack(blob: dict) -> dict[str, torch.Tensor]:
-    """``pack``'s arrays as tensors over the same memory (read-only: the object store's, on a replica)."""
+    """``pack``'s tensors as views of its buffer (read-only: the object store's, on a replica)."""
+    buf = torch.from_numpy(blob["buffer"])
     out = {}
-    for k, a in blob["arrays"].items():
-        dtype, shape = blob["meta"][k]
+    for k, dtype, shape, off, n in blob["index"]:
         dtype = getattr(torch, dtype)
-        out[k] = torch.from_numpy(a).view(dtype).reshape(shape) if a.size else torch.empty(shape, dtype=dtype)
+        out[k] = buf[off:off + n].view(dtype).reshape(shape) if n else torch.empty(shape, dtype=dtype)
     return out
 
 
@@ -180,7 +192,7 @@ class NodeAdapters:
                         self._refused.popitem(last=False)
                 raise
             blob = pack(got.state)
-            nbytes = sum(a.nbytes for a in blob["arrays"].values())
+            nbytes = blob["buffer"].nbytes
             state_ref = [ray.put(blob)]  # the one copy into this node's object store
             with self._lock:
                 self._stats["downloads"] += 1

@@ -60,7 +60,8 @@ def build_app(args: dict):
       ``load_timeout_s`` (a request for a cold task waits at most this long, then gets a 503);
     - ``node_cache`` (default true: adapters are fetched once per node by its ``NodeAdapters`` actor
       and read by the replicas from the node's object store; false: each replica downloads its own)
-      and ``node_cache_mb`` (that node cache's LRU bound in MB, default 1024);
+      and ``node_cache_mb`` (that node cache's LRU bound in MB, default 1024); ``eviction`` (the
+      store's policy: ``lru``, the default, or ``lfu``);
     - ``deployment_options`` (the YAML's ``deployments`` list) when built in-process rather than by
       ``serve run``/``serve deploy``, which apply that list themselves."""
     tasks = parse_tasks(args["tasks"], limit=None) if args.get("tasks") else []
@@ -79,7 +80,8 @@ def build_app(args: dict):
               "refresh_s": float(args.get("refresh_s", 10.0))}
     store = {"capacity": opt("capacity", int), "capacity_mb": float(args.get("capacity_mb", 256.0)),
              "host_mb": opt("host_mb", float), "load_timeout_s": float(args.get("load_timeout_s", 30.0)),
-             "node_cache": bool(args.get("node_cache", True)), "node_cache_mb": float(args.get("node_cache_mb", 1024.0))}
+             "node_cache": bool(args.get("node_cache", True)), "node_cache_mb": float(args.get("node_cache_mb", 1024.0)),
+             "eviction": str(args.get("eviction", "lru"))}
     roles = [bind(d, **common, **store, dtype=args.get("dtype"), warm=tasks, threads=opt("threads", int))
              for d in (TrunkBackbone, TaskAdapters, EarlyExitRouter, TokenDispatchRouter)]
     return bind(Ingress, *roles, tasks=tasks, **common, max_body_mb=float(args.get("max_body_mb", 10.0)),

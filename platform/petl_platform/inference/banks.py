@@ -16,6 +16,7 @@ One *template* model per bank (a ``PetlModel`` built once, with its own untraine
 the frozen structure, the static values and the heads' layout; its tensors never answer a row.
 Banks grow by doubling when every slot is taken (the tensors are reallocated and copied; a batch in
 flight keeps reading the old ones, whose occupied slots hold the same values); they never shrink.
+Free slots are allocated but never written, so on the host they cost address space, not memory.
 """
 
 from __future__ import annotations
@@ -120,7 +121,9 @@ class Bank:
         self.heads = [head_layout(template, s, names) for s in range(len(self.exit_blocks))]
         self.class_keys = class_keys(template, names)
         self.classes = template.num_classes  # the class dimension of the class keys: the widest task's
-        self.tensors = {k: torch.zeros((slots, *shape), dtype=self.dtypes[k], device=self.device)
+        # empty, not zeros: a slot is written whole when a task is admitted and never read before, so
+        # on the host the pages of free slots are never touched and cost no resident memory
+        self.tensors = {k: torch.empty((slots, *shape), dtype=self.dtypes[k], device=self.device)
                         for k, shape in self.shapes.items()}
         self.capacity = slots
         self.measured = None  # (GFLOPs per image, exit costs) of its architecture, set by the engine
@@ -180,7 +183,7 @@ class Bank:
         new = self.capacity * 2
         grown = {}
         for k, t in self.tensors.items():
-            g = torch.zeros((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            g = torch.empty((new, *t.shape[1:]), dtype=t.dtype, device=t.device)
             g[:self.capacity].copy_(t)
             grown[k] = g
         self.tensors = grown  # one assignment: a pass reads either the old tensors or the new ones
@@ -192,7 +195,7 @@ class Bank:
         for k in self.class_keys:
             t = self.tensors[k]
             w = torch.zeros((t.shape[0], classes, *t.shape[2:]), dtype=t.dtype, device=t.device)
-            w[:, :self.classes].copy_(t)
+            w[:, :self.classes].copy_(t)  # (free slots' garbage too: never read)
             wide[k] = w
         self.tensors = wide
         self.classes = classes

@@ -188,6 +188,10 @@ class Engine:
         # banked rows: "rows" gathers each row's weights by slot (one kernel call per bank and site);
         # "segments" runs each task's rows with its slot's view (one call per task and site)
         self.gather = gather
+        # the adapter store's byte budget on this device (``Stack.store`` sets it): a bank on the host
+        # is preallocated for that many bytes of its tasks at once (its free slots are never written,
+        # so their pages cost no memory), so it never grows by reallocation and copy under budget
+        self.bank_bytes: int | None = None
         self.banks: dict[str, Bank] = {}
         self._templates: dict[str, PetlModel] = {}
         self._adopted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PetlModel -> (BankedTask, tensors, version)
@@ -288,7 +292,11 @@ class Engine:
         with self._bank_lock:
             bank = self.banks.get(key)
             if bank is None:
-                bank = self.banks[key] = Bank(key, template, self.backbone)
+                slots = 8
+                if self.bank_bytes and self.device.type == "cpu":
+                    per = sum(v.numel() * v.element_size() for v in template.trainable_state_dict().values())
+                    slots = max(slots, int(self.bank_bytes // max(1, per)) + 1)
+                bank = self.banks[key] = Bank(key, template, self.backbone, slots)
             return bank
 
     def _banked(self, model) -> BankedTask | None:

@@ -1,10 +1,15 @@
 """Per-replica store of task models: adapters loaded from the MLflow registry alias
 (``models:/<task>@champion``) onto the replica's one frozen backbone.
 
-- **Capacity in bytes.** The store keeps adapters under an LRU budget in MB (``capacity_mb``) on
-  the replica's device; on a GPU replica, adapters evicted from the device wait in host memory
-  (``host_mb``) and come back with one copy, not a registry download.
-- **Loads never block the loaded tasks.** A cold task is fetched and built on a small pool of
+- **A load is a fetch, then an admit.** ``fetch(ref) -> Fetched`` reads a version's config and flat
+  tensors: from the registry and S3 in this process by default, from the node's object store in a
+  Serve replica (``serve_apps/node_adapters.py``: the download and deserialization run in a per-node
+  actor, once per node). ``admit(task, fetched)`` makes the task model: in a replica
+  (``Stack.admit``) a slot of the engine's adapter bank for per-row methods, no module built.
+- **Capacity in bytes.** The store keeps adapters under a budget in MB (``capacity_mb``) on the
+  replica's device, evicting by ``policy`` (``lru``, or ``lfu``: fewest lookups first, aged). On a
+  GPU replica, module-tree adapters evicted from the device wait in host memory (``host_mb``).
+- **Loads never block the loaded tasks.** A cold task is fetched and admitted on a small pool of
   loader threads with no lock held; requests for tasks already resident never wait on it. A
   registry or artifact store that hangs delays only the task being loaded (its callers get a 503
   with Retry-After after ``load_timeout_s``).
@@ -12,8 +17,8 @@
   a resident task moved; the new version is loaded beside the old one, and swaps in once loaded
   (a refused version leaves the old one serving). No request ever waits on the check.
 - An adapter for another backbone fingerprint, or holding NaN/inf, is refused: the task is reported
-  unavailable (503) and the other tasks are unaffected. The adapter files are downloaded to a
-  temporary directory that is deleted as soon as the model is loaded.
+  unavailable (503) and the other tasks are unaffected. Downloaded files are deleted as soon as
+  their tensors are read.
 
 Dyn-* tasks carry their FLOPs budget -> thresholds curve in the artifact (calibrated on val at
 training time), so serving never needs a task's data."""

@@ -84,5 +84,6 @@ class Stack:
         ``settings`` default to the environment's; ``options`` are ``TaskModelCache``'s (capacity,
         capacity_mb, host_mb, refresh_s, load_timeout_s, ...)."""
         options.setdefault("admit", self.admit)
+        self.engine.bank_bytes = int(float(options.get("capacity_mb", 256.0)) * 2**20)  # banks sized to the store
         return TaskModelCache(self.backbone, settings or TrackingSettings.from_env(), alias, prepare=self.prepare,
                               **options)
