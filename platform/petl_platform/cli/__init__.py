@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run every benchmark side by side; write bench/results/<date>/report.md")
     b.add_argument("--quick", action="store_true", help="the reduced suite (under 15 min on 2 cores)")
-    b.add_argument("--only", help="comma list of sections (params, P1-P6, multitenant (P9-P11), predict, serve, P7, colocation, dyt_curve, fidelity)")
+    b.add_argument("--only", help="comma list of sections (params, P1-P6, multitenant (P5 on banks, P9-P11, M1), predict, serve, P7, colocation, dyt_curve, fidelity)")
     b.add_argument("--out", help="output directory (default bench/results/<today>)")
     b.add_argument("--report", action="store_true", help="only re-render the report from the JSONs in --out")
     b.set_defaults(fn=cmd_bench)

@@ -14,9 +14,10 @@ is padded to the widest task of the bank, and each row's logits are cut to its o
 
 One *template* model per bank (a ``PetlModel`` built once, with its own untrained tensors) gives
 the frozen structure, the static values and the heads' layout; its tensors never answer a row.
-Banks grow by doubling when every slot is taken (the tensors are reallocated and copied; a batch in
-flight keeps reading the old ones, whose occupied slots hold the same values); they never shrink.
-Free slots are allocated but never written, so on the host they cost address space, not memory.
+On the host a bank is preallocated for the adapter store's byte budget (``Engine.bank_bytes``); its
+free slots are allocated but never written, so they cost address space, not memory. Elsewhere it
+starts at 8 slots. A full bank doubles (the tensors are reallocated and copied; a batch in flight
+keeps reading the old ones, whose occupied slots hold the same values); banks never shrink.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class Bank:
         self.free = list(range(slots - 1, -1, -1))
         self.used = 0
         self._lock = threading.Lock()
+        self._stream = None  # CUDA: the side stream loads copy on
 
     @staticmethod
     def key_of(template: PetlModel) -> str:
@@ -162,17 +164,28 @@ class Bank:
             slot = self.free.pop()
             self.used += 1
         try:
-            tensors = self.tensors
-            for k, v in state.items():
-                if k in self.class_keys:
-                    tensors[k][slot, :classes].copy_(v, non_blocking=True)
-                    tensors[k][slot, classes:].zero_()
-                else:
-                    tensors[k][slot].copy_(v, non_blocking=True)
+            if self.device.type == "cuda":  # from pinned host memory on a side stream: batches keep running
+                if self._stream is None:
+                    self._stream = torch.cuda.Stream(self.device)
+                with torch.cuda.stream(self._stream):
+                    self._copy(slot, classes, {k: v.pin_memory() if v.device.type == "cpu" else v
+                                               for k, v in state.items()})
+                self._stream.synchronize()  # the slot is whole before any row can name it
+            else:
+                self._copy(slot, classes, state)
         except BaseException:
             self.release(slot)
             raise
         return slot
+
+    def _copy(self, slot: int, classes: int, state: Mapping[str, torch.Tensor]) -> None:
+        tensors = self.tensors
+        for k, v in state.items():
+            if k in self.class_keys:
+                tensors[k][slot, :classes].copy_(v, non_blocking=True)
+                tensors[k][slot, classes:].zero_()
+            else:
+                tensors[k][slot].copy_(v, non_blocking=True)
 
     def release(self, slot: int) -> None:
         with self._lock:
@@ -255,7 +268,3 @@ class BankedTask:
         model.load_trainable_state(self.state(), source=f"bank slot {self.slot}")
         model.to(device=self.bank.device, dtype=next(iter(self.bank.tensors.values())).dtype)
         return model.eval()
-
-
-def state_of(model: PetlModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.trainable_state_dict().items()}

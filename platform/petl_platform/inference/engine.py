@@ -6,10 +6,12 @@ A task's runtime comes from its ``MethodSpec`` (``methods/registry.py``); one ex
 - ``shared_trunk`` (linear, DTL/DTL+): the frozen trunk runs ONCE over the batch's distinct images,
   up to the deepest prefix any of these tasks needs; each task's ``forward_tail`` reads its rows.
 - ``per_row_adapter`` and ``early_exit`` (LoRA, Adapter, RepAdapter, ARC, Dyn-* over them): one
-  *mixed* ViT over the frozen tensors, whose adapted modules are ``RowSite``s. Rows are sorted by
-  task, so each task owns a contiguous segment; at a site the frozen op runs once for the whole
-  batch and each segment adds its own task's delta (``AdapterModule.input_delta/output_delta``: the
-  S-LoRA / Punica segment idea applied to ViT blocks). After every block where a task has an exit,
+  *mixed* ViT over the frozen tensors, whose adapted modules are ``RowSite``s. A task is a slot of
+  its architecture's adapter bank (``banks.py``; a ``PetlModel`` passed in is copied into one when
+  first seen). Rows are sorted by bank and slot; at a site the frozen op runs once for the whole
+  batch and each bank's rows add their own task's delta with their weights gathered by slot (the
+  BGMV idea of Punica / S-LoRA; ``gather="segments"`` runs one call per task on its slot instead).
+  Heads and exit heads are gathered the same way. After every block where a task has an exit,
   its rows whose confidence reaches their own threshold leave the batch; the rows still running
   continue together, across tasks. A batch whose rows all belong to one mergeable task runs its
   merged weights instead (a small LRU keeps the merged copies).
@@ -25,6 +27,7 @@ weights are (CUDA when the replica has a GPU); ``dtype`` casts the frozen weight
 from __future__ import annotations
 
 import json
+import threading
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
@@ -130,7 +133,7 @@ class BankRun:
 
     def cut(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits [rows, bank classes]`` with every row's padded classes at -inf."""
-        if self.classes[0] == self.classes[-1] == logits.shape[-1] and len(set(self.classes)) == 1:
+        if min(self.classes) == logits.shape[-1]:  # every row's task is as wide as the bank
             return logits
         n = torch.tensor(self.classes, device=logits.device)
         return logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= n[:, None], float("-inf"))
@@ -196,7 +199,7 @@ class Engine:
         self._templates: dict[str, PetlModel] = {}
         self._adopted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PetlModel -> (BankedTask, tensors, version)
         self._bank_runs: list[BankRun] = []
-        self._bank_lock = __import__("threading").Lock()
+        self._bank_lock = threading.Lock()
 
     # ------------------------------------------------------------------ task models
     def check(self, task: str, model) -> None:
@@ -491,7 +494,8 @@ class Engine:
                     if stage is None or banked[t] is not None:
                         continue
                     logits = runner[t].exit_logits(h[a:e], stage).float()
-                    self._leave(t, stage, logits, alive, a, e, thresholds, infos[t], keep, out)
+                    self._leave(stage, stage == len(infos[t].exits) - 1, logits, alive, a, e, thresholds, keep, out,
+                                lambda j, z, t=t, stage=stage: self._exit_result(t, z, stage, infos[t]))
                 for r in self._bank_runs:  # banked rows: every task's head of this exit, gathered by slot
                     stage = _stage_at(r.bank, b)
                     if stage is None:
@@ -499,7 +503,13 @@ class Engine:
                     head, params = r.bank.heads[stage]
                     feats = vit.forward_head(vit.norm(h[r.start:r.end]), pre_logits=True)
                     logits = r.cut(run_head(head, feats, lambda p: r.weights(params[p])).float())
-                    self._leave_banked(r, stage, logits, alive, rows, thresholds, infos, keep, out)
+
+                    def result(j, z, r=r, stage=stage):  # the row's own classes, not the bank's padded width
+                        t = rows[alive[r.start + j]].task
+                        return self._exit_result(t, z[:r.classes[j]], stage, infos[t])
+
+                    self._leave(stage, stage == len(r.bank.exit_blocks) - 1, logits, alive, r.start, r.end,
+                                thresholds, keep, out, result)
                 if not keep.all():
                     h = h[keep.to(h.device)]
                     alive = [i for i, k in zip(alive, keep.tolist()) if k]
@@ -511,9 +521,10 @@ class Engine:
             self._bank_runs.clear()
         self.last_stats["banks"] = len({id(bt.bank) for bt in banked.values() if bt is not None})
 
-    def _leave(self, t, stage, logits, alive, a, e, thresholds, info, keep, out) -> None:
-        """Rows ``a:e`` (task ``t``) at exit ``stage``: those confident enough (all at the last exit) leave."""
-        if stage == len(info.exits) - 1:
+    def _leave(self, stage, last, logits, alive, a, e, thresholds, keep, out, result) -> None:
+        """Rows ``a:e`` at exit ``stage``: those confident enough (all at the ``last`` exit) leave;
+        ``result(j, logits row)`` makes row ``a + j``'s answer."""
+        if last:
             leave = torch.ones(e - a, dtype=torch.bool)
         else:
             thr = torch.tensor([thresholds[i][stage] for i in alive[a:e]])
@@ -522,22 +533,7 @@ class Engine:
             return
         logits = logits.cpu()
         for j in leave.nonzero().flatten().tolist():
-            out[alive[a + j]] = self._exit_result(t, logits[j], stage, info)
-        keep[a:e] &= ~leave
-
-    def _leave_banked(self, r, stage, logits, alive, rows, thresholds, infos, keep, out) -> None:
-        a, e = r.start, r.end
-        if stage == len(r.bank.exit_blocks) - 1:
-            leave = torch.ones(e - a, dtype=torch.bool)
-        else:
-            thr = torch.tensor([thresholds[i][stage] for i in alive[a:e]])
-            leave = logits.softmax(-1).amax(-1).cpu() >= thr
-        if not leave.any():
-            return
-        logits = logits.cpu()
-        for j in leave.nonzero().flatten().tolist():
-            t = rows[alive[a + j]].task
-            out[alive[a + j]] = self._exit_result(t, logits[j, :r.classes[j]], stage, infos[t])
+            out[alive[a + j]] = result(j, logits[j])
         keep[a:e] &= ~leave
 
     def _set_bank_runs(self, alive: list[int], rows, banked: dict) -> None:
