@@ -57,6 +57,65 @@ def test_store_keeps_its_byte_budget_in_lru_order(registry, tiny_backbone):
     assert all(p.device == next(tiny_backbone.parameters()).device for p in tiny_backbone.parameters())
 
 
+def test_banked_store_under_a_working_set_larger_than_the_bank(registry, tiny_backbone):
+    """A replica's store (``Stack.store``): loads become bank slots, eviction frees them, a task
+    evicted while a request still holds it keeps answering right, and every answer is its own."""
+    import gc
+
+    import torch
+
+    from petl_platform.inference import Row
+    from petl_platform.inference.banks import BankedTask
+    from petl_platform.serving import Stack
+    from petl_platform.tracking.runs import fetch_adapter
+    from petl_platform.tracking.artifacts import load_adapter
+
+    names = [f"t{i}" for i in range(5)]
+    for i, t in enumerate(names):
+        torch.manual_seed(i)
+        _register(registry, tiny_backbone, t)
+    stack = Stack.build(tiny_backbone, device=None)
+    per_task = _lora_bytes(tiny_backbone)
+    cache = stack.store(registry, capacity_mb=2.5 * per_task / 2**20)
+    x = torch.randn(2, 3, 32, 32)
+    alone = {t: load_adapter(fetch_adapter(registry, f"{t}@champion")[0], tiny_backbone) for t in names}
+    held = cache.get("t0")  # a queued request holding t0
+    assert isinstance(held.model, BankedTask) and held.nbytes == per_task
+    for t in names[1:] + ["t1", "t2"]:
+        e = cache.get(t)
+        got = stack.engine.run(x, [Row(0, t), Row(1, t)], {t: e.model})
+        torch.testing.assert_close(torch.stack([r.logits for r in got]), alone[t](x).detach(), rtol=0, atol=1e-5)
+    snap = cache.snapshot()
+    assert snap["resident"] == 2 and snap["evictions"] >= 3 and "t0" not in cache.entries
+    got = stack.engine.run(x, [Row(0, "t0"), Row(1, "t0")], {"t0": held.model})  # evicted, still held: still right
+    torch.testing.assert_close(torch.stack([r.logits for r in got]), alone["t0"](x).detach(), rtol=0, atol=1e-5)
+    del e, got
+    gc.collect()
+    used = sum(b["used"] for b in stack.engine.bank_stats())
+    assert used == 3  # the 2 resident + the held one; every other evicted slot is free again
+    del held
+    gc.collect()
+    assert sum(b["used"] for b in stack.engine.bank_stats()) == 2
+    cache.close()
+
+
+@pytest.mark.parametrize("policy, survives", [("lfu", True), ("lru", False)])
+def test_lfu_keeps_a_hot_task_that_lru_evicts(registry, tiny_backbone, policy, survives):
+    from petl_platform.serving.models import TaskModelCache
+
+    for t in ("hot", "a", "b", "c"):
+        _register(registry, tiny_backbone, t)
+    per_task = _lora_bytes(tiny_backbone)
+    cache = TaskModelCache(tiny_backbone, registry, capacity_mb=2.5 * per_task / 2**20, policy=policy)
+    for _ in range(5):
+        cache.get("hot")  # hot: looked up 5 times, then three one-off tasks
+    for t in ("a", "b", "c"):
+        cache.get(t)
+    assert ("hot" in cache.entries) is survives and cache.snapshot()["resident"] == 2
+    with pytest.raises(Exception, match="eviction policy must be one of lru, lfu"):
+        TaskModelCache(tiny_backbone, registry, policy="fifo")
+
+
 def test_host_tier_keeps_evicted_adapters_and_promotes_them_without_a_download(registry, tiny_backbone, monkeypatch):
     import petl_platform.serving.models as models
 

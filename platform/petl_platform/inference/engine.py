@@ -47,6 +47,8 @@ from .banks import Bank, BankedTask, NotBankable, run_head
 # A task gets merged weights after this many single-task batches: merging costs a few folds, so
 # a task that only now and then has a batch to itself keeps the mixed path.
 MERGE_AFTER = 2
+# the most bytes a bank on the host is preallocated for (address space, not memory: see banks.py)
+PREALLOCATE_MAX = 2**30
 
 
 @dataclass(frozen=True)
@@ -296,9 +298,9 @@ class Engine:
             bank = self.banks.get(key)
             if bank is None:
                 slots = 8
-                if self.bank_bytes and self.device.type == "cpu":
+                if self.bank_bytes and self.device.type == "cpu":  # up to 1 GiB at once; past it, doubling
                     per = sum(v.numel() * v.element_size() for v in template.trainable_state_dict().values())
-                    slots = max(slots, int(self.bank_bytes // max(1, per)) + 1)
+                    slots = max(slots, int(min(self.bank_bytes, PREALLOCATE_MAX) // max(1, per)) + 1)
                 bank = self.banks[key] = Bank(key, template, self.backbone, slots)
             return bank
 
