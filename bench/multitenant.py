@@ -165,7 +165,7 @@ def first_answer_ms(cache, engine, task, x) -> float:
 # ------------------------------------------------------------------------------------------ P5
 def p5(bb, rounds: int, iters: int) -> dict:
     """Banked tasks (admitted from flat tensors, as a replica's store does) vs one merged task."""
-    from p5_mixed_tasks import BATCH, FAMILIES, NS, make_tasks, timed
+    from p5_mixed_tasks import BATCH, FAMILIES, NS, make_tasks, max_diff_vs_alone, single_task, timed
 
     x = torch.randn(BATCH, 3, *bb.patch_embed.img_size)
     out = {}
@@ -176,18 +176,13 @@ def p5(bb, rounds: int, iters: int) -> dict:
         tasks = {g: {t: e.admit(method, m.config.to_dict(), m.num_classes,
                                 {k: v.detach().clone() for k, v in m.trainable_state_dict().items()})
                      for t, m in models.items()} for g, e in engines.items()}
-        one = models[names[0]]
+        knobs, single_fn = single_task(method, models, x)
         spec = get_method(method)
-        single = one.merged().eval() if spec.mergeable else one
-        knobs = {"thresholds": [2.0] * (len(one.exit_blocks()) - 1)} if spec.runtime == "early_exit" else {}
-        single_fn = (lambda: single.predict_dynamic(x, knobs["thresholds"])) if knobs else (lambda: single(x))
         rows = {n: [Row(i, names[i % n], knobs) for i in range(BATCH)] for n in NS}
         fns = {"single": single_fn, **{f"n{n}": (lambda n=n: engines["rows"].run(x, rows[n], tasks["rows"])) for n in NS},
                "n64_segments": lambda: engines["segments"].run(x, rows[64], tasks["segments"])}
         with torch.inference_mode():
-            got = engines["rows"].run(x[:8], [Row(i, names[i], knobs) for i in range(8)], tasks["rows"])
-            err = max(float((r.logits - (models[names[i]].predict_dynamic(x[i:i + 1], knobs["thresholds"])["logits"][0]
-                                         if knobs else models[names[i]](x[i:i + 1])[0])).abs().max()) for i, r in enumerate(got))
+            err = max_diff_vs_alone(engines["rows"], x, models, tasks["rows"], knobs)
             for fn in fns.values():
                 fn()  # warm-up
             per_round = [{k: timed(fn, iters) for k, fn in fns.items()} for _ in range(rounds)]

@@ -47,6 +47,24 @@ def make_tasks(method: str, backbone, n: int, hp: dict) -> dict:
     return models
 
 
+def single_task(method: str, models: dict, x):
+    """The baseline: the first task at batch ``len(x)`` in its deployed form (merged where the method
+    merges), and the knobs every row runs with (Dyn-*: thresholds out of reach, so full depth)."""
+    one = models[next(iter(models))]
+    spec = get_method(method)
+    single = one.merged().eval() if spec.mergeable else one
+    knobs = {"thresholds": [2.0] * (len(one.exit_blocks()) - 1)} if spec.runtime == "early_exit" else {}
+    return knobs, (lambda: single.predict_dynamic(x, knobs["thresholds"])) if knobs else (lambda: single(x))
+
+
+def max_diff_vs_alone(engine, x, models: dict, tasks: dict, knobs: dict) -> float:
+    """The largest |engine answer - task alone| over 8 rows of 8 tasks (``tasks``: what the engine runs)."""
+    names = list(models)
+    got = engine.run(x[:8], [Row(i, names[i], knobs) for i in range(8)], tasks)
+    return max(float((r.logits - (models[names[i]].predict_dynamic(x[i:i + 1], knobs["thresholds"])["logits"][0]
+                                  if knobs else models[names[i]](x[i:i + 1])[0])).abs().max()) for i, r in enumerate(got))
+
+
 def timed(fn, iters: int) -> float:
     t0 = time.perf_counter()
     for _ in range(iters):
@@ -70,17 +88,11 @@ def main() -> None:
     for method in args.families:
         models = make_tasks(method, bb, max(NS), FAMILIES[method])
         names = list(models)
-        one = models[names[0]]
-        spec = get_method(method)
-        single = one.merged().eval() if spec.mergeable else one
-        knobs = {"thresholds": [2.0] * (len(one.exit_blocks()) - 1)} if spec.runtime == "early_exit" else {}
-        single_fn = (lambda: single.predict_dynamic(x, knobs["thresholds"])) if knobs else (lambda: single(x))
+        knobs, single_fn = single_task(method, models, x)
         mixed_rows = {n: [Row(i, names[i % n], knobs) for i in range(BATCH)] for n in NS}
         with torch.inference_mode():
             # equality check first: the mixed answers are the tasks' own
-            got = engine.run(x[:8], [Row(i, names[i], knobs) for i in range(8)], models)
-            err = max(float((r.logits - (models[names[i]].predict_dynamic(x[i:i + 1], knobs["thresholds"])["logits"][0]
-                                         if knobs else models[names[i]](x[i:i + 1])[0])).abs().max()) for i, r in enumerate(got))
+            err = max_diff_vs_alone(engine, x, models, models, knobs)
             for fn in [single_fn] + [lambda n=n: engine.run(x, mixed_rows[n], models) for n in NS]:
                 fn()  # warm-up: merged copies, mixed ViT, allocator
             per_round = []
