@@ -53,8 +53,8 @@ demo: venv
 # state an earlier test module left in the process (Ray, Tune, Serve globals) reaches it.
 # (Exit 5 = nothing selected, e.g. PYTEST_ARGS='-m "not slow"'.)
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS) --ignore=tests/test_faults.py
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests/test_faults.py || [ $$? -eq 5 ]
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q $(PYTEST_ARGS) --ignore=tests/test_faults.py
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests/test_faults.py || [ $$? -eq 5 ]
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

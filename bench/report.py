@@ -57,12 +57,16 @@ SECTIONS = {
     "multitenant": ("multitenant.py", ["--quick"], [], "multitenant.json"),  # P9, P10, P11
     "serve": ("serve_load.py", ["--quick"], [], "serve_load.json"),
     "predict": ("batch_predict.py", ["--quick"], [], "batch_predict.json"),  # petl predict (Ray Data) vs in-process
+    # T1 (a sweep's trial-epoch vs the plain loop's epoch), T2 (petl train through Ray vs --local)
+    "overhead": ("trial_overhead.py", ["--quick", "--compare-reuse"], ["--compare-reuse"], "trial_overhead.json"),
     "P7": ("p7_asha_vs_grid.py", ["--quick", "--epochs", "4"], [], "p7_asha_vs_grid.json"),
     "colocation": ("colocation_hop.py", ["--repeats", "7"], [], "colocation_hop.json"),
     "dyt_curve": ("dyt_curve.py", None, [], "dyt_curve.json"),  # None: not in --quick
     "fidelity": ("fidelity.py", ["--aggregate-only"], [], "fidelity.json"),
     # lr chosen per task on val, >= 10 epochs every method, 3 seeds (hours on 2 cores; resumable)
     "fidelity_fair": ("fidelity.py", None, ["--fair"], "fidelity_fair.json"),
+    # each method's recipe lr from the fair basis's runs, and its gap to per-task tuning (reads, no training)
+    "recipes": ("recipe_lr.py", [], [], "recipe_lr.json"),
 }
 
 # every file a section leaves in its directory (its JSON first: the section is there when that is), so
@@ -72,6 +76,7 @@ ARTIFACTS["P2"] += ["p2_accuracy_vs_flops.png"]
 ARTIFACTS["dyt_curve"] += ["dyt_accuracy_vs_flops.png", "dyt_activation_rate.png"]
 ARTIFACTS["fidelity"] += ["fidelity_pareto.png", "fidelity_exit_histograms.png", "fidelity_dyt_activation.png"]
 ARTIFACTS["fidelity_fair"] += ["fidelity_fair_vs_default.png"]
+ARTIFACTS["P7"] += ["p7_runs.json"]  # each finished sweep, so a rerun resumes
 # the reliability suite's figures: not run by `petl bench`, copied next to the bench JSONs (see figures())
 ARTIFACTS.update({"corpus": ["corpus.json"], "faults_replica_kill": ["faults_replica_kill.json"],
                   "faults_node_loss_during_sweep": ["faults_node_loss_during_sweep.json"],
@@ -298,12 +303,38 @@ def figures(out: Path) -> list[dict]:
     if mt:
         figs += multitenant_figures(mt)
     if bp := _load(out, "batch_predict.json"):
-        figs.append(_fig("predict", f"petl predict (Ray Data, {bp['ray_data_actors']} {bp['ray_data_device']} actor(s)) vs "
-                                    f"the in-process engine, {bp['images']} images x {bp['tasks']} LoRA tasks, batch "
-                                    f"{bp['batch']} ({bp['backbone']})", bp["ratio"], None, 1, "reported", None,
-                         source="batch_predict.json",
-                         note=f"{bp['ray_data_img_per_s']:.1f} vs {bp['in_process_img_per_s']:.1f} img/s; Ray end to end "
-                              f"(reads, decoding, actor start-up, parquet), in-process engine calls only"))
+        what = f"{bp['images']} images x {bp['tasks']} LoRA tasks, batch {bp['batch']} ({bp['backbone']})"
+        for key, r in (bp.get("runs") or {"default": {"actors": bp["ray_data_actors"], "device": bp["ray_data_device"],
+                                                      "img_per_s": bp["ray_data_img_per_s"], "ratio": bp["ratio"]}}).items():
+            default = key == "default"
+            figs.append(_fig("predict", f"petl predict (Ray Data, {key}: {r['actors']} {r['device']} actor(s)"
+                                        f"{', ' + str(r['threads']) + ' threads each' if r.get('threads') else ''}) vs "
+                                        f"the in-process engine, {what}", r["ratio"], r.get("ratio_range"),
+                             bp.get("rounds", 1), ">= 0.6x" if default else "reported",
+                             r["ratio"] >= 0.6 if default else None, source="batch_predict.json",
+                             note=f"{r['img_per_s']:.1f} vs {bp['in_process_img_per_s']:.1f} img/s; Ray end to end "
+                                  f"(reads, decoding, actor start-up, parquet), in-process engine calls only"
+                                  + (f"; {r['overhead_s']:.0f} s beyond the engine's own time (first result at "
+                                     f"{r['first_result_s']:.0f} s)" if "overhead_s" in r else "")))
+    # the default run (LoRA) and any other method's run of the same bench (trial_overhead_<method>.json)
+    for name in ["trial_overhead.json", *sorted(p.name for p in out.glob("trial_overhead_*.json")
+                                                if "before" not in p.name)]:
+        if not (ov := _load(out, name)):
+            continue
+        what = f"{ov['method']} on {ov['task']}, {ov['epochs']} epochs, {ov['cpus']} CPUs ({ov['backbone']})"
+        t1, t2 = ov["T1"], ov["T2"]
+        parts = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in t1["breakdown_s_per_trial_epoch"].items())
+        figs.append(_fig("T1", f"sweep wall per trial-epoch ({ov['trials']} trials, FIFO, one at a time with every "
+                               f"CPU) vs the plain loop's epoch, {what}", t1["ratio"], t1["range"], ov["rounds"],
+                         "<= 2x", t1["met"], source=name,
+                         note=f"{t1['per_trial_epoch_s']:.1f} vs {ov['plain_epoch_s']:.1f} s; s per trial-epoch: {parts}"))
+        if fresh := ov.get("T1_fresh_actors"):
+            figs.append(_fig("T1", f"the same with a new actor per trial (Tune's default, before issue 23), {what}",
+                             fresh["ratio"], fresh["range"], ov["rounds"], "reported", None, source=name,
+                             note=f"{fresh['per_trial_epoch_s']:.1f} s per trial-epoch"))
+        figs.append(_fig("T2", f"petl train through Ray Train on a running cluster vs --local (the plain loop), {what}",
+                         t2["ratio"], t2["range"], ov["rounds"], "<= 1.5x", t2["met"], source=name,
+                         note=f"{t2['ray_train_wall_s']:.1f} vs {ov['plain_wall_s']:.1f} s"))
     if p6 := _load(out, "p6_gflops.json"):
         for bb, per_batch in p6["backbones"].items():
             for b, r in per_batch.items():
@@ -321,17 +352,14 @@ def figures(out: Path) -> list[dict]:
                              note=f"{serve['p8']['saturation_rps']:.1f} req/s x {gpi:.3f} GFLOPs = {achieved:.1f} GFLOP/s "
                                   f"vs peak {p6['peak_gflops_s']:.1f}"))
     if p7 := _load(out, "p7_asha_vs_grid.json"):
-        rs = [r["compute_ratio"] for r in p7["rounds"]]
-        gaps = [r["best_gap_pt"] for r in p7["rounds"]]
-        figs.append(_fig("P7", f"ASHA (reduction factor {p7.get('reduction_factor', 3):g}) vs full grid ({p7['grid_points']} points x "
-                               f"{p7['epochs']} epochs, {p7['method']}, {p7['task']}): "
-                               "trial-epochs", p7["compute_ratio_median"], [min(rs), max(rs)], len(rs), "<= 0.333x",
-                         p7["compute_ratio_median"] <= 1 / 3, source="p7_asha_vs_grid.json",
-                         note=f"{p7['rounds'][0]['asha']['trial_epochs']} vs {p7['rounds'][0]['fifo']['trial_epochs']} "
-                              "trial-epochs (first round)"))
-        figs.append(_fig("P7", "ASHA's best val accuracy behind the grid's best", p7["best_gap_pt_median"],
-                         [min(gaps), max(gaps)], len(gaps), "<= 0.5 pt", p7["best_gap_pt_median"] <= 0.5, unit="pt",
-                         source="p7_asha_vs_grid.json"))
+        figs += p7_figs(p7)
+    if rl := _load(out, "recipe_lr.json"):
+        gaps = [p["test_gap_pt"] for c in rl["methods"].values() for p in c["per_task"].values()]
+        met = sum(c["met"] for c in rl["methods"].values())
+        figs.append(_fig("R1", "petl train at the recipe lr, 10 epochs: test accuracy behind the per-task tuned lr "
+                               "(largest gap over methods and tasks)", max(gaps), [min(gaps), max(gaps)], len(gaps),
+                         "<= 1 pt", max(gaps) <= 1.0, unit="pt", source="recipe_lr.json",
+                         note=f"{met} of {len(rl['methods'])} methods within 1 pt on every task"))
     if serve:
         figs += served_s(serve)
     if serve and "p8" in serve:
@@ -468,6 +496,28 @@ def served_p5(serve: dict) -> list[dict]:
     return figs
 
 
+def p7_figs(p7: dict) -> list:
+    """P7's two rows: the median (and mean) over ASHA's seeds against one grid run (files before
+    2026-12-05 held one round with its own grid run)."""
+    rs = [r["compute_ratio"] for r in p7["rounds"]]
+    gaps = [r["best_gap_pt"] for r in p7["rounds"]]
+    grid = p7.get("grid") or p7["rounds"][0]["fifo"]
+    ratio = p7["compute_ratio"]["median"] if "grid" in p7 else p7["compute_ratio_median"]
+    gap = p7["best_gap_pt"]["median"] if "grid" in p7 else p7["best_gap_pt_median"]
+    mean = (lambda k, fmt: f"; mean {fmt.format(p7[k]['mean'])}") if "grid" in p7 else (lambda k, fmt: "")
+    rungs = f", rungs at {', '.join(map(str, p7['rungs']))}" if "rungs" in p7 else ""
+    asha = ", ".join(str(r["asha"]["trial_epochs"]) for r in p7["rounds"])
+    return [_fig("P7", f"ASHA (reduction factor {p7.get('reduction_factor', 3):g}{rungs}) vs full grid "
+                       f"({p7['grid_points']} points x {p7['epochs']} epochs, {p7['method']}, {p7['task']}): "
+                       "trial-epochs", ratio, [min(rs), max(rs)], len(rs), "<= 0.333x", ratio <= 1 / 3,
+                 source="p7_asha_vs_grid.json",
+                 note=f"ASHA {asha} vs the grid's {grid['trial_epochs']} trial-epochs ({len(rs)} seed(s))"
+                      + mean("compute_ratio", "{:.3f}x")),
+            _fig("P7", "ASHA's best val accuracy behind the grid's best", gap, [min(gaps), max(gaps)], len(gaps),
+                 "<= 0.5 pt", gap <= 0.5, unit="pt", source="p7_asha_vs_grid.json",
+                 note=f"grid best {100 * grid['best_val_accuracy']:.1f} %" + mean("best_gap_pt", "{:+.2f} pt"))]
+
+
 def served_s(serve: dict) -> list[dict]:
     """S1-S4 and G1 (issue 21): the served data plane against the engine in process, on one task and
     the same images (``bench/serve_load.py``)."""
@@ -578,6 +628,24 @@ def fidelity_md(fid: dict) -> list[str]:
     return lines
 
 
+def recipe_md(rl: dict) -> list[str]:
+    """``bench/recipe_lr.py``'s table: per method the lr that wins on val across the tasks, and per
+    task what it gives up against that task's own best lr."""
+    tasks = sorted({t for c in rl["methods"].values() for t in c["per_task"]})
+    lines = [f"Each method's recipe lr is the one lr that won on val across the tasks of the fair basis "
+             f"(`{rl['runs']}`, seed 0, 10 epochs); the gap is the per-task tuned lr's accuracy minus the recipe's "
+             f"(test, val in brackets; negative: the recipe did better). Goal: {rl['goal']}.", "",
+             "| method | recipe lr | " + " | ".join(f"{t}: gap (tuned lr)" for t in tasks) + " | within 1 pt |",
+             "|---|---:|" + "---|" * len(tasks) + "---|"]
+    for method, c in rl["methods"].items():
+        cells = []
+        for t in tasks:
+            p = c["per_task"].get(t)
+            cells.append("-" if p is None else f"{p['test_gap_pt']:+.1f} pt ({p['val_gap_pt']:+.1f}; x{p['tuned_multiple']:.3g})")
+        lines.append(f"| {method} | {c['lr']:.3g} | " + " | ".join(cells) + f" | {_met(c['met'])} |")
+    return lines
+
+
 def fidelity_compare_md(fid: dict) -> list[str]:
     """The fair basis next to the default one (``fid["baseline"]``, re-aggregated on the same tasks and
     seeds): accuracy per task on each basis, and every claim judged on each."""
@@ -663,6 +731,8 @@ def render(out: Path, runs: dict, quick: bool, machine_facts: dict | None = None
     lines += fidelity_md(fair) if fair else ["Not run in this directory (`petl bench --only fidelity_fair`)."]
     if fair and fair.get("baseline"):
         lines += [""] + fidelity_compare_md(fair)
+    if rl := _load(out, "recipe_lr.json"):
+        lines += ["", "### Recipe lrs from the fair basis", ""] + _carried_note("recipes", manifest) + recipe_md(rl)
     pngs = sorted(p.name for p in out.glob("*.png"))
     if pngs:
         owner = {f: name for name, files in ARTIFACTS.items() for f in files}

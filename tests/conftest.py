@@ -126,3 +126,42 @@ def shared_resources():
     res = SharedResources()
     yield res
     res.close()
+
+
+# ----------------------------------------------------------------------- leaving the process
+# CI once saw the main test process end with SIGSEGV after pytest had printed "822 passed": in the
+# interpreter's own teardown (torch and Ray's extension modules and their threads torn down in
+# whatever order), not in a test, so a green run failed. By then every fixture is finalized and
+# pytest has its exit status: the first exit handler to run (the last registered) shuts Ray down
+# if a test left it connected, flushes the streams and leaves with that status, skipping the
+# teardown. A crash while tests still run is not hidden: it still fails the run, and the Makefile
+# sets PYTHONFAULTHANDLER, so it prints every thread's Python stack. PETL_TEST_FULL_EXIT=1 keeps
+# the interpreter's normal exit (to chase the crash).
+_SESSION: dict = {}
+
+
+def pytest_sessionfinish(session):
+    _SESSION["session"] = session
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    session = _SESSION.pop("session", None)
+    if session is not None and session.config is config and not os.environ.get("PETL_TEST_FULL_EXIT"):
+        import atexit
+
+        atexit.register(_leave, int(session.exitstatus))
+
+
+def _leave(status: int) -> None:
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed stream: nothing left to flush
+            pass
+    os._exit(status)

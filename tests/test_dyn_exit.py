@@ -105,6 +105,32 @@ def test_dropout_rates_per_block(tiny_backbone8):
         assert {mod.branch_dropout.p for mod in mods} == ({0.3} if b < 4 else {0.05})
 
 
+def test_dropout_rates_leave_a_probe_unchanged_so_its_space_omits_them(tiny_backbone8, images):
+    """p_shallow / p_deep drop adapter branches; a probe has none, so its training step is the same
+    at any rate (P7 saw dyn_linear's every epoch unchanged) and its default space searches p_m
+    alone. Over an adapter base, the rates change the step."""
+    from petl_platform.training.space import default_space
+
+    y = torch.tensor([0, 1, 2, 3])
+
+    def loss(method, **rates):
+        torch.manual_seed(0)
+        m = build_model(method, tiny_backbone8, 5, **rates).train()
+        with torch.no_grad():  # trained-looking adapters: LoRA's B starts at zero, dropping nothing
+            for t in m.parameters():
+                if t.requires_grad:
+                    t.add_(0.1 * torch.randn_like(t))
+        torch.manual_seed(1)
+        return m.training_step(images, y, progress=0.5).loss.item()
+
+    assert loss("dyn_linear", p_shallow=0.1, p_deep=0.0) == loss("dyn_linear", p_shallow=0.7, p_deep=0.3)
+    assert set(default_space("dyn_linear", depth=8)) == {"lr", "p_m"}
+    base = next(iter(_present(["lora", "adapter"])), None)
+    if base is not None:
+        assert loss("dyn_" + base, p_shallow=0.1, p_deep=0.0) != loss("dyn_" + base, p_shallow=0.7, p_deep=0.3)
+        assert {"p_shallow", "p_deep", "p_m"} <= set(default_space("dyn_" + base, depth=8))
+
+
 def test_training_step_weighted_loss(tiny_backbone8, images):
     m = build_model("dyn_linear", tiny_backbone8, 5).eval()  # eval: deterministic comparison
     y = torch.tensor([0, 1, 2, 3])
@@ -246,6 +272,33 @@ def test_calibration_meets_budget_on_held_out(trained, tmp_path):
     assert m.exit_thresholds.tolist() == pytest.approx(res["thresholds"])  # the curve leaves them alone
     png = save_curve_png(curve, tmp_path / "curve.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_epoch_exit_statistics_simulated_equal_the_measured(dyn8):
+    """A trial's per-epoch exit statistics come from the one pass of every exit (``simulated_point``,
+    ``inference_metrics(final=False)``); its last epoch measures them with dynamic inference. The
+    two agree: same thresholds, and the same accuracy, FLOPs and exit mix up to batch numerics.
+    Labels are the final exit's predictions, so a 50 % budget needs a mix of exits (as below)."""
+    from petl_platform.methods.dyn_exit.calibrate import exit_probabilities, simulated_point
+    from petl_platform.training.measure import inference_metrics
+
+    x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        y = dyn8(x).argmax(-1)
+    probs = exit_probabilities(dyn8, x)
+    [measured] = accuracy_flops_curve(dyn8, x, y, [0.5], probs=probs)["points"]
+    sim = simulated_point(dyn8, probs, y, 0.5)
+    assert sim["thresholds"] == measured["thresholds"] and sim["feasible"] == measured["feasible"]
+    assert sum(f > 0.05 for f in sim["exit_fractions"]) >= 2 and sum(sim["exit_fractions"]) == pytest.approx(1.0)
+    assert sim["accuracy"] == pytest.approx(measured["accuracy"], abs=0.01)
+    assert sim["flops_fraction"] == pytest.approx(measured["flops_fraction"], abs=0.01)
+    assert sim["exit_fractions"] == pytest.approx(measured["exit_fractions"], abs=0.01)
+    per_epoch = inference_metrics(dyn8, x, y, max_images=len(x), exit_probs=probs, final=False)
+    last = inference_metrics(dyn8, x, y, max_images=len(x), exit_probs=probs, final=True)
+    assert set(last) - set(per_epoch) == {"img_per_s"}
+    for k in per_epoch:
+        assert per_epoch[k] == pytest.approx(last[k], abs=0.01), k
+    assert dyn8.exit_thresholds.min() > 1  # neither left thresholds behind (dyn8 is shared)
 
 
 def test_calibration_trades_exits_for_budget(dyn8):

@@ -8,7 +8,7 @@ import pytest
 
 from petl_platform.cli import main
 from petl_platform.errors import PetlError
-from petl_platform.methods import list_methods
+from petl_platform.methods import get_method, list_methods
 from petl_platform.tracking.runs import RunLogger
 from petl_platform.tracking.settings import TrackingSettings
 from petl_platform.training.spec import check_address
@@ -35,8 +35,13 @@ def test_bad_search_space_is_one_clear_error(items, message):
 def test_every_default_space_is_valid_for_its_method(method):
     space = parse_space(default_space(method, depth=12), method)
     assert space, method
-    if method.startswith("dyn_"):
-        assert {"p_shallow", "p_deep", "p_m"} <= set(space)
+    if get_method(method).runtime == "early_exit":
+        # p_m (the exit heads' gradient mask) always acts; p_shallow / p_deep only where the base
+        # has adapter modules to drop (over a linear probe they would change nothing)
+        has_modules = bool(get_method(method).bank.modules)
+        wanted = {"p_shallow", "p_deep", "p_m"} if has_modules else {"p_m"}
+        assert wanted <= set(space)
+        assert has_modules or not {"p_shallow", "p_deep"} & set(space)
     assert set(to_tune(space)) == set(space)
 
 

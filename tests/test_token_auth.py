@@ -96,7 +96,9 @@ def _assert_one_line_error(p, *words):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("petl: error:"), p.stderr[-2000:]
     assert "Traceback" not in p.stderr and all(w in lines[0] for w in words), lines[0]
-    assert p.wall_s < 20  # no 30 s of InvalidAuthToken retries
+    # no 30 s of InvalidAuthToken retries: those come on top of the CLI's start (torch, MLflow and
+    # Ray imports, the spec's checks), which alone took 19-21 s on a slow day of the 2-core machine
+    assert p.wall_s < 28
 
 
 def test_jobs_list_uses_the_token_file_or_env(head):

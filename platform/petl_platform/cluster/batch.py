@@ -4,14 +4,16 @@ every image answered for every task, one parquet file out.
 - **Checked before Ray starts** (one ``PetlError`` line each): the tasks resolve under the alias
   and load on the backbone (the same store a Serve replica uses, ``serving/models.py``), the input
   holds at least one image, the output's folder is writable.
-- **Streamed:** ``read_binary_files`` -> ``map_batches`` with a callable class. Each actor holds
-  the frozen backbone once, every task's adapter from the MLflow registry, and the mixed-task
-  engine (``inference/engine.py``): one engine call per batch answers every image for every task.
-  GPU actors (``num_gpus=1``) when the cluster has GPUs, CPU actors otherwise. The driver writes
-  the result batches to one parquet file as they arrive (``<output>.tmp`` renamed at the end, so a
-  failed run never leaves half a file behind).
+- **Streamed:** ``read_binary_files`` -> ``map_batches(decode_batch)``, tasks that decode each
+  image to ``uint8`` pixels at the model's size beside the actors -> ``map_batches`` with a
+  callable class. Each actor holds the frozen backbone once, every task's adapter from the MLflow
+  registry, and the mixed-task engine (``inference/engine.py``), which normalizes the pixels on its
+  device: one engine call per batch answers every image for every task. GPU actors
+  (``num_gpus=1``) when the cluster has GPUs, else CPU actors sized to the cluster (``_actors``).
+  The driver writes the result batches to one parquet file as they arrive (``<output>.tmp``
+  renamed at the end, so a failed run never leaves half a file behind).
 - **A bad image never stops the run:** each row is decoded on its own with the hardened decoder of
-  the HTTP API (``serving/request.py`` ``decode_image``); a file that does not decode gets the
+  the HTTP API (``serving/request.py`` ``decode_pixels``); a file that does not decode gets the
   reason in ``error`` and nulls in its task columns.
 
 Columns: ``path``, then per task ``<task>.label``, ``<task>.probability`` (of that label),
@@ -85,11 +87,29 @@ def check_output(output: str) -> Path:
     return out
 
 
-def load_tasks(tasks: list[str], settings: TrackingSettings, stack, alias: str) -> dict:
+def load_tasks(tasks: list[str], settings: TrackingSettings, stack, alias: str, shipped: dict | None = None,
+               keep: dict | None = None) -> dict:
     """``{task: TaskEntry}`` of every task under ``alias``, loaded on the ``stack``'s backbone and
     readied by its engine (``serving.stack.Stack``): an unregistered task, a missing alias or an
-    adapter for another backbone fails here with its reason."""
-    cache = stack.store(settings, alias, capacity_mb=1e6)  # every task stays resident
+    adapter for another backbone fails here with its reason.
+
+    ``keep``: filled with what was fetched (``{ref: serving.models.Fetched}``); ``shipped``: such a
+    dict, used instead of the registry. The driver fetches once and the actors load what it
+    fetched: every actor scores the same versions even if an alias moves during the run, and no
+    actor needs MLflow or S3."""
+    from ..serving.models import fetch_from_registry
+
+    fp, name = getattr(stack.backbone, "fingerprint", None), str(getattr(stack.backbone, "petl_name", "?"))
+
+    def fetch(ref: str):
+        if shipped is not None:
+            return shipped[ref]
+        got = fetch_from_registry(settings, ref, fp, name)
+        if keep is not None:
+            keep[ref] = got
+        return got
+
+    cache = stack.store(settings, alias, capacity_mb=1e6, fetch=fetch)  # every task stays resident
     try:
         out = {}
         for t in tasks:
@@ -115,48 +135,73 @@ def output_schema(tasks: list[str], runtimes: dict[str, str]):
     return pa.schema([*fields, pa.field("error", pa.string())])
 
 
-class Scorer:
-    """Ray Data batch callable: ``{"path", "bytes"}`` -> one row per image (see the module docstring).
-    Holds the backbone, the engine and every task's adapter for the actor's lifetime."""
+def decode_batch(batch: dict, pixels) -> dict:
+    """Ray Data's decode stage (tasks, in parallel with the scoring actors): ``{"path", "bytes"}``
+    -> ``{"path", "pixels", "error"}``, ``pixels`` ``uint8 [B, 3, H, W]`` at the model's size
+    (``pixels``: ``data.Pixels``, the training transform's geometric part; normalized later, by the
+    engine on its own device). Each file is decoded on its own with the HTTP API's hardened decoder
+    (``serving/request.py``): a file that does not decode gets the reason in ``error`` and zeros."""
+    import numpy as np
 
-    def __init__(self, tasks: list[str], backbone: str, settings: TrackingSettings, alias: str, threads: int = 0):
+    from ..serving.request import decode_pixels
+
+    paths = [str(p) for p in batch["path"]]
+    h, w = pixels.image_size
+    out = np.zeros((len(paths), 3, h, w), dtype=np.uint8)
+    errors: list[str | None] = [None] * len(paths)
+    for i, data in enumerate(batch["bytes"]):
+        try:
+            out[i] = decode_pixels(bytes(data), pixels).numpy()
+        except PetlError as e:
+            errors[i] = str(e)
+    return {"path": np.asarray(paths, dtype=object), "pixels": out, "error": np.asarray(errors, dtype=object)}
+
+
+class Scorer:
+    """Ray Data batch callable: ``{"path", "pixels", "error"}`` (``decode_batch``'s) -> one row per
+    image (see the module docstring). Holds the backbone, the engine and every task's adapter for
+    the actor's lifetime."""
+
+    def __init__(self, tasks: list[str], backbone: str, settings: TrackingSettings, alias: str, threads: int = 0,
+                 shipped: dict | None = None):
         from ..serving.stack import Stack
 
         if threads:
             torch.set_num_threads(threads)
         stack = Stack.build(backbone)  # on the actor's GPU when it has one
-        self.engine, self.transform = stack.engine, stack.transform
+        self.engine = stack.engine
         self.tasks = list(tasks)
-        self.entries = load_tasks(self.tasks, settings, stack, alias)
-        self.models = {t: e.model for t, e in self.entries.items()}
-        self.schema = output_schema(self.tasks, {t: self.engine.info(t, m).runtime for t, m in self.models.items()})
+        self.entries = load_tasks(self.tasks, settings, stack, alias, shipped=shipped)
+        self.schema = output_schema(self.tasks, {t: self.engine.info(t, e.model).runtime for t, e in self.entries.items()})
 
     def __call__(self, batch: dict):
-        return score_batch(self.engine, self.transform, self.entries, self.schema,
-                           [str(p) for p in batch["path"]], list(batch["bytes"]))
+        u8 = batch["pixels"]  # read-only when Ray hands it over zero-copy: the engine only reads it
+        return score_pixels(self.engine, self.entries, self.schema, [str(p) for p in batch["path"]],
+                            torch.from_numpy(u8 if u8.flags.writeable else u8.copy()), list(batch["error"]))
 
 
-def score_batch(engine, transform, entries: dict, schema, paths: list[str], blobs: list) -> "pyarrow.Table":
-    """Decode each image on its own (a bad one gets an ``error``), then one engine call for every
-    decoded image x every task."""
+def score_pixels(engine, entries: dict, schema, paths: list[str], pixels: torch.Tensor,
+                 errors: list) -> "pyarrow.Table":
+    """One engine call for every decoded image x every task; ``pixels`` ``uint8 [B, 3, H, W]``, and
+    a row whose ``errors`` entry is set (it did not decode) keeps its error and nulls."""
     import pyarrow as pa
 
-    from ..serving.request import decode_image
     from ..inference.engine import Row
 
     cols = {name: [None] * len(paths) for name in schema.names}
     cols["path"] = paths
-    xs, where = [], []
-    for i, data in enumerate(blobs):
-        try:
-            xs.append(decode_image(bytes(data), transform))
+    where = []
+    for i, err in enumerate(errors):
+        # an all-null error column comes back from Arrow as None or NaN: only a message is an error
+        if isinstance(err, str) and err:
+            cols["error"][i] = err
+        else:
             where.append(i)
-        except PetlError as e:
-            cols["error"][i] = str(e)
-    if xs:
+    if where:
         tasks = list(entries)
-        rows = [Row(j, t) for j in range(len(xs)) for t in tasks]
-        results = engine.run(torch.stack(xs), rows, {t: e.model for t, e in entries.items()})
+        rows = [Row(j, t) for j in range(len(where)) for t in tasks]
+        x = pixels if len(where) == len(paths) else pixels[torch.as_tensor(where)]
+        results = engine.run(x, rows, {t: e.model for t, e in entries.items()})
         for row, r in zip(rows, results):
             i, classes = where[row.image], entries[row.task].classes
             p, k = r.logits.float().softmax(-1).max(-1)
@@ -169,25 +214,37 @@ def score_batch(engine, transform, entries: dict, schema, paths: list[str], blob
 
 
 # ----------------------------------------------------------------------------- the run
+DECODE_CPUS = 0.25  # a decode task's CPU share: PNG/JPEG decoding is light next to the engine
+
+
 def _actors(concurrency: int | None) -> dict:
-    """``map_batches`` resources: one GPU per actor when the cluster has GPUs; on CPUs, one CPU is
-    left to the read tasks and the rest split over the actors."""
+    """``map_batches`` resources of the scoring actors, sized to the cluster.
+
+    - GPUs: one actor per GPU, one CPU each; the decode tasks take the CPUs left.
+    - CPUs only: one actor per 4 CPUs of the largest node (``--concurrency`` overrides), each with
+      as many torch threads as its share of the cluster's CPUs, so the actors together use every
+      core (Ray would give an actor of fewer than 2 CPUs one thread). Their CPU reservation leaves
+      room for the decode tasks (``DECODE_CPUS`` each) to run beside them, so decoding overlaps
+      the engine instead of waiting for it."""
     import ray
 
     res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+    gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
+    node = max((float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=cpus) or cpus
     if gpus:
         return {"concurrency": concurrency or gpus, "num_gpus": 1, "num_cpus": 1, "threads": 0}
-    n = concurrency or max(1, (cpus - 1) // 2)
-    per = max(1, (cpus - 1) // n)
-    return {"concurrency": n, "num_gpus": 0, "num_cpus": per, "threads": per}
+    n = concurrency or max(1, int(cpus // 4))
+    reserve = min(1.0, 2 * DECODE_CPUS * max(1.0, cpus / 4))  # room for two decode tasks per 4 CPUs
+    per = max(0.5, min(node - DECODE_CPUS, (cpus - reserve) / n))
+    return {"concurrency": n, "num_gpus": 0, "num_cpus": round(per, 2), "threads": max(1, round(cpus / n))}
 
 
 def predict_dataset(tasks: list[str], input: str, output: str, settings: TrackingSettings, backbone: str | None = None,
                     alias: str = CHAMPION, batch_size: int = 64, address: str | None = None, progress: bool = True,
                     concurrency: int | None = None) -> dict:
     """Score every image under ``input`` for every task in ``tasks``; write ``output`` (parquet).
-    Returns ``{"images", "errors", "wall_s", "img_per_s", "output", "actors"}``."""
+    Returns ``{"images", "errors", "wall_s", "img_per_s", "first_result_s", "output", "actors",
+    "threads", "device"}``: ``first_result_s``, when the driver received the first scored batch."""
     from ..backbones import SHIPPED
     from ..serving.stack import Stack
 
@@ -199,17 +256,22 @@ def predict_dataset(tasks: list[str], input: str, output: str, settings: Trackin
     backbone = backbone or SHIPPED
     paths, fs = list_images(input)
     out = check_output(output)
-    entries = load_tasks(tasks, settings, Stack.build(backbone, device=None), alias)  # the check, on the CPU
+    stack = Stack.build(backbone, device=None)
+    shipped: dict = {}
+    entries = load_tasks(tasks, settings, stack, alias, keep=shipped)  # the check, on the CPU
+    from ..data import Pixels
     from ..methods.registry import spec_of
 
     schema = output_schema(tasks, {t: spec_of(e.model).runtime for t, e in entries.items()})
+    pixels = Pixels(stack.transform, stack.image_size)  # what the decode tasks need of the model: no weights
 
     with ray_session(address):
         return _stream(tasks, paths, fs, input.startswith("s3://"), out, schema, settings, backbone, alias,
-                       batch_size, progress, concurrency)
+                       batch_size, progress, concurrency, pixels, shipped)
 
 
-def _stream(tasks, paths, fs, s3, out, schema, settings, backbone, alias, batch_size, progress, concurrency) -> dict:
+def _stream(tasks, paths, fs, s3, out, schema, settings, backbone, alias, batch_size, progress, concurrency,
+            pixels, shipped) -> dict:
     import pyarrow.parquet as pq
     import ray
 
@@ -219,12 +281,20 @@ def _stream(tasks, paths, fs, s3, out, schema, settings, backbone, alias, batch_
     t0 = time.perf_counter()
     tmp = out.with_name(out.name + ".tmp")
     images = errors = 0
+    first = (0.0, 0)
     try:
-        ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
-        ds = ds.map_batches(Scorer, batch_size=batch_size, batch_format="numpy", concurrency=res["concurrency"],
+        # Decoding runs in tasks beside the actors: the engine never waits on Pillow. Reads take a
+        # decode task's CPU share (Ray's default, 1 CPU, would wait behind the actors' reservation),
+        # and decoding takes whole read blocks, so Ray Data fuses the two into one task per block.
+        ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs, num_cpus=DECODE_CPUS)
+        ds = ds.map_batches(decode_batch, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS,
+                            fn_kwargs={"pixels": pixels})
+        ds = ds.map_batches(Scorer, batch_size=batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=res["concurrency"]),
                             num_gpus=res["num_gpus"], num_cpus=res["num_cpus"],
                             fn_constructor_kwargs={"tasks": tasks, "backbone": backbone, "settings": settings,
-                                                   "alias": alias, "threads": res["threads"]})
+                                                   "alias": alias, "threads": res["threads"],
+                                                   "shipped": shipped})
         with pq.ParquetWriter(str(tmp), schema) as writer:
             for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 if s3:  # Ray reports S3 keys as bucket/key
@@ -234,6 +304,8 @@ def _stream(tasks, paths, fs, s3, out, schema, settings, backbone, alias, batch_
                                                                  pa.string()))
                 table = table.select(schema.names).cast(schema)
                 writer.write_table(table)
+                if not images:  # the pipeline's start-up and its first batch, as the driver sees it
+                    first = (time.perf_counter() - t0, table.num_rows)
                 images += table.num_rows
                 errors += table.num_rows - table.column("error").null_count
     except Exception as e:  # noqa: BLE001 - a Ray failure: the user's error if it was one, else its root cause
@@ -242,4 +314,6 @@ def _stream(tasks, paths, fs, s3, out, schema, settings, backbone, alias, batch_
     os.replace(tmp, out)
     wall = time.perf_counter() - t0
     return {"images": images, "errors": errors, "wall_s": round(wall, 3), "img_per_s": round(images / wall, 2),
-            "output": str(out), "actors": res["concurrency"], "device": "gpu" if res["num_gpus"] else "cpu"}
+            "first_result_s": round(first[0], 3),
+            "output": str(out), "actors": res["concurrency"], "threads": res["threads"],
+            "device": "gpu" if res["num_gpus"] else "cpu"}

@@ -17,6 +17,7 @@ from ..errors import PetlError
 from ..tracking.settings import check_no_secrets, forwarded_env, petl_home
 from .connect import ray_session
 
+NO_AGENT_YET = "No available agent to submit job"  # Ray's answer before the head's job agent is up
 ENTRYPOINTS = {"train": "jobs.finetune", "sweep": "jobs.sweep"}
 EXCLUDES = [".venv/", ".git/", ".cache/", ".petl/", "mlruns/", "bench/results/", "__pycache__/", "*.egg-info/",
             ".pytest_cache/"]
@@ -93,14 +94,17 @@ def submit(kind: str, args: list[str], address: str | None = None, env: dict[str
         client = connect(address)
         entrypoint = shlex.join([python, "-m", ENTRYPOINTS[kind], *args])
         job_id = None
-        for attempt in range(10):  # a just-started dashboard may need a moment before it takes jobs
+        # A just-started dashboard may need a moment before it takes jobs: retried for the local
+        # cluster, and on any cluster while the head's job agent is not up yet (Ray answers 500 "No
+        # available agent to submit job, please try again later"). Anything else fails at once.
+        for attempt in range(15):
             try:
                 job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(job_env),
                                            submission_id=f"petl-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                                            metadata={"petl.kind": kind})
                 break
             except RuntimeError as e:
-                if attempt == 9 or not local:
+                if attempt == 14 or not (local or NO_AGENT_YET in str(e)):
                     raise PetlError(f"job submission to {address} failed: {str(e).splitlines()[0][:300]}") from None
                 time.sleep(2)
         out.write(f"submitted {job_id} to {address}\n  {entrypoint}\n")

@@ -125,9 +125,9 @@ def _epoch_lines(progress: Progress | None, epochs: int):
                 continue
             except Exception:  # noqa: BLE001 - Ray going down: fit's own error is the one to report
                 return
+            speed = f", {m['img_per_s']:.0f} img/s" if "img_per_s" in m else ""  # measured at the last epoch
             progress(f"epoch {m.get('epoch')}/{epochs}: train loss {m.get('train_loss', float('nan')):.4f}, "
-                     f"val accuracy {m.get('val_accuracy', float('nan')):.4f}, "
-                     f"{m.get('img_per_s', 0):.0f} img/s")
+                     f"val accuracy {m.get('val_accuracy', float('nan')):.4f}{speed}")
 
     t = threading.Thread(target=pump, name="petl-epoch-lines", daemon=True)
     t.start()

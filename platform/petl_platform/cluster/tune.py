@@ -19,6 +19,9 @@ from ..training.spec import SweepSpec
 from ..training.trial import PETL_ERROR
 from .connect import ray_error, ray_session, storage
 
+REUSE_ACTORS = True  # bench/trial_overhead.py measures the sweep both ways
+
+
 def to_tune(space: dict[str, tuple[str, list]]) -> dict:
     from ray import tune
 
@@ -138,8 +141,12 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
                      if spec.scheduler == "asha" else FIFOScheduler())
             tuner = tune.Tuner(
                 trainable, param_space=config,
+                # a finished trial's actor runs the next trial: no new process (torch, timm, MLflow
+                # imports) and, through training.trial.loaded, no second load of the backbone and
+                # the task's images (docs/sweep.md, "Where a trial's time goes")
                 tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=sched,
-                                            num_samples=spec.samples, max_concurrent_trials=spec.max_concurrent),
+                                            num_samples=spec.samples, max_concurrent_trials=spec.max_concurrent,
+                                            reuse_actors=REUSE_ACTORS),
                 run_config=tune.RunConfig(name=sweep_name, storage_path=path, storage_filesystem=fs,
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -220,7 +227,7 @@ def _finalize(grid, settings, task, method, backbone, parsed, epochs, parent) ->
         row = {"run_id": run_id, "params": {k: search.get(k) for k in parsed}, "epochs": done,
                "val_accuracy": None if error else m.get("val_accuracy"),
                "stopped_early": bool(not error and done < epochs), "error": error,
-               "checkpoint": r.checkpoint.path if r.checkpoint else None}
+               "checkpoint": r.checkpoint.path if r.checkpoint else None, "timing": trial_timing(r)}
         if run_id and c.get_run(run_id).info.status == "RUNNING":
             if error:
                 mark_failed(c, run_id, error)
@@ -252,6 +259,28 @@ def _finalize(grid, settings, task, method, backbone, parsed, epochs, parent) ->
                 parent.log_figure(png)
                 c.log_artifact(best["run_id"], str(png), "plots")
     return summary
+
+
+PER_EPOCH = ("epoch_s", "measure_s", "save_s", "log_s")  # reported by training.trial.run_trial
+
+
+def trial_timing(result) -> dict:
+    """Where one trial's time went, in seconds: ``setup_s`` (run id, backbone, data, model), then
+    summed over its epochs the loop's own ``epoch_s`` (train steps + val), ``measure_s`` (FLOPs,
+    throughput, exits), ``save_s`` (the adapter checkpoint), ``log_s`` (MLflow), and Tune's
+    ``iter_s`` (every epoch from report to report) and ``total_s``; ``{}`` when Tune kept none."""
+    try:
+        df = result.metrics_dataframe
+    except Exception:  # noqa: BLE001 - a trial Tune could not read back: no timing, not a failure
+        return {}
+    if df is None or df.empty:
+        return {}
+    out = {k: round(float(df[k].fillna(0).sum()), 3) for k in ("setup_s", *PER_EPOCH) if k in df}  # setup: once
+    if "time_this_iter_s" in df:
+        out["iter_s"] = round(float(df["time_this_iter_s"].fillna(0).sum()), 3)
+    if "time_total_s" in df:
+        out["total_s"] = round(float(df["time_total_s"].iloc[-1]), 3)
+    return out
 
 
 def _scatter(trials: list[dict], key: str, path: Path) -> Path:

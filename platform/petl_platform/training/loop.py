@@ -213,6 +213,7 @@ def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
     bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, disable=not cfg.progress, unit="step",
                mininterval=1.0, dynamic_ncols=True)
     for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = time.perf_counter()
         model.train()
         losses, correct, seen = [], 0, 0
         bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
@@ -248,6 +249,7 @@ def train(model, data: dict, cfg: TrainConfig = TrainConfig(),
                    "lr": sched.get_last_lr()[0]}
         if rank == 0 and "val" in data and len(data["val"][1]):
             metrics["val_accuracy"] = evaluate(model, inputs["val"], data["val"][1], device, cfg.eval_batch_size)
+        metrics["epoch_s"] = time.perf_counter() - t_epoch  # the loop's own epoch: train steps + val
         history.append(metrics)
         if ckpt:
             ckpt.parent.mkdir(parents=True, exist_ok=True)

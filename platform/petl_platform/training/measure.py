@@ -44,11 +44,15 @@ def budget_calibration(model, x_val: torch.Tensor, y_val: torch.Tensor, probs: t
 
 @torch.no_grad()
 def inference_metrics(model, x: torch.Tensor, y: torch.Tensor, max_images: int = 256,
-                      exit_probs: torch.Tensor | None = None) -> dict:
+                      exit_probs: torch.Tensor | None = None, final: bool = True) -> dict:
     """``gflops_per_image`` (full forward, measured), ``img_per_s`` over up to ``max_images`` of
     ``x``, and per method: ``exit_frac_s{k}`` / ``exit_flops_fraction`` / ``exit_accuracy`` at a
     val-calibrated 50 % budget (Dyn-*), ``activation_rate`` / ``flops_ratio`` (DyT).
-    ``exit_probs``: ``exit_probabilities(model, x)`` (all of ``x``) when the caller has it."""
+    ``exit_probs``: ``exit_probabilities(model, x)`` (all of ``x``) when the caller has it.
+    ``final=False`` is a trial's per-epoch set (docs/sweep.md): no timed pass (``img_per_s``, which
+    was most of the per-epoch measuring), and Dyn-*'s exit statistics simulated from the one pass
+    of every exit (``exit_probs``) instead of measured by two more passes of dynamic inference.
+    A trial measures everything at its last epoch."""
     model.eval()
     dev = _device(model)
     x, y = x[:max_images], y[:max_images]
@@ -58,15 +62,20 @@ def inference_metrics(model, x: torch.Tensor, y: torch.Tensor, max_images: int =
     with FlopCounterMode(display=False) as counter:
         model(probe)
     out = {"gflops_per_image": counter.get_total_flops() / len(probe) / 1e9}
-    t0 = time.perf_counter()
-    for i in range(0, len(x), 64):
-        model(x[i:i + 64].to(dev))
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    out["img_per_s"] = len(x) / max(1e-9, time.perf_counter() - t0)
+    if final:
+        t0 = time.perf_counter()
+        for i in range(0, len(x), 64):
+            model(x[i:i + 64].to(dev))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        out["img_per_s"] = len(x) / max(1e-9, time.perf_counter() - t0)
     spec = spec_of(model)
     if spec.exits is not None:
-        point = spec.exits.accuracy_flops_curve(model, x, y, [EXIT_BUDGET], probs=exit_probs)["points"][0]
+        if final:
+            point = spec.exits.accuracy_flops_curve(model, x, y, [EXIT_BUDGET], probs=exit_probs)["points"][0]
+        else:
+            probs = spec.exits.exit_probabilities(model, x) if exit_probs is None else exit_probs
+            point = spec.exits.simulated_point(model, probs, y, EXIT_BUDGET)
         out.update({"exit_accuracy": point["accuracy"], "exit_flops_fraction": point["flops_fraction"]})
         out.update({f"exit_frac_s{k + 1}": f for k, f in enumerate(point["exit_fractions"])})
     elif spec.runtime == "token_dispatch":

@@ -28,17 +28,23 @@ def run_finetune(*args, **kwargs) -> dict:
 
 
 def prepare_finetune(task: str, method: str, backbone: str, hparams: dict | None = None,
-                     train_overrides: dict | None = None, backbone_model=None):
+                     train_overrides: dict | None = None, backbone_model=None, loaded=None):
     """Check every name and hyperparameter before any data or weights are loaded, then build the
-    seeded model and the task tensors. Returns ``(model, tensors, task_data, train_config)``."""
+    seeded model and the task tensors. Returns ``(model, tensors, task_data, train_config)``.
+    ``backbone_model``: the frozen backbone, already created; ``loaded``: a callable
+    ``(task, backbone) -> (backbone_model, task_data, tensors)`` that supplies all three (e.g. a
+    process's cache of them, ``training.trial``)."""
     hparams = hparams or {}
     check_task_name(task)
     spec = get_method(method)
     spec.config_cls.from_dict(hparams, method)
     cfg = train_config(method, train_overrides or {})
-    bb = backbone_model if backbone_model is not None else create_backbone(backbone)
-    data = get_task(task)
-    tensors = task_tensors(data, bb)
+    if loaded is not None:
+        bb, data, tensors = loaded(task, backbone)
+    else:
+        bb = backbone_model if backbone_model is not None else create_backbone(backbone)
+        data = get_task(task)
+        tensors = task_tensors(data, bb)
     seed_everything(cfg.seed)  # the method's own initialisation is part of the seeded run
     model = build_model(method, bb, len(data.classes), **hparams)
     return model, tensors, data, cfg

@@ -129,6 +129,7 @@ class AdapterModel(PetlModel):
 
 
 register_method(MethodSpec("adapter", AdapterModel, AdapterConfig, runtime="per_row_adapter", mergeable=False,
+                           recipe={"lr": 4.5e-2},  # won on val across the fair basis (bench/recipe_lr.py)
                            bank=BankLayout((ParallelAdapterMlp,)),
                            # + the lr around the recipe's (registry.LR_MULTIPLES)
                            search_space={"bottleneck": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"},

@@ -141,6 +141,7 @@ class ArcAttModel(ArcModel):
 # + the lr around the recipe's (registry.LR_MULTIPLES); the rate is the branch dropout (official default 0)
 _SPACE = {"rank": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"}
 register_method(MethodSpec("arc", ArcModel, ArcConfig, runtime="per_row_adapter", mergeable=True, search_space=_SPACE,
+                           recipe={"lr": 1.5e-2},  # won on val across the fair basis (bench/recipe_lr.py)
                            bank=BankLayout((ArcLinear,)),
                            description="ARC (r=50): shared W_down / W_down^T + per-layer coefficients before qkv and fc1"))
 register_method(MethodSpec("arc_att", ArcAttModel, ArcConfig, runtime="per_row_adapter", mergeable=True, search_space=_SPACE,

@@ -41,6 +41,7 @@ __all__ = ["CsnLayer", "DtlConfig", "DtlModel", "DtlPlusConfig", "DtlPlusModel",
 
 # Authors' scripts: AdamW + cosine, lr 1e-3, wd 0.05 for 100 epochs. Our default schedules are short
 # (CPU), so a higher lr; the frozen trunk before M is cached by the loop, so 30 epochs cost little.
+# The lr of each: the one that won on val across the fair basis's tasks (bench/recipe_lr.py).
 _RECIPE = {"lr": 1e-2, "epochs": 30, "weight_decay": 0.05}
 
 
@@ -53,5 +54,6 @@ def _space(depth: int) -> dict[str, str]:
 
 register_method(MethodSpec("dtl", DtlModel, DtlConfig, runtime="shared_trunk", mergeable=False, recipe=_RECIPE, search_space=_space,
                            description="DTL: low-rank compact side network added back from block M on"))
-register_method(MethodSpec("dtl_plus", DtlPlusModel, DtlPlusConfig, runtime="shared_trunk", mergeable=False, recipe=_RECIPE, search_space=_space,
+register_method(MethodSpec("dtl_plus", DtlPlusModel, DtlPlusConfig, runtime="shared_trunk", mergeable=False,
+                           recipe={**_RECIPE, "lr": 3e-2}, search_space=_space,
                            description="DTL+: DTL with a shared depthwise conv over the patch grid"))

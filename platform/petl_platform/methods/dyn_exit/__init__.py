@@ -34,6 +34,9 @@ from .model import DynExitMixin, make_dyn_model_class, stage_weights
 log = logging.getLogger(__name__)
 
 PREFIX = "dyn_"
+# A variant's recipe where the fair basis measured it (bench/recipe_lr.py: the one lr that won on val
+# across its tasks); every other variant trains at TrainConfig's defaults.
+_RECIPES = {"adapter": {"lr": 1.5e-2}}
 EXCLUDED = {
     "dtl": "its side network carries state between blocks besides the tokens",
     "dtl_plus": "its side network carries state between blocks besides the tokens",
@@ -60,14 +63,19 @@ DYN_FIELD_NAMES = [f[0] for f in DYN_FIELDS]
 
 # Searched by default: the dropout rates of shallow / deep stages and the gradient-mask rate
 # (Sec. 3.3), plus the base method's rank where it has one, + the lr around the recipe's
-# (registry.LR_MULTIPLES). Not the base's own ``dropout``: p_shallow / p_deep supersede it.
+# (registry.LR_MULTIPLES). Not the base's own ``dropout``: p_shallow / p_deep supersede it. The
+# dropout rates act on the adapter modules in the blocks, so a base without any (the linear probe)
+# searches p_m alone: P7 measured p_shallow and p_deep leaving dyn_linear's every epoch unchanged.
 DYN_SPACE = {"p_shallow": "uniform(0.1,0.7)", "p_deep": "uniform(0.0,0.3)", "p_m": "choice(0.0,0.1,0.2)"}
 
 
 def _dyn_space(base_spec: MethodSpec):
+    has_modules = base_spec.bank is not None and bool(base_spec.bank.modules)
+
     def space(depth: int) -> dict[str, str]:
         rank = {k: v for k, v in base_spec.default_space(depth).items() if k == "rank"}
-        return {**DYN_SPACE, **rank}
+        rates = DYN_SPACE if has_modules else {"p_m": DYN_SPACE["p_m"]}
+        return {**rates, **rank}
     return space
 
 
@@ -139,6 +147,7 @@ def register_dyn_variants() -> list[str]:
             continue
         register_method(MethodSpec(name, make_dyn_model_class(base, spec.model_cls), cfg_cls, runtime="early_exit",
                                    mergeable=spec.mergeable, search_space=_dyn_space(spec), exits=EXITS,
+                                   recipe=dict(_RECIPES.get(base, {})),
                                    bank=spec.bank or BankLayout(()),  # the exit heads are banked even over a linear probe
                                    description=f"Dyn-Adapter early exits over {base}"))
         done.append(name)

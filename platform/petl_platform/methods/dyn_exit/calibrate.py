@@ -129,9 +129,13 @@ def _search(model, probs: torch.Tensor, y: torch.Tensor, budget: float):
     if not 0 < budget <= BUDGET_MAX:
         raise PetlError(f"budget is a fraction of the full-depth FLOPs, 0 < budget <= {BUDGET_MAX} (e.g. 0.5); "
                         f"got {budget}")
-    conf = probs[:-1].amax(-1).numpy()
-    correct = (probs.argmax(-1) == y.cpu()[None]).numpy()
-    return search_thresholds(conf, correct, exit_costs(model), budget)
+    return search_thresholds(*_exit_arrays(probs, y), exit_costs(model), budget)
+
+
+def _exit_arrays(probs: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``search_thresholds``' ``conf`` (the early exits' max probabilities, (S-1, N)) and ``correct``
+    (every exit's hits, (S, N)) from one pass of every exit."""
+    return probs[:-1].amax(-1).numpy(), (probs.argmax(-1) == y.cpu()[None]).numpy()
 
 
 def calibrate(model, x_val: torch.Tensor, y_val: torch.Tensor, budget: float, batch_size: int = 256,
@@ -180,6 +184,20 @@ def accuracy_flops_curve(model, x_val, y_val, budgets, x_test=None, y_test=None,
                        "accuracy": measured["accuracy"], "flops_fraction": measured["flops_fraction"],
                        "exit_fractions": measured["exit_fractions"]})
     return {"split": "test" if x_test is not None else "val", "full_accuracy": full["accuracy"], "points": points}
+
+
+def simulated_point(model, probs: torch.Tensor, y: torch.Tensor, budget: float) -> dict:
+    """``accuracy_flops_curve``'s point for ``budget`` on the split ``probs`` came from, without a
+    second pass: thresholds searched on ``probs`` as there, and the accuracy and exit fractions
+    simulated from the same one pass (what ``predict_dynamic`` would do with those thresholds), the
+    FLOPs fraction from the model's per-exit costs. A trial's per-epoch exit statistics."""
+    y = torch.as_tensor(y).cpu()
+    thr, acc, flops, feasible = _search(model, probs, y, budget)
+    _, _, stage = _simulate(*_exit_arrays(probs, y), exit_costs(model), np.asarray(thr))
+    fractions = np.bincount(stage, minlength=model.stages) / max(1, len(stage))
+    return {"budget": budget, "thresholds": [float(t) for t in thr], "val_accuracy": float(acc),
+            "val_flops_fraction": float(flops), "feasible": feasible, "accuracy": float(acc),
+            "flops_fraction": float(flops), "exit_fractions": [float(f) for f in fractions]}
 
 
 def budget_key(budget: float) -> str:
@@ -298,6 +316,9 @@ class CalibratedExits:
 
     def accuracy_flops_curve(self, model, x_val, y_val, budgets, x_test=None, y_test=None, probs=None):
         return accuracy_flops_curve(model, x_val, y_val, budgets, x_test, y_test, probs=probs)
+
+    def simulated_point(self, model, probs, y, budget):
+        return simulated_point(model, probs, y, budget)
 
     def save_curve_png(self, curve, path, title="Dyn-Adapter: accuracy vs FLOPs"):
         return save_curve_png(curve, path, title)

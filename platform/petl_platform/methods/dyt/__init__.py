@@ -149,6 +149,7 @@ class DyTModel(PetlModel):
 
 
 register_method(MethodSpec("dyt", DyTModel, DyTConfig, runtime="token_dispatch", mergeable=False,
+                           recipe={"lr": 1.5e-2},  # won on val across the fair basis (bench/recipe_lr.py)
                            # + the lr around the recipe's (registry.LR_MULTIPLES). DyT has no dropout: the
                            # dispatcher's token skipping is its dropout-like disturbance (paper, A.1), and
                            # target_rate sets how much of it

@@ -140,6 +140,7 @@ class LoraModel(PetlModel):
 
 
 register_method(MethodSpec("lora", LoraModel, LoraConfig, runtime="per_row_adapter", mergeable=True,
+                           recipe={"lr": 1.5e-2},  # won on val across the fair basis (bench/recipe_lr.py)
                            bank=BankLayout((LoraQKV,)),
                            # + the lr around the recipe's (registry.LR_MULTIPLES)
                            search_space={"rank": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"},

@@ -113,6 +113,7 @@ class RepAdapterModel(PetlModel):
 
 
 register_method(MethodSpec("repadapter", RepAdapterModel, RepAdapterConfig, runtime="per_row_adapter", mergeable=True,
+                           recipe={"lr": 1.5e-2},  # won on val across the fair basis (bench/recipe_lr.py)
                            bank=BankLayout((RepAdapterLinear,)),
                            # + the lr around the recipe's (registry.LR_MULTIPLES)
                            search_space={"bottleneck": "choice(4,8,16)", "dropout": "uniform(0.0,0.3)"},
