@@ -322,19 +322,26 @@ def figures(out: Path) -> list[dict]:
         if not (ov := _load(out, name)):
             continue
         what = f"{ov['method']} on {ov['task']}, {ov['epochs']} epochs, {ov['cpus']} CPUs ({ov['backbone']})"
-        t1, t2 = ov["T1"], ov["T2"]
-        parts = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in t1["breakdown_s_per_trial_epoch"].items())
-        figs.append(_fig("T1", f"sweep wall per trial-epoch ({ov['trials']} trials, FIFO, one at a time with every "
-                               f"CPU) vs the plain loop's epoch, {what}", t1["ratio"], t1["range"], ov["rounds"],
-                         "<= 2x", t1["met"], source=name,
-                         note=f"{t1['per_trial_epoch_s']:.1f} vs {ov['plain_epoch_s']:.1f} s; s per trial-epoch: {parts}"))
+        t2 = ov["T2"]
+        if t1 := ov.get("T1"):  # a T2-only run (--trials 0) has no sweep
+            parts = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in t1["breakdown_s_per_trial_epoch"].items())
+            figs.append(_fig("T1", f"sweep wall per trial-epoch ({ov['trials']} trials, FIFO, one at a time with every "
+                                   f"CPU) vs the plain loop's epoch, {what}", t1["ratio"], t1["range"], ov["rounds"],
+                             "<= 2x", t1["met"], source=name,
+                             note=f"{t1['per_trial_epoch_s']:.1f} vs {ov['plain_epoch_s']:.1f} s; s per trial-epoch: "
+                                  f"{parts}"))
         if fresh := ov.get("T1_fresh_actors"):
             figs.append(_fig("T1", f"the same with a new actor per trial (Tune's default, before issue 23), {what}",
                              fresh["ratio"], fresh["range"], ov["rounds"], "reported", None, source=name,
                              note=f"{fresh['per_trial_epoch_s']:.1f} s per trial-epoch"))
-        figs.append(_fig("T2", f"petl train through Ray Train on a running cluster vs --local (the plain loop), {what}",
-                         t2["ratio"], t2["range"], ov["rounds"], "<= 1.5x", t2["met"], source=name,
-                         note=f"{t2['ray_train_wall_s']:.1f} vs {ov['plain_wall_s']:.1f} s"))
+        runs_as = "one Tune trial" if t2.get("runs_as") else "a one-worker Ray Train TorchTrainer"
+        figs.append(_fig("T2", f"petl train through Ray ({runs_as}) on a running cluster vs --local (the plain "
+                               f"loop), {what}", t2["ratio"], t2["range"], ov["rounds"], "<= 1.5x", t2["met"],
+                         source=name, note=f"{t2['ray_train_wall_s']:.1f} vs {ov['plain_wall_s']:.1f} s"))
+        if tt := ov.get("T2_torch_trainer"):
+            figs.append(_fig("T2", f"the same job through a one-worker Ray Train TorchTrainer (how one worker ran "
+                                   f"before), {what}", tt["ratio"], tt["range"], ov["rounds"], "reported", None,
+                             source=name, note=f"{tt['ray_train_wall_s']:.1f} vs {ov['plain_wall_s']:.1f} s"))
     if p6 := _load(out, "p6_gflops.json"):
         for bb, per_batch in p6["backbones"].items():
             for b, r in per_batch.items():

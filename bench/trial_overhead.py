@@ -3,8 +3,9 @@ run on one task and method:
 
 - **the plain loop** (`petl train --local`): ``run_finetune`` in this process, its wall and its
   epochs (``epoch_s``: train steps + val, the loop's own);
-- **T2**: `petl train` through Ray Train (``run_train``) on a running local cluster, against the
-  plain loop's wall for the same job (goal <= 1.5x);
+- **T2**: `petl train` through Ray (``run_train``: one worker, so one Tune trial) on a running local
+  cluster, against the plain loop's wall for the same job (goal <= 1.5x); with ``--compare-train``
+  also the same job through a one-worker Ray Train ``TorchTrainer`` (how one worker ran before);
 - **T1**: a `petl sweep` (FIFO, one trial at a time with every CPU, so each trial has the plain
   loop's CPU share): its wall per trial-epoch against the plain loop's epoch (goal <= 2x), and
   where each trial's time went (``cluster.tune.trial_timing``: setup, the loop's epochs,
@@ -15,7 +16,8 @@ The cluster is started once, before anything is timed ("a running cluster"). Rou
 three jobs; each figure is the median over rounds.
 
     .venv/bin/python bench/trial_overhead.py [--quick] [--task digits-1k] [--method lora] [--epochs 3]
-                                             [--trials 4] [--rounds 2] [--out-dir DIR]
+                                             [--trials 4] [--rounds 2] [--compare-reuse] [--compare-train]
+                                             [--out-dir DIR] [--out-name trial_overhead.json]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from petl_platform.backbones import SHIPPED
 from petl_platform.cluster.connect import ray_session
 from petl_platform.cluster.train import run_train
+from petl_platform.cluster import train as train_mod
 from petl_platform.cluster import tune as tune_mod
 from petl_platform.cluster.tune import run_sweep
 from petl_platform.tracking.settings import TrackingSettings
@@ -48,10 +51,14 @@ def main(argv=None) -> int:
     ap.add_argument("--task", default="digits-1k")
     ap.add_argument("--method", default="lora")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--trials", type=int, default=4)
+    ap.add_argument("--trials", type=int, default=4, help="the T1 sweep's trials (0: no sweep, T2 only)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--compare-reuse", action="store_true",
                     help="also run each sweep with a fresh actor per trial (Tune's default; the code before issue 23)")
+    ap.add_argument("--compare-train", action="store_true",
+                    help="T2 also through a one-worker Ray Train TorchTrainer (cluster.train.ONE_WORKER_TRIAL off)")
+    ap.add_argument("--out-name", default="trial_overhead.json",
+                    help="the JSON's name (the report reads trial_overhead.json and trial_overhead_*.json)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     epochs, trials, rounds = (2, 2, 1) if args.quick else (args.epochs, args.trials, args.rounds)
@@ -61,7 +68,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     train = {"epochs": epochs, "progress": False}
 
-    local, ray_train, sweeps, fresh = [], [], [], []
+    local, ray_train, torch_trainer, sweeps, fresh = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="petl-bench-overhead-") as tmp:
         root = Path(tmp)
         settings = TrackingSettings(f"sqlite:///{root / 'm.db'}", str(root / "art"), str(root / "ray")).prepare()
@@ -75,7 +82,17 @@ def main(argv=None) -> int:
                 got = run_train(TrainSpec(settings=settings, task=args.task, method=args.method, train=train,
                                           cpus_per_worker=cpus, name=f"t2-{r}"), progress=lambda line: None)
                 ray_train.append({"wall_s": time.perf_counter() - t0, "val_accuracy": got.get("val_accuracy")})
-                for reuse in (True, False) if args.compare_reuse else (True,):
+                if args.compare_train:
+                    train_mod.ONE_WORKER_TRIAL = False
+                    try:
+                        t0 = time.perf_counter()
+                        got = run_train(TrainSpec(settings=settings, task=args.task, method=args.method, train=train,
+                                                  cpus_per_worker=cpus, name=f"t2-tt-{r}"), progress=lambda line: None)
+                        torch_trainer.append({"wall_s": time.perf_counter() - t0,
+                                              "val_accuracy": got.get("val_accuracy")})
+                    finally:
+                        train_mod.ONE_WORKER_TRIAL = True
+                for reuse in ((True, False) if args.compare_reuse else (True,)) if trials else ():
                     tune_mod.REUSE_ACTORS = reuse
                     t0 = time.perf_counter()
                     summary = run_sweep(SweepSpec(settings=settings, method=args.method, tasks=(args.task,),
@@ -88,13 +105,16 @@ def main(argv=None) -> int:
                     print(f"round {r + 1}/{rounds}: sweep ({'actors reused' if reuse else 'an actor per trial'}) "
                           f"{wall:.1f} s for {summary['trial_epochs']} trial-epochs", flush=True)
                 tune_mod.REUSE_ACTORS = True
-                print(f"round {r + 1}/{rounds}: local {local[-1]['wall_s']:.1f} s, ray train "
-                      f"{ray_train[-1]['wall_s']:.1f} s", flush=True)
+                print(f"round {r + 1}/{rounds}: local {local[-1]['wall_s']:.1f} s, petl train on Ray "
+                      f"{ray_train[-1]['wall_s']:.1f} s"
+                      + (f", through a TorchTrainer {torch_trainer[-1]['wall_s']:.1f} s" if torch_trainer else ""),
+                      flush=True)
 
     med = statistics.median
     epoch = med(e for run in local for e in run["epoch_s"])
     local_wall = med(run["wall_s"] for run in local)
     t2 = [rt["wall_s"] / lo["wall_s"] for rt, lo in zip(ray_train, local)]
+    t2_tt = [rt["wall_s"] / lo["wall_s"] for rt, lo in zip(torch_trainer, local)]
 
     def breakdown(runs: list[dict]) -> dict:
         """One sweep's seconds per trial-epoch, split: each part summed over its trials, over its
@@ -119,10 +139,15 @@ def main(argv=None) -> int:
               "plain_epoch_s": round(epoch, 3), "plain_wall_s": round(local_wall, 2),
               "T2": {"ray_train_wall_s": round(med(r["wall_s"] for r in ray_train), 2),
                      "ratio": round(med(t2), 3), "range": [round(min(t2), 3), round(max(t2), 3)], "goal": 1.5,
-                     "met": med(t2) <= 1.5},
-              "T1": t1_of(sweeps), **({"T1_fresh_actors": t1_of(fresh)} if fresh else {}),
-              "raw": {"local": local, "ray_train": ray_train, "sweeps": sweeps, "sweeps_fresh_actors": fresh}}
-    (out_dir / "trial_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+                     "met": med(t2) <= 1.5, "runs_as": "one Tune trial"},
+              **({"T2_torch_trainer": {"ray_train_wall_s": round(med(r["wall_s"] for r in torch_trainer), 2),
+                                       "ratio": round(med(t2_tt), 3),
+                                       "range": [round(min(t2_tt), 3), round(max(t2_tt), 3)]}}
+                 if torch_trainer else {}),
+              **({"T1": t1_of(sweeps)} if sweeps else {}), **({"T1_fresh_actors": t1_of(fresh)} if fresh else {}),
+              "raw": {"local": local, "ray_train": ray_train, "torch_trainer": torch_trainer, "sweeps": sweeps,
+                      "sweeps_fresh_actors": fresh}}
+    (out_dir / args.out_name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "raw"}, indent=2))
     return 0
 

@@ -361,3 +361,25 @@ def test_report_shows_a_failed_serving_step_and_the_figures_measured_around_it(t
     figs = {f["id"]: f for f in report.figures(tmp_path)}
     assert figs["S1"]["median"] is None and figs["S1"]["met"] is None and "'404': 12" in figs["S1"]["note"]
     assert figs["S2"]["met"] is True
+
+
+def _overhead(method, t2, t1=None, torch_trainer=None, runs_as=True):
+    return {"task": "digits-1k", "method": method, "epochs": 3, "trials": 3 if t1 else 0, "rounds": 1, "cpus": 2,
+            "backbone": "petl_vit_t12_p4_32", "plain_epoch_s": 8.0, "plain_wall_s": 31.0,
+            "T2": {"ray_train_wall_s": 31.0 * t2, "ratio": t2, "range": [t2, t2], "goal": 1.5, "met": t2 <= 1.5,
+                   **({"runs_as": "one Tune trial"} if runs_as else {})},
+            **({"T1": {"ratio": t1, "range": [t1, t1], "met": t1 <= 2, "per_trial_epoch_s": 8.0 * t1,
+                       "breakdown_s_per_trial_epoch": {"epoch_s": 8.0}}} if t1 else {}),
+            **({"T2_torch_trainer": {"ray_train_wall_s": 31.0 * torch_trainer, "ratio": torch_trainer,
+                                     "range": [torch_trainer, torch_trainer]}} if torch_trainer else {})}
+
+
+def test_report_renders_t1_and_t2_from_each_overhead_run_and_says_how_train_ran(tmp_path):
+    report = _module("report")
+    (tmp_path / "trial_overhead.json").write_text(json.dumps(_overhead("lora", 1.6, t1=1.45, runs_as=False)))
+    (tmp_path / "trial_overhead_linear.json").write_text(json.dumps(_overhead("linear", 1.3, torch_trainer=2.9)))
+    (tmp_path / "trial_overhead_linear_before_x.json").write_text(json.dumps(_overhead("linear", 9.0)))
+    figs = [(f["id"], f["median"], f["met"], f["figure"]) for f in report.figures(tmp_path)]
+    assert [f[:3] for f in figs] == [("T1", 1.45, True), ("T2", 1.6, False), ("T2", 1.3, True), ("T2", 2.9, None)]
+    assert "a one-worker Ray Train TorchTrainer" in figs[1][3] and "lora" in figs[1][3]  # an earlier run: how it ran
+    assert "(one Tune trial)" in figs[2][3] and "how one worker ran before" in figs[3][3]

@@ -28,7 +28,7 @@ def test_submit_train_job_follows_logs_to_success(cluster, petl_cli):
               "--epochs", "2", "--workers", "2", "--address", cluster["address"])
     assert p.returncode == 0, p.stderr[-2000:]
     assert "submitted petl-train-" in p.stdout and "SUCCEEDED" in p.stdout
-    assert "on 2 Ray Train worker(s): test accuracy" in p.stdout  # the job's own output, followed live
+    assert "on 2 Ray Train workers: test accuracy" in p.stdout  # the job's own output, followed live
     job_id = p.stdout.split("submitted ", 1)[1].split()[0]
 
     listed = _petl("jobs", "list", "--address", cluster["address"])

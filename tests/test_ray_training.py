@@ -1,6 +1,7 @@
 """Integration: a local Ray cluster (2 CPUs), a real S3-compatible server on 127.0.0.1 (moto),
 MLflow on SQLite with artifacts in the bucket. Ray Train with 2 workers, an ASHA sweep that
-registers its champion, a trial whose worker is killed and resumes from its checkpoint."""
+registers its champion, a trial and a one-worker train whose worker is killed and resume from
+their checkpoints."""
 
 import os
 import signal
@@ -112,17 +113,17 @@ def test_asha_sweep_registers_champion_with_artifacts_in_s3(stack, tmp_path):
     assert main(["registry", "promote", "digits-1k", "99"]) == 2  # no such version: one line, exit 2
 
 
-def test_killed_worker_trial_resumes_from_checkpoint(stack):
-    from petl_platform.cluster.tune import run_sweep
-
+def _kill_worker_after_first_checkpoint(stack, runs_filter: str, experiment_dir: str) -> tuple[threading.Thread, dict]:
+    """Starts a thread that SIGKILLs the worker of the one MLflow run matching ``runs_filter`` once
+    its first checkpoint is registered; ``seen`` gets the killed ``pid`` and the ``run_id``."""
     c, seen = _client(stack), {}
 
     def kill_after_first_checkpoint():
         deadline = time.time() + 240
         while time.time() < deadline and "pid" not in seen:
             exp = c.get_experiment_by_name("petl")
-            runs = c.search_runs([exp.experiment_id], "tags.`petl.sweep` = 'kill-digits-1k' and metrics.val_accuracy >= 0") if exp else []
-            ckpts = list(Path(stack["settings"].storage_path, "kill-digits-1k").glob("*/checkpoint_0000*"))
+            runs = c.search_runs([exp.experiment_id], f"{runs_filter} and metrics.val_accuracy >= 0") if exp else []
+            ckpts = list(Path(stack["settings"].storage_path, experiment_dir).glob("*/checkpoint_0000*"))
             trial_runs = [r for r in runs if "petl.worker_pid" in r.data.tags]
             # Tune registers a checkpoint only once its separate save step returns, and a function
             # trial goes on past a report only after that: metrics of a second epoch mean the first
@@ -136,6 +137,56 @@ def test_killed_worker_trial_resumes_from_checkpoint(stack):
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
+    return killer, seen
+
+
+def test_one_worker_train_is_one_tune_trial_that_resumes_after_its_worker_dies(stack):
+    """``petl train`` with one worker runs as a single Tune trial: killed after its first
+    checkpoint, it resumes from it in a new process, in the same MLflow run, and returns what the
+    trial reported (not Tune's bookkeeping or the trial's config)."""
+    from petl_platform.cluster.train import run_train
+
+    c = _client(stack)
+    killer, seen = _kill_worker_after_first_checkpoint(stack, "tags.`petl.job` = 'train-kill'", "train-kill")
+    out = run_train(TrainSpec(task="digits-1k", method="linear", backbone=stack["backbone"], settings=stack["settings"],
+                              train={"epochs": 5, "batch_size": 16}, workers=1, max_failures=1, name="train-kill"))
+    killer.join(5)
+    assert "pid" in seen, "the trial never checkpointed"
+    assert out["mlflow_run_id"] == seen["run_id"] and out["epoch"] == 5 and out["workers"] == 1
+    assert 0.0 <= out["test_accuracy"] == out["accuracy"] <= 1.0 and out["name"] == "train-kill"
+    assert not {"config", "trial_id", "pid", "training_iteration"} & set(out), sorted(out)
+    assert Path(out["checkpoint"], "checkpoint.pt").exists()  # trainable state in Ray storage
+    run = c.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "train-kill"
+    assert int(run.data.tags["petl.resumed_from_epoch"]) >= 1  # resumed, not restarted from scratch
+    assert int(run.data.tags["petl.worker_pid"]) != seen["pid"]
+    assert {m.step for m in c.get_metric_history(run.info.run_id, "val_accuracy")} == set(range(1, 6))
+
+
+def test_one_worker_train_out_of_retries_fails_with_its_checkpoint_and_a_failed_run(stack):
+    """max_failures=0 and a lost worker: one line, the run FAILED with the reason, and the last
+    checkpoint kept in Ray storage."""
+    from petl_platform.cluster.train import run_train
+    from petl_platform.errors import PetlError
+
+    c = _client(stack)
+    killer, seen = _kill_worker_after_first_checkpoint(stack, "tags.`petl.job` = 'train-lost'", "train-lost")
+    with pytest.raises(PetlError) as err:
+        run_train(TrainSpec(task="digits-1k", method="linear", backbone=stack["backbone"], settings=stack["settings"],
+                            train={"epochs": 8, "batch_size": 16}, workers=1, max_failures=0, name="train-lost"))
+    killer.join(5)
+    assert "pid" in seen, "the trial never checkpointed"
+    assert str(err.value).startswith("training failed: ") and "\n" not in str(err.value)
+    run = c.get_run(seen["run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["petl.failure"] == str(err.value)
+    assert list(Path(stack["settings"].storage_path, "train-lost").glob("*/checkpoint_0000*/checkpoint.pt"))
+
+
+def test_killed_worker_trial_resumes_from_checkpoint(stack):
+    from petl_platform.cluster.tune import run_sweep
+
+    c = _client(stack)
+    killer, seen = _kill_worker_after_first_checkpoint(stack, "tags.`petl.sweep` = 'kill-digits-1k'", "kill-digits-1k")
     [s] = run_sweep(SweepSpec(tasks=("digits-1k",), method="linear", backbone=stack["backbone"],
                               settings=stack["settings"], space=("lr=choice(0.01)",), samples=1, epochs=6,
                               scheduler="fifo", train={"batch_size": 16}, max_failures=1, name="kill",

@@ -1,6 +1,11 @@
-"""Ray Train: one fine-tune as a ``TorchTrainer`` with N data-parallel workers, each running the
-plain-torch trial (``training.trial.run_trial``), checkpoints in Ray storage, metrics and the
-adapter in MLflow; with ``spec.register`` the run's adapter is registered as the challenger."""
+"""One fine-tune on a Ray cluster: the plain-torch trial (``training.trial.run_trial``) with
+checkpoints in Ray storage, metrics and the adapter in MLflow; with ``spec.register`` the run's
+adapter is registered as the challenger.
+
+One worker runs as a single Ray Tune trial, the way a sweep runs each of its trials: one new
+process, no torch process group. N > 1 workers run as a Ray Train ``TorchTrainer``, N
+data-parallel ranks. Both restart from the run's last checkpoint after a failure that is not the
+user's, up to ``spec.max_failures`` times, and both keep a ``PetlError`` from being retried."""
 
 from __future__ import annotations
 
@@ -9,12 +14,14 @@ from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
+from ..errors import PetlError
 from .connect import ray_error, ray_logs_dir, ray_session, storage, user_error
 
 if TYPE_CHECKING:
     from ..training.spec import TrainSpec
 
 Progress = Callable[[str], None]
+ONE_WORKER_TRIAL = True  # one worker runs as a Tune trial; bench/trial_overhead.py measures both ways
 
 
 def run_train(spec: TrainSpec, progress: Progress | None = None) -> dict:
@@ -49,9 +56,9 @@ def default_name(task: str, method: str, when: float | None = None) -> str:
 def fit_checked(spec: TrainSpec, progress: Progress | None = None) -> dict:
     """``run_train`` for a spec already validated (the VTAB suite's final fits). ``progress``, when
     given, takes over the terminal: it gets petl's own lines (where Ray's logs are, then one line
-    per epoch), and the output of Ray Train's controller and workers (its per-epoch "Checkpoint
-    successfully created" / "Reporting training result" lines, the workers' tracebacks) stays in
-    Ray's log files. Without it, a cluster started here forwards that output as Ray does."""
+    per epoch), and the output of the trial or of Ray Train's controller and workers (their
+    per-epoch "Checkpoint successfully created" lines, tracebacks) stays in Ray's log files.
+    Without it, a cluster started here forwards that output as Ray does."""
     import time
 
     from ..tracking.runs import git_commit
@@ -60,18 +67,86 @@ def fit_checked(spec: TrainSpec, progress: Progress | None = None) -> dict:
 
     task, method, settings, name = spec.task, spec.method, spec.settings, spec.name
     t0 = time.time()
-    with ray_session(spec.address, log_to_driver=progress is None), \
-            _epoch_lines(progress, train_config(method, spec.train).epochs) as lines:
-        import ray.train
-        from ray.train.torch import TorchTrainer
-
+    with ray_session(spec.address, log_to_driver=progress is None):
         name = name or default_name(task, method)
         path, fs = storage(settings.storage_path)
-        res = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
         config = trial_config(task, method, spec.backbone, settings, spec.experiment, spec.hparams, spec.train,
                               spec.budget, tags={"mlflow.source.git.commit": git_commit(), "petl.job": name, **spec.tags},
                               run_name=name)
-        config[PROGRESS_KEY] = lines
+        epochs = train_config(method, spec.train).epochs
+        logs = ray_logs_dir()
+        if progress is not None and logs:
+            progress(f"Ray's logs (the workers' output and tracebacks): {logs}")
+        fit = _fit_one_worker if spec.workers == 1 and ONE_WORKER_TRIAL else _fit_data_parallel
+        metrics, checkpoint = fit(spec, config, name, path, fs, progress, epochs)
+        out = dict(metrics)
+        out.update(accuracy=out.get("test_accuracy"), wall_s=round(time.time() - t0, 2), task=task, method=method,
+                   workers=spec.workers, name=name, checkpoint=checkpoint.path if checkpoint else None)
+        return out
+
+
+def _fit_one_worker(spec: TrainSpec, config: dict, name: str, path: str, fs, progress: Progress | None,
+                    epochs: int):
+    """One worker: one Ray Tune trial (``cluster.tune.ray_tune_trial``, as a sweep's). A trial
+    that raises is restarted by Tune from its last checkpoint, up to ``max_failures`` times; a
+    ``PetlError`` ends the trial with its message instead, and is raised here."""
+    from ray import tune
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    from ..training.trial import PETL_ERROR
+    from .tune import quiet_tune_output, ray_tune_trial
+
+    resources = {"cpu": spec.cpus_per_worker, "gpu": 1 if spec.use_gpu else 0}
+    tuner = tune.Tuner(
+        tune.with_resources(ray_tune_trial, resources), param_space=config,
+        tune_config=tune.TuneConfig(num_samples=1),
+        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                  callbacks=[_tune_epoch_lines(progress, epochs)] if progress else [], verbose=0))
+    with quiet_tune_output(quiet=progress is not None):
+        [result] = tuner.fit()
+    metrics = dict(result.metrics or {})
+    error = None
+    if metrics.get(PETL_ERROR):
+        error = PetlError(metrics[PETL_ERROR])  # the trial marked its run FAILED already
+    elif result.error is not None:
+        error = ray_error(result.error)
+    _close_left_runs(spec, name, None if error else metrics.get("mlflow_run_id"), error)
+    if error is not None:
+        raise error
+    # Tune's own bookkeeping (and the trial's config, which holds the tracking settings) is not
+    # the run's result: keep what the trial reported, as Ray Train's result does
+    for key in (*AUTO_RESULT_KEYS, "trial_id", "experiment_tag", "done", "should_checkpoint"):
+        metrics.pop(key, None)
+    return metrics, result.checkpoint
+
+
+def _close_left_runs(spec: TrainSpec, name: str, kept: str | None, error: PetlError | None) -> None:
+    """Marks FAILED every MLflow run of job ``name`` still RUNNING but ``kept``: the last one when
+    the job failed (its worker died, or retries ran out), or one a restart from scratch left
+    behind (a worker lost before Tune registered its first checkpoint; a restart begins a new run)."""
+    from ..tracking.runs import client, mark_failed
+
+    c = client(spec.settings)
+    exp = c.get_experiment_by_name(spec.experiment)
+    if exp is None or "'" in name:  # (a name MLflow's filter cannot quote: nothing to find by it)
+        return
+    reason = str(error) if error is not None else ("interrupted: its worker was lost before Tune registered a "
+                                                   "checkpoint of this run (a restart begins a new run)")
+    for run in c.search_runs([exp.experiment_id], f"tags.`petl.job` = '{name}' and attributes.status = 'RUNNING'"):
+        if run.info.run_id != kept:
+            mark_failed(c, run.info.run_id, reason)
+
+
+def _fit_data_parallel(spec: TrainSpec, config: dict, name: str, path: str, fs, progress: Progress | None,
+                       epochs: int):
+    """N workers: a Ray Train ``TorchTrainer`` of N data-parallel ranks."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    res = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
+    with _epoch_lines(progress, epochs) as lines:
+        config = {**config, PROGRESS_KEY: lines}
         # Ray retries any worker failure; a PetlError (bad data, bad hyperparameters) fails the
         # same way every time. So Ray gets no retries, and a failure is retried here, by type: a
         # PetlError never, anything else (a dead worker or node) up to max_failures times, each
@@ -89,11 +164,31 @@ def fit_checked(spec: TrainSpec, progress: Progress | None = None) -> dict:
             except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the workers' exceptions
                 if user_error(e) is not None or attempt == spec.max_failures:
                     raise ray_error(e) from None
-        out = dict(result.metrics or {})
-        out.update(accuracy=out.get("test_accuracy"), wall_s=round(time.time() - t0, 2), task=task, method=method,
-                   workers=spec.workers, name=name,
-                   checkpoint=result.checkpoint.path if result.checkpoint else None)
-        return out
+    return dict(result.metrics or {}), result.checkpoint
+
+
+def epoch_line(m: dict, epochs: int) -> str:
+    """petl's progress line for one epoch's reported metrics."""
+    speed = f", {m['img_per_s']:.0f} img/s" if "img_per_s" in m else ""  # measured at the last epoch
+    return (f"epoch {m.get('epoch')}/{epochs}: train loss {m.get('train_loss', float('nan')):.4f}, "
+            f"val accuracy {m.get('val_accuracy', float('nan')):.4f}{speed}")
+
+
+def _tune_epoch_lines(progress: Progress, epochs: int):
+    """A Tune callback: the trial's results reach the driver, one ``epoch_line`` each."""
+    from ray import tune
+
+    from ..training.trial import PETL_ERROR
+
+    class EpochLines(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if PETL_ERROR not in result:
+                progress(epoch_line(result, epochs))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            progress("the worker was lost: the run restarts from its last checkpoint (--max-failures)")
+
+    return EpochLines()
 
 
 PROGRESS_KEY = "progress_queue"  # in the worker's config: the driver's queue of epoch metrics, or None
@@ -109,9 +204,6 @@ def _epoch_lines(progress: Progress | None, epochs: int):
         return
     from ray.util.queue import Empty, Queue
 
-    logs = ray_logs_dir()
-    if logs:
-        progress(f"Ray's logs (Train controller, workers' output and tracebacks): {logs}")
     q = Queue(actor_options={"num_cpus": 0})  # never waits for a CPU the workers hold
     done = threading.Event()
 
@@ -125,9 +217,7 @@ def _epoch_lines(progress: Progress | None, epochs: int):
                 continue
             except Exception:  # noqa: BLE001 - Ray going down: fit's own error is the one to report
                 return
-            speed = f", {m['img_per_s']:.0f} img/s" if "img_per_s" in m else ""  # measured at the last epoch
-            progress(f"epoch {m.get('epoch')}/{epochs}: train loss {m.get('train_loss', float('nan')):.4f}, "
-                     f"val accuracy {m.get('val_accuracy', float('nan')):.4f}{speed}")
+            progress(epoch_line(m, epochs))
 
     t = threading.Thread(target=pump, name="petl-epoch-lines", daemon=True)
     t.start()

@@ -39,14 +39,8 @@ def to_tune(space: dict[str, tuple[str, list]]) -> dict:
 
 
 def _tune_trial(config: dict) -> None:
-    """The Tune trainable: tag the trial's MLflow run with its Ray trial id and name."""
-    import logging
-
+    """The sweep's Tune trainable: tag the trial's MLflow run with its Ray trial id and name."""
     from ray import tune
-
-    # One "Checkpoint successfully created at ..." INFO line per trial-epoch reached the terminal
-    # (the trial's output goes to the driver); the sweep's own callback already prints each epoch.
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 
     ctx = tune.get_context()
     config = {**config, "run_name": ctx.get_trial_name(),
@@ -55,7 +49,7 @@ def _tune_trial(config: dict) -> None:
 
 
 @contextmanager
-def _tune_output(quiet: bool):
+def quiet_tune_output(quiet: bool):
     """With our own one-line-per-trial callback, Tune prints nothing itself. Tune's default output
     prints its experiment box and TensorBoard hint even at ``verbose=0`` (Ray 2.60); its legacy
     reporter (``RAY_AIR_NEW_OUTPUT=0``, read on each ``fit``) honours ``verbose=0``."""
@@ -156,7 +150,7 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
                                           callbacks=[_trial_lines(list(parsed))] if spec.progress else [],
                                           verbose=0))
         t0 = time.time()
-        with _tune_output(quiet=spec.progress):
+        with quiet_tune_output(quiet=spec.progress):
             grid = tuner.fit()
         summary = _finalize(grid, settings, task, method, spec.backbone, parsed, epochs, parent)
         summary.update(sweep=sweep_name, wall_s=round(time.time() - t0, 1), parent_run_id=parent.run_id)
@@ -335,10 +329,16 @@ def _exit_plots(checkpoint, backbone: str, task: str, tmp: Path) -> list[Path]:
 def ray_tune_trial(config: dict) -> None:
     """Ray Tune function trainable: one trial, one worker. Tune retries a trial that raises, and a
     PetlError fails the same way every time, so such a trial ends instead, its last result
-    carrying the message (``PETL_ERROR``; the sweep counts it as failed)."""
+    carrying the message (``PETL_ERROR``; the sweep counts it as failed, ``petl train`` raises it)."""
+    import logging
+
     from ray import tune
 
     from ..training.trial import run_trial
+
+    # One "Checkpoint successfully created at ..." INFO line per epoch reached the terminal (the
+    # trial's output goes to the driver); the driver's own callback already prints each epoch.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 
     def end_trial(err: PetlError, run_id: str | None) -> None:
         # val_accuracy is Tune's metric: every result must carry it; NaN is never the best
