@@ -21,6 +21,17 @@ TINY = dict(img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=2)
 BUCKET = "petl-test"
 
 
+def bench_module(name: str):
+    """``bench/<name>.py`` imported as module ``bench_<name>`` (bench/ is scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,16 +2,16 @@
 server of the test's own (keep-alive, chunked, Connection: close, 503 + Retry-After)."""
 
 import asyncio
-import importlib.util
+import importlib
 import threading
 from pathlib import Path
 
 import pytest
 
+from platform_stack import bench_module
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-spec = importlib.util.spec_from_file_location("bench_load_gen", BENCH / "load_gen.py")
-load_gen = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(load_gen)
+load_gen = bench_module("load_gen")
 
 
 class Server:

@@ -1,6 +1,5 @@
 """`petl bench`: the orchestrator, the fidelity aggregation and claims, the report."""
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -10,15 +9,12 @@ from pathlib import Path
 import pytest
 
 from petl_platform.cli import main
+from platform_stack import bench_module
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def _module(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_module = bench_module
 
 
 def _run(method, task, seed, acc, params=1000, gflops=1.0, **extra):

@@ -28,6 +28,25 @@ def test_forwarded_env_holds_no_credentials(monkeypatch):
     assert "marker" not in env.values()
 
 
+def test_tune_trials_get_no_credentials_in_their_runtime_env(monkeypatch):
+    """Ray Tune copies the driver's AWS_* variables into each trial actor's runtime_env (Ray 2.60);
+    petl's sweeps and one-worker trains take them out of that list first."""
+    from ray.tune.execution import class_cache
+
+    from petl_platform.cluster.connect import keep_secrets_out_of_tune
+
+    class Trainable:
+        pass
+
+    for k in SECRET_ENV_VARS:
+        monkeypatch.setenv(k, "marker")
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)  # restored after
+    assert "marker" in str(class_cache._ActorClassCache().get(Trainable)._default_options)  # what Tune does
+    keep_secrets_out_of_tune()
+    options = class_cache._ActorClassCache().get(Trainable)._default_options
+    assert "marker" not in str(options) and options["runtime_env"]["env_vars"]  # Tune's own variables stay
+
+
 def test_submit_refuses_credentials_in_env():
     with pytest.raises(PetlError, match="AWS_SECRET_ACCESS_KEY: credentials are not sent with a job"):
         submit("train", ["--task", "digits-1k"], address="http://127.0.0.1:1",

@@ -14,6 +14,7 @@ from petl_platform.training.space import default_space, parse_space
 from petl_platform.training.spec import SweepSpec, asha_rungs
 from petl_platform.training.trial import split_hparams
 from petl_platform.tracking.settings import TrackingSettings
+from platform_stack import bench_module
 
 # each method's own dropout / mask rates (none: the method has none, see its spec) and the keys it
 # searched before the lr joined
@@ -48,18 +49,7 @@ def test_default_space_searches_the_lr_and_the_methods_rates(method):
         assert lo * 0.99 <= task["tuned_lr"] <= hi * 1.01, (method, task)
 
 
-def _bench(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-RECIPE_LR = _bench("recipe_lr")
+RECIPE_LR = bench_module("recipe_lr")
 FAIR = RECIPE_LR.choose(RECIPE_LR.load())  # method -> the fair basis's choice (bench/recipe_lr.py)
 
 

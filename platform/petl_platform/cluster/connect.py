@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from urllib.parse import urlparse
 
 from ..errors import PetlError
-from ..tracking.settings import forwarded_env
+from ..tracking.settings import SECRET_ENV_VARS, forwarded_env
 from ..training.spec import check_address
 
 
@@ -18,6 +18,17 @@ def in_ray_job() -> bool:
     """Whether this process runs inside a Ray job (or is pointed at a cluster by ``RAY_ADDRESS``):
     ``ensure_ray()`` then connects to that cluster instead of starting one."""
     return bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
+
+
+def keep_secrets_out_of_tune() -> None:
+    """Call before a Tune run starts. Ray Tune copies the driver's ``AWS_*`` credentials into every
+    trial actor's ``runtime_env`` (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``,
+    Ray 2.60), which the runtime-env agent writes to its log. Credentials never travel that way
+    here (docs/safety.md): a trial gets them as every Ray worker does, from its node's environment
+    (a local cluster inherits the shell's)."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - SECRET_ENV_VARS
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True):

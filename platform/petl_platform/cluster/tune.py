@@ -17,7 +17,7 @@ from ..errors import PetlError
 from ..tracking.runs import ADAPTER_PATH, RunLogger, client, git_commit, mark_failed
 from ..training.spec import SweepSpec
 from ..training.trial import PETL_ERROR
-from .connect import ray_error, ray_session, storage
+from .connect import keep_secrets_out_of_tune, ray_error, ray_session, storage
 
 REUSE_ACTORS = True  # bench/trial_overhead.py measures the sweep both ways
 
@@ -122,6 +122,7 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
         print(f"ASHA: trials compared at epochs {', '.join(map(str, rungs))} of {epochs} (grace period {grace}, "
               f"reduction factor {rf:g})", flush=True)
     with parent:
+        keep_secrets_out_of_tune()
         trainable = tune.with_resources(_tune_trial, {"cpu": spec.cpus_per_trial, "gpu": gpus})
         if resume:
             tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)
