@@ -61,7 +61,7 @@ def test_ray_train_does_not_retry_a_petl_error(stack):
     assert runs[0].info.status == "FAILED" and "cannot read image" in runs[0].data.tags["petl.failure"]
 
 
-def test_ray_tune_does_not_retry_a_petl_error(stack):
+def test_ray_tune_does_not_retry_a_petl_error(stack, capfd):
     from petl_platform.data.registry import task_slug
     from petl_platform.cluster.tune import run_sweep
 
@@ -70,6 +70,10 @@ def test_ray_tune_does_not_retry_a_petl_error(stack):
                             space=("lr=choice(0.01)",), samples=1, epochs=1, scheduler="fifo", max_failures=2,
                             name="corrupt", progress=False))
     msg = str(err.value)
+    # progress=False (petl demo's sweep): Tune's own output (its experiment box, the TensorBoard
+    # hint) stays off the terminal too
+    printed = "".join(capfd.readouterr())
+    assert "Configuration for experiment" not in printed and "tensorboard" not in printed.lower(), printed[-2000:]
     assert "every trial of sweep" in msg and "first error: cannot read image " in msg and "raise PetlError" not in msg
     trials = [r for r in _runs(stack, f"tags.`petl.sweep` = 'corrupt-{task_slug(stack['task'])}'")
               if r.data.tags.get("petl.role") != "sweep"]  # the trials' runs, not the parent

@@ -104,7 +104,7 @@ def _fit_one_worker(spec: TrainSpec, config: dict, name: str, path: str, fs, pro
         run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                   callbacks=[_tune_epoch_lines(progress, epochs)] if progress else [], verbose=0))
-    with quiet_tune_output(quiet=progress is not None):
+    with quiet_tune_output():
         [result] = tuner.fit()
     metrics = dict(result.metrics or {})
     error = None

@@ -49,17 +49,19 @@ def _tune_trial(config: dict) -> None:
 
 
 @contextmanager
-def quiet_tune_output(quiet: bool):
-    """With our own one-line-per-trial callback, Tune prints nothing itself. Tune's default output
-    prints its experiment box and TensorBoard hint even at ``verbose=0`` (Ray 2.60); its legacy
-    reporter (``RAY_AIR_NEW_OUTPUT=0``, read on each ``fit``) honours ``verbose=0``."""
+def quiet_tune_output():
+    """Tune prints nothing itself: every petl Tune run passes ``verbose=0``, and petl's own
+    callback prints one line per trial event when the caller asked for progress (``petl sweep``,
+    ``petl train``; ``petl demo`` prints its own summary). Tune's default output prints its
+    experiment box and TensorBoard hint even at ``verbose=0`` (Ray 2.60); its legacy reporter
+    (``RAY_AIR_NEW_OUTPUT=0``, read on each ``fit``) honours ``verbose=0``."""
     old = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    if quiet and old is None:
+    if old is None:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
         yield
     finally:
-        if quiet and old is None:
+        if old is None:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
 
 
@@ -151,7 +153,7 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
                                           callbacks=[_trial_lines(list(parsed))] if spec.progress else [],
                                           verbose=0))
         t0 = time.time()
-        with quiet_tune_output(quiet=spec.progress):
+        with quiet_tune_output():
             grid = tuner.fit()
         summary = _finalize(grid, settings, task, method, spec.backbone, parsed, epochs, parent)
         summary.update(sweep=sweep_name, wall_s=round(time.time() - t0, 1), parent_run_id=parent.run_id)
