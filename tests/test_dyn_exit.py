@@ -299,6 +299,12 @@ def test_per_epoch_exit_statistics_simulated_equal_the_measured(dyn8):
     for k in per_epoch:
         assert per_epoch[k] == pytest.approx(last[k], abs=0.01), k
     assert dyn8.exit_thresholds.min() > 1  # neither left thresholds behind (dyn8 is shared)
+    # a val split larger than max_images: the caller's pass over all of it is cut to the same images
+    for final in (False, True):
+        cut = inference_metrics(dyn8, x, y, max_images=100, exit_probs=probs, final=final)
+        alone = inference_metrics(dyn8, x[:100], y[:100], max_images=100, final=final)
+        assert {k: v for k, v in cut.items() if k != "img_per_s"} == \
+            pytest.approx({k: v for k, v in alone.items() if k != "img_per_s"}, abs=1e-6)
 
 
 def test_calibration_trades_exits_for_budget(dyn8):
