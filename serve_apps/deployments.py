@@ -168,16 +168,20 @@ class _Replica:
             return {"thresholds": list(e.thresholds_for(knobs["budget"]))}
         return {}  # the thresholds calibrated at training time
 
-    async def run(self, x: torch.Tensor, tasks: list[str], knobs: dict) -> list[dict]:
+    async def run(self, x: torch.Tensor, tasks: list[str], knobs: dict, versions: dict | None = None) -> list[dict]:
         """Per image of ``x`` (``uint8 [N, 3, H, W]`` pixels at the model's size, normalized here),
         ``{task: answer or error}``: the request's cold tasks load first (off the event loop, never
         holding up other requests), then its rows (images x tasks) join the mixed-task batch. A
-        request larger than a batch is cut into batch-sized pieces of whole images."""
-        entries = {t: self.cache.resident(t) for t in dict.fromkeys(tasks)}
+        request larger than a batch is cut into batch-sized pieces of whole images. ``versions``:
+        the version each task was routed by (the ingress's catalog); a resident task at another
+        version is checked against the registry before it answers (``TaskModelCache.current``)."""
+        versions = versions or {}
+        entries = {t: self.cache.current(t, versions.get(t)) for t in dict.fromkeys(tasks)}
         cold = [t for t, e in entries.items() if e is None]
         bad = {}
         if cold:
-            got = await asyncio.gather(*(self.cache.aget(t) for t in cold), return_exceptions=True)
+            got = await asyncio.gather(*(self.cache.aget(t, version=versions.get(t)) for t in cold),
+                                       return_exceptions=True)
             for t, g in zip(cold, got):
                 if isinstance(g, ServeError):
                     bad[t] = error_body(g)

@@ -381,8 +381,11 @@ class _Ingress:
             if roles[t] is not None:
                 by_role[roles[t]].append(t)
         keys = list(by_role)
-        got = await asyncio.gather(*(self.handles[r].run.remote(x, by_role[r], knobs) for r in keys),
-                                   return_exceptions=True)
+        # each task's version travels with it: the deployment serves the version it was routed by
+        # (or the registry's answer when the two disagree), never a cache's stale alias
+        got = await asyncio.gather(*(self.handles[r].run.remote(x, by_role[r], knobs,
+                                                                {t: rows[t].get("version") for t in by_role[r]})
+                                     for r in keys), return_exceptions=True)
         done = dict(zip(keys, got))
         results = [{} for _ in range(len(x))]
         for t in tasks:

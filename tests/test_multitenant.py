@@ -206,6 +206,43 @@ def test_alias_move_is_prefetched_off_the_request_path_even_to_another_method(re
     assert (new.version, new.method) == (2, "lora") and cache.stats["refreshes"] == 1
 
 
+def test_a_request_is_served_the_version_it_was_routed_by_not_a_stale_alias(registry, tiny_backbone, monkeypatch):
+    """The ingress routes a task by the version its catalog saw and sends that version along. A cold
+    task loads that version, even where the store's fetcher resolves the alias stale (a node cache);
+    a resident task at another version asks the registry once per ``refresh_s`` and serves its answer."""
+    import petl_platform.serving.models as models
+    from petl_platform.errors import PetlError
+
+    _register(registry, tiny_backbone, "t0", "linear")
+    _register(registry, tiny_backbone, "t0", "lora", rank=2)  # the alias moves to v2, another method
+    real = models.fetch_from_registry
+    stale = models.TaskModelCache(tiny_backbone, registry, refresh_s=3600,  # its alias look-ups still say v1
+                                  fetch=lambda ref: real(registry, ref.replace("@champion", "/1")))
+    assert stale.get("t0").version == 1
+    stale.drop("t0")
+    got = stale.get("t0", version=2)
+    assert (got.version, got.method) == (2, "lora")
+
+    _register(registry, tiny_backbone, "t1", "linear")
+    cache = models.TaskModelCache(tiny_backbone, registry, refresh_s=3600)
+    assert cache.get("t1", version=1).version == 1
+    _register(registry, tiny_backbone, "t1", "lora", rank=2)
+    assert cache.get("t1").version == 1  # no version given: the resident one, no registry call
+    new = cache.get("t1", version=2)  # routed by v2: resident v1 is checked and replaced
+    assert (new.version, new.method) == (2, "lora") and cache.stats["rechecks"] == 1
+    assert cache.stats["refreshes"] == 1
+    # a stale router still names v1: the registry says v2, v2 answers, and it is asked once
+    assert cache.get("t1", version=1).version == 2 and cache.stats["rechecks"] == 2
+    assert cache.get("t1", version=1).version == 2 and cache.stats["rechecks"] == 2
+
+    def down(settings, ref):
+        raise PetlError("registry unreachable")
+
+    monkeypatch.setattr(models, "show_model", down)
+    assert cache.get("t1", version=7).version == 2  # the check fails: the resident version keeps serving
+    assert not cache.loading
+
+
 def test_refused_version_keeps_the_old_one_and_a_fixed_alias_clears_the_refusal(registry, tiny_backbone):
     from petl_platform.serving.models import TaskModelCache
     from petl_platform.tracking.runs import promote

@@ -175,8 +175,10 @@ class TaskModelCache:
         self.host: OrderedDict[str, TaskEntry] = OrderedDict()  # evicted from the device, kept on the host
         self.loading: dict[str, cf.Future] = {}
         self.unavailable: dict[str, tuple[ServeError, float, int | None]] = {}  # error, when, refused version
+        # (task, version a request was routed by) -> (the alias's version then, when): see ``current``
+        self._checked: dict[tuple[str, int], tuple[int, float]] = {}
         self.stats = {"hits": 0, "misses": 0, "loads": 0, "refused": 0, "evictions": 0, "refreshes": 0,
-                      "host_hits": 0, "load_timeouts": 0, "loads_s3": 0, "loads_node": 0}
+                      "host_hits": 0, "load_timeouts": 0, "loads_s3": 0, "loads_node": 0, "rechecks": 0}
         self.load_ms: list[float] = []  # the last 256 loads
         self.load_sources: list[str] = []  # where each of them came from ("s3" or "node"), in step with load_ms
         self._prepare = prepare or self._default_prepare
@@ -214,9 +216,27 @@ class TaskModelCache:
             self._evict()
             return entry
 
-    def load(self, task: str) -> cf.Future:
-        """A future of the task's entry: done at once when resident, else the (shared) load."""
+    def current(self, task: str, version: int | None = None) -> TaskEntry | None:
+        """The resident entry when it serves a request that was routed by ``version`` (the version
+        the caller's catalog saw; None: any): the same version, or another one the registry named
+        within the last ``refresh_s`` when asked about this version (the caller's catalog is then the
+        stale one). None when the task must be loaded or checked first (``aget``)."""
         entry = self.resident(task)
+        if entry is None or version is None or entry.version == version:
+            return entry
+        with self._lock:
+            seen = self._checked.get((task, int(version)))
+        if seen is not None and seen[0] == entry.version and time.monotonic() - seen[1] < self.refresh_s:
+            return entry
+        return None
+
+    def load(self, task: str, version: int | None = None) -> cf.Future:
+        """A future of the task's entry: done at once when ``current``, else the (shared) load. A
+        cold task loads ``version`` when given (the one the request was routed by: its method is the
+        one the caller chose a deployment for), else the version the alias points at. A resident
+        task at another version than ``version`` is checked against the registry now: one of the
+        two has missed an alias move, and the registry's answer is served."""
+        entry = self.current(task, version)
         with self._lock:
             if entry is not None:
                 fut = cf.Future()
@@ -225,13 +245,18 @@ class TaskModelCache:
             fut = self.loading.get(task)
             if fut is not None:
                 return fut
+            held = self.entries.get(task) or self.host.get(task)
+            if held is not None:  # resident at another version than the request's
+                fut = self.loading[task] = self._pool.submit(self._recheck_job, task, int(version), held)
+                return fut
             self.stats["misses"] += 1
             failed = self.unavailable.get(task)
             if failed and time.monotonic() - failed[1] < self.refresh_s:
                 fut = cf.Future()
                 fut.set_exception(failed[0])
                 return fut
-            fut = self.loading[task] = self._pool.submit(self._load_job, task, f"{task}@{self.alias}")
+            ref = f"{task}@{self.alias}" if version is None else f"{task}/{int(version)}"
+            fut = self.loading[task] = self._pool.submit(self._load_job, task, ref)
             return fut
 
     def is_resident(self, task: str) -> bool:
@@ -247,19 +272,20 @@ class TaskModelCache:
             fut = self.loading.get(task)
         return fut if fut is not None else self.load(task)
 
-    def get(self, task: str, timeout: float | None = None) -> TaskEntry:
+    def get(self, task: str, timeout: float | None = None, version: int | None = None) -> TaskEntry:
         """The task's entry, loading it if needed (blocking; ``aget`` in async code)."""
         try:
-            return self.load(task).result(self.load_timeout_s if timeout is None else timeout)
+            return self.load(task, version).result(self.load_timeout_s if timeout is None else timeout)
         except cf.TimeoutError:
             raise self._timed_out(task) from None
 
-    async def aget(self, task: str, timeout: float | None = None) -> TaskEntry:
-        """``get`` for the event loop: waits on the load without blocking the loop or other tasks."""
-        entry = self.resident(task)
+    async def aget(self, task: str, timeout: float | None = None, version: int | None = None) -> TaskEntry:
+        """``get`` for the event loop: waits on the load without blocking the loop or other tasks.
+        ``version``: the version the request was routed by (see ``load``)."""
+        entry = self.current(task, version)
         if entry is not None:
             return entry
-        fut = asyncio.wrap_future(self.load(task))
+        fut = asyncio.wrap_future(self.load(task, version))
         try:  # shield: a caller that gives up must not cancel the load others wait on
             return await asyncio.wait_for(asyncio.shield(fut), self.load_timeout_s if timeout is None else timeout)
         except asyncio.TimeoutError:
@@ -297,8 +323,36 @@ class TaskModelCache:
         model = model_from_state(got.config, got.state, self.backbone, source=f"{task} v{got.version}")
         return model, self._prepare(task, model)
 
-    def _load_job(self, task: str, ref: str) -> TaskEntry:
-        """Fetch, build and ready one version, with no lock held; then insert it (or record why not)."""
+    def _recheck_job(self, task: str, version: int, held: TaskEntry) -> TaskEntry:
+        """A request routed by ``version`` found ``held`` at another one: the alias's version now
+        is served (loaded by version: never through a cache's alias), and remembered for
+        ``refresh_s`` so that the requests of a stale catalog do not ask again. Registry down or the
+        new version refused: ``held`` keeps serving."""
+        try:
+            try:
+                now = int(show_model(self.settings, f"{task}@{self.alias}")["version"])
+            except PetlError as e:
+                log.warning("alias check for %s failed (serving v%s): %s", task, held.version, e)
+                return held
+            with self._lock:
+                self.stats["rechecks"] += 1
+                self._checked[(task, version)] = (now, time.monotonic())
+                while len(self._checked) > 4096:
+                    self._checked.pop(next(iter(self._checked)))
+            if now == held.version:
+                return held
+            try:
+                return self._load_job(task, f"{task}/{now}", tracked=False)
+            except ServeError as e:
+                log.error("task %s: version %s refused, still serving v%s: %s", task, now, held.version, e)
+                return held
+        finally:
+            with self._lock:
+                self.loading.pop(task, None)
+
+    def _load_job(self, task: str, ref: str, tracked: bool = True) -> TaskEntry:
+        """Fetch, build and ready one version, with no lock held; then insert it (or record why not).
+        ``tracked``: started by ``load`` (its future is ``loading[task]``), not by a refresh."""
         t0 = time.perf_counter()
         version = None
         try:
@@ -325,15 +379,16 @@ class TaskModelCache:
                                       f"{self._client_safe(str(e), '', ref)}") from None
         except ServeError as e:
             with self._lock:
-                if self.loading.get(task) is not None and ref.endswith(f"@{self.alias}"):
+                if tracked:
                     self.loading.pop(task, None)
                 if e.status == 503 and version is not None:
                     self.stats["refused"] += 1
                     self.unavailable[task] = (e, time.monotonic(), version)
             raise
         except BaseException:
-            with self._lock:
-                self.loading.pop(task, None)
+            if tracked:
+                with self._lock:
+                    self.loading.pop(task, None)
             raise
         classes = list(model.classes or [str(i) for i in range(model.num_classes)])  # set by load_adapter
         nbytes = getattr(model, "nbytes", None)  # a banked task: its slot's bytes
@@ -352,7 +407,7 @@ class TaskModelCache:
             else:
                 entry = old
             self.unavailable.pop(task, None)
-            if ref.endswith(f"@{self.alias}"):
+            if tracked:
                 self.loading.pop(task, None)
             self.stats["loads"] += 1
             self.stats["loads_node" if got.source == "node" else "loads_s3"] += 1
@@ -412,7 +467,7 @@ class TaskModelCache:
                     self.unavailable.pop(task, None)
             if task in resident and version != have:
                 try:
-                    self._pool.submit(self._load_job, task, f"{task}/{version}").result()
+                    self._pool.submit(self._load_job, task, f"{task}/{version}", False).result()
                 except ServeError as e:  # the new version is refused: the old one keeps serving
                     log.error("task %s: version %s refused, still serving v%s: %s", task, version, have, e)
 
