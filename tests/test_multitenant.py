@@ -235,12 +235,18 @@ def test_a_request_is_served_the_version_it_was_routed_by_not_a_stale_alias(regi
     assert cache.get("t1", version=1).version == 2 and cache.stats["rechecks"] == 2
     assert cache.get("t1", version=1).version == 2 and cache.stats["rechecks"] == 2
 
+    # routed by a version this replica refuses (another backbone's): the resident one keeps serving
+    _register(registry, _other_backbone(), "t1")  # v3, and the alias moves to it
+    assert cache.get("t1", version=3).version == 2 and cache.stats["refused"] == 1
+    assert cache.get("t1", version=3).version == 2 and cache.stats["rechecks"] == 3  # asked once
+
     def down(settings, ref):
         raise PetlError("registry unreachable")
 
     monkeypatch.setattr(models, "show_model", down)
     assert cache.get("t1", version=7).version == 2  # the check fails: the resident version keeps serving
-    assert not cache.loading
+    assert cache.get("t1", version=7).version == 2 and cache.stats["rechecks"] == 4  # and is not retried
+    assert not cache.loading                                                       # per request
 
 
 def test_refused_version_keeps_the_old_one_and_a_fixed_alias_clears_the_refusal(registry, tiny_backbone):

@@ -72,8 +72,8 @@ def head(tmp_path_factory):
                    "gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}"}
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
+            try:  # `ray start --block` stops its processes one by one (~30 s); the group's SIGKILL
+                proc.wait(timeout=8)  # after a grace ends every one of them (they share its session)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()

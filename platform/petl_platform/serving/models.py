@@ -218,9 +218,9 @@ class TaskModelCache:
 
     def current(self, task: str, version: int | None = None) -> TaskEntry | None:
         """The resident entry when it serves a request that was routed by ``version`` (the version
-        the caller's catalog saw; None: any): the same version, or another one the registry named
-        within the last ``refresh_s`` when asked about this version (the caller's catalog is then the
-        stale one). None when the task must be loaded or checked first (``aget``)."""
+        the caller's catalog saw; None: any): the same version, or the one a check for this version
+        served within the last ``refresh_s`` (the caller's catalog was stale, or the registry or the
+        new version failed). None when the task must be loaded or checked first (``aget``)."""
         entry = self.resident(task)
         if entry is None or version is None or entry.version == version:
             return entry
@@ -324,30 +324,31 @@ class TaskModelCache:
         return model, self._prepare(task, model)
 
     def _recheck_job(self, task: str, version: int, held: TaskEntry) -> TaskEntry:
-        """A request routed by ``version`` found ``held`` at another one: the alias's version now
-        is served (loaded by version: never through a cache's alias), and remembered for
-        ``refresh_s`` so that the requests of a stale catalog do not ask again. Registry down or the
-        new version refused: ``held`` keeps serving."""
+        """A request routed by ``version`` found ``held`` at another one: the version the alias
+        names now is served (loaded by number: never through a cache's alias). What was served is
+        remembered for ``refresh_s``, so the requests of a stale catalog do not ask again, and a
+        registry that is down or a new version that is refused (``held`` keeps serving) is not
+        asked again per request."""
+        served = held
         try:
+            with self._lock:
+                self.stats["rechecks"] += 1
             try:
                 now = int(show_model(self.settings, f"{task}@{self.alias}")["version"])
             except PetlError as e:
                 log.warning("alias check for %s failed (serving v%s): %s", task, held.version, e)
                 return held
-            with self._lock:
-                self.stats["rechecks"] += 1
-                self._checked[(task, version)] = (now, time.monotonic())
-                while len(self._checked) > 4096:
-                    self._checked.pop(next(iter(self._checked)))
-            if now == held.version:
-                return held
-            try:
-                return self._load_job(task, f"{task}/{now}", tracked=False)
-            except ServeError as e:
-                log.error("task %s: version %s refused, still serving v%s: %s", task, now, held.version, e)
-                return held
+            if now != held.version:
+                try:
+                    served = self._load_job(task, f"{task}/{now}", tracked=False)
+                except ServeError as e:
+                    log.error("task %s: version %s refused, still serving v%s: %s", task, now, held.version, e)
+            return served
         finally:
             with self._lock:
+                self._checked[(task, version)] = (served.version, time.monotonic())
+                while len(self._checked) > 4096:
+                    self._checked.pop(next(iter(self._checked)))
                 self.loading.pop(task, None)
 
     def _load_job(self, task: str, ref: str, tracked: bool = True) -> TaskEntry:
