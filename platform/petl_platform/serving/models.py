@@ -175,7 +175,7 @@ class TaskModelCache:
         self.host: OrderedDict[str, TaskEntry] = OrderedDict()  # evicted from the device, kept on the host
         self.loading: dict[str, cf.Future] = {}
         self.unavailable: dict[str, tuple[ServeError, float, int | None]] = {}  # error, when, refused version
-        # (task, version a request was routed by) -> (the alias's version then, when): see ``current``
+        # (task, version a request was routed by) -> (the version a check served then, when): ``current``
         self._checked: dict[tuple[str, int], tuple[int, float]] = {}
         self.stats = {"hits": 0, "misses": 0, "loads": 0, "refused": 0, "evictions": 0, "refreshes": 0,
                       "host_hits": 0, "load_timeouts": 0, "loads_s3": 0, "loads_node": 0, "rechecks": 0}
