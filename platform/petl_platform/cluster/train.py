@@ -126,17 +126,14 @@ def _close_left_runs(spec: TrainSpec, name: str, kept: str | None, error: PetlEr
     """Marks FAILED every MLflow run of job ``name`` still RUNNING but ``kept``: the last one when
     the job failed (its worker died, or retries ran out), or one a restart from scratch left
     behind (a worker lost before Tune registered its first checkpoint; a restart begins a new run)."""
-    from ..tracking.runs import client, mark_failed
+    from ..tracking.runs import LOST_BEFORE_CHECKPOINT, client, fail_running
 
     c = client(spec.settings)
     exp = c.get_experiment_by_name(spec.experiment)
     if exp is None or "'" in name:  # (a name MLflow's filter cannot quote: nothing to find by it)
         return
-    reason = str(error) if error is not None else ("interrupted: its worker was lost before Tune registered a "
-                                                   "checkpoint of this run (a restart begins a new run)")
-    for run in c.search_runs([exp.experiment_id], f"tags.`petl.job` = '{name}' and attributes.status = 'RUNNING'"):
-        if run.info.run_id != kept:
-            mark_failed(c, run.info.run_id, reason)
+    fail_running(c, exp.experiment_id, f"tags.`petl.job` = '{name}'", {kept},
+                 str(error) if error is not None else LOST_BEFORE_CHECKPOINT)
 
 
 def _fit_data_parallel(spec: TrainSpec, config: dict, name: str, path: str, fs, progress: Progress | None,

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..data.registry import task_slug
 from ..errors import PetlError
-from ..tracking.runs import ADAPTER_PATH, RunLogger, client, git_commit, mark_failed
+from ..tracking.runs import (ADAPTER_PATH, LOST_BEFORE_CHECKPOINT, RunLogger, client, fail_running, git_commit,
+                              mark_failed)
 from ..training.spec import SweepSpec
 from ..training.trial import PETL_ERROR
 from .connect import keep_secrets_out_of_tune, ray_error, ray_session, storage
@@ -235,14 +236,8 @@ def _finalize(grid, settings, task, method, backbone, parsed, epochs, parent) ->
                 c.set_tag(run_id, "petl.stopped_early", str(row["stopped_early"]).lower())
                 c.set_terminated(run_id, "FINISHED")
         trials.append(row)
-    # a worker lost before Tune registered its trial's first checkpoint: the trial restarted in a
-    # new run, and the run it left behind would stay RUNNING for ever
-    kept = {t["run_id"] for t in trials}
-    for orphan in c.search_runs([c.get_run(parent.run_id).info.experiment_id],
-                                f"tags.`mlflow.parentRunId` = '{parent.run_id}' and attributes.status = 'RUNNING'"):
-        if orphan.info.run_id not in kept:
-            mark_failed(c, orphan.info.run_id, "interrupted: its worker was lost before Tune registered a "
-                                               "checkpoint of this run (a restart begins a new run)")
+    fail_running(c, c.get_run(parent.run_id).info.experiment_id, f"tags.`mlflow.parentRunId` = '{parent.run_id}'",
+                 {t["run_id"] for t in trials}, LOST_BEFORE_CHECKPOINT)
     ok = [t for t in trials if t["error"] is None and t["val_accuracy"] is not None]
     best = max(ok, key=lambda t: (t["val_accuracy"], t["epochs"]), default=None)
     summary = {"task": task, "method": method, "trials": trials, "best": best,

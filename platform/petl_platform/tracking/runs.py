@@ -101,6 +101,20 @@ def mark_failed(mlflow_client, run_id: str, reason: str) -> None:
     mlflow_client.set_terminated(run_id, "FAILED")
 
 
+# a Ray Tune trial whose worker died before Tune registered its first checkpoint restarts from
+# scratch, in a new MLflow run: the run it leaves behind would stay RUNNING for ever
+LOST_BEFORE_CHECKPOINT = ("interrupted: its worker was lost before Tune registered a checkpoint of this run "
+                          "(a restart begins a new run)")
+
+
+def fail_running(mlflow_client, experiment_id: str, filter_string: str, keep, reason: str) -> None:
+    """Marks FAILED, with ``reason``, every RUNNING run of the experiment that ``filter_string``
+    finds, except the run ids in ``keep``."""
+    for run in mlflow_client.search_runs([experiment_id], f"{filter_string} and attributes.status = 'RUNNING'"):
+        if run.info.run_id not in keep:
+            mark_failed(mlflow_client, run.info.run_id, reason)
+
+
 # ------------------------------------------------------------------------------------- registry
 def register_adapter(settings: TrackingSettings, run_id: str, name: str, alias: str | None = CHAMPION,
                      tags: dict | None = None):
