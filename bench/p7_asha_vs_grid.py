@@ -11,7 +11,10 @@ of the grid's best.
 Resumable: each finished sweep is kept in ``<out-dir>/p7_runs.json`` under its settings, and a rerun
 with the same settings skips it (the grid is the long one). Writes ``p7_asha_vs_grid.json``.
 
-The default is the setting users run: 27 grid points (p_shallow x p_deep x p_m) and 9 epochs.
+The default is the setting users run: ``petl sweep``'s default space for the method, as a 27-point
+grid (dyn_linear: the lr, 9 log-spaced values across its log-uniform range, x p_m's 3 choices), and 9
+epochs. ``--drop-rates`` is the grid measured first (p_shallow x p_deep x p_m): on dyn_linear only p_m
+acts, so its 27 points were 3 settings, and ties let ASHA promote more trials than it would.
 ``--quick`` (petl bench --quick) is a 12-point, 4-epoch smoke of the same code with one seed.
 
     nice .venv/bin/python bench/p7_asha_vs_grid.py [--method dyn_linear] [--epochs 9] [--seeds 3]
@@ -28,8 +31,34 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-SPACE = ["p_shallow=grid(0.1,0.4,0.7)", "p_deep=grid(0.0,0.15,0.3)", "p_m=grid(0.0,0.1,0.2)"]  # 27 points
+DROP_RATES = ["p_shallow=grid(0.1,0.4,0.7)", "p_deep=grid(0.0,0.15,0.3)", "p_m=grid(0.0,0.1,0.2)"]  # 27 points
 QUICK_SPACE = ["p_shallow=grid(0.1,0.4,0.7)", "p_m=grid(0.0,0.1,0.2,0.3)"]  # 12 points
+
+
+def default_grid(method: str, lr_points: int = 9, uniform_points: int = 3) -> list[str]:
+    """``petl sweep``'s default space for ``method`` as a grid: a log-uniform range -> ``lr_points``
+    log-spaced values (ends included), a uniform one -> ``uniform_points`` evenly spaced, a choice ->
+    its values."""
+    import ast
+
+    from petl_platform.training.space import default_space
+
+    out = []
+    for key, expr in default_space(method).items():
+        dist, _, rest = expr.partition("(")
+        args = list(ast.literal_eval(f"({rest[:-1]},)"))
+        if dist == "loguniform":
+            lo, hi = args
+            vals = [float(f"{lo * (hi / lo) ** (i / (lr_points - 1)):.3g}") for i in range(lr_points)]
+        elif dist == "uniform":
+            lo, hi = args
+            vals = [round(lo + (hi - lo) * i / (uniform_points - 1), 4) for i in range(uniform_points)]
+        elif dist in ("choice", "grid"):
+            vals = args
+        else:
+            raise SystemExit(f"p7: no grid for {key}={expr}")
+        out.append(f"{key}=grid({','.join(repr(v) for v in vals)})")
+    return out
 
 
 def _summary(s: dict, wall_s: float) -> dict:
@@ -46,7 +75,8 @@ def _spread(values: list) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="digits-1k")
-    ap.add_argument("--method", default="dyn_linear", help="any Dyn-* method (the grid is over its drop rates)")
+    ap.add_argument("--method", default="dyn_linear", help="any method: the grid is its default space's")
+    ap.add_argument("--drop-rates", action="store_true", help="the first grid: p_shallow x p_deep x p_m (Dyn-* only)")
     ap.add_argument("--epochs", type=int, default=9)
     ap.add_argument("--seeds", type=int, default=3, help="ASHA runs, with training seeds 0..N-1 (the grid runs once)")
     ap.add_argument("--concurrent", type=int, default=2)
@@ -54,12 +84,12 @@ def main() -> None:
                     "ASHA seed (petl bench --quick also passes --epochs 4)")
     ap.add_argument("--out-dir", default=str(RESULTS), help="where the JSON goes (and p7_runs.json, to resume)")
     args = ap.parse_args()
-    space = QUICK_SPACE if args.quick else SPACE
+    if args.quick:
+        args.method, args.seeds = "dyn_linear", 1
+    space = QUICK_SPACE if args.quick else DROP_RATES if args.drop_rates else default_grid(args.method)
     points = 1
     for item in space:
         points *= item.count(",") + 1
-    if args.quick:
-        args.method, args.seeds = "dyn_linear", 1
     os.environ.setdefault("PETL_HOME", tempfile.mkdtemp(prefix="petl-p7-"))
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
