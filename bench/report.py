@@ -360,6 +360,12 @@ def figures(out: Path) -> list[dict]:
                                   f"vs peak {p6['peak_gflops_s']:.1f}"))
     if p7 := _load(out, "p7_asha_vs_grid.json"):
         figs += p7_figs(p7)
+    if (first := _load(out, "p7_asha_vs_grid_drop_rates.json")) and first.get("space") != (p7 or {}).get("space"):
+        # the grid P7 first ran (p_shallow x p_deep x p_m), kept beside the default-space one
+        figs.append(_fig("P7", f"the first grid (dyn_linear's three drop rates: 3 distinct settings): ASHA's trial-epochs",
+                         first["compute_ratio"]["median"], [first["compute_ratio"]["min"], first["compute_ratio"]["max"]],
+                         len(first["rounds"]), "reported", None, source="p7_asha_vs_grid_drop_rates.json",
+                         note=f"best val {first['best_gap_pt']['median']:+.2f} pt behind the grid's"))
     if rl := _load(out, "recipe_lr.json"):
         gaps = [p["test_gap_pt"] for c in rl["methods"].values() for p in c["per_task"].values()]
         met = sum(c["met"] for c in rl["methods"].values())
@@ -522,7 +528,23 @@ def p7_figs(p7: dict) -> list:
                       + mean("compute_ratio", "{:.3f}x")),
             _fig("P7", "ASHA's best val accuracy behind the grid's best", gap, [min(gaps), max(gaps)], len(gaps),
                  "<= 0.5 pt", gap <= 0.5, unit="pt", source="p7_asha_vs_grid.json",
-                 note=f"grid best {100 * grid['best_val_accuracy']:.1f} %" + mean("best_gap_pt", "{:+.2f} pt"))]
+                 note=f"grid best {100 * grid['best_val_accuracy']:.1f} %" + mean("best_gap_pt", "{:+.2f} pt"))
+            ] + hyperband_figs(p7, grid)
+
+
+def hyperband_figs(p7: dict, grid: dict) -> list:
+    """P7's Hyperband rows (``petl sweep --scheduler hyperband`` on the same grid), reported beside ASHA."""
+    hb = p7.get("hyperband")
+    if not hb:
+        return []
+    rs = [r["compute_ratio"] for r in hb["rounds"]]
+    gaps = [r["best_gap_pt"] for r in hb["rounds"]]
+    used = ", ".join(str(r["hyperband"]["trial_epochs"]) for r in hb["rounds"])
+    return [_fig("P7", f"Hyperband (Tune's, reduction factor {p7['reduction_factor']:g}) on the same grid: trial-epochs",
+                 hb["compute_ratio"]["median"], [min(rs), max(rs)], len(rs), "reported", None,
+                 source="p7_asha_vs_grid.json", note=f"Hyperband {used} vs the grid's {grid['trial_epochs']}"),
+            _fig("P7", "Hyperband's best val accuracy behind the grid's best", hb["best_gap_pt"]["median"],
+                 [min(gaps), max(gaps)], len(gaps), "reported", None, unit="pt", source="p7_asha_vs_grid.json")]
 
 
 def served_s(serve: dict) -> list[dict]:

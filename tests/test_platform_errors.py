@@ -52,6 +52,16 @@ def test_space_values_parse_to_tune_domains():
     assert tuned["p_m"] == {"grid_search": [0.0, 0.1]} and 0.1 <= tuned["p_shallow"].sample() <= 0.7
 
 
+def test_grids_come_in_a_seeded_order_for_the_stopping_schedulers():
+    lrs = [round(1e-4 * 1.5 ** i, 8) for i in range(9)]
+    space = {"lr": ("grid", lrs), "p_m": ("grid", [0.0, 0.1, 0.2])}
+    assert to_tune(space)["lr"] == {"grid_search": lrs}  # FIFO: as written
+    orders = [to_tune(space, seed)["lr"]["grid_search"] for seed in (0, 0, 1)]
+    assert orders[0] == orders[1] and sorted(orders[0]) == lrs and sorted(orders[2]) == lrs
+    assert orders[0] != lrs and orders[0] != orders[2]  # shuffled, and by the seed
+    assert sorted(to_tune(space, 0)["p_m"]["grid_search"]) == [0.0, 0.1, 0.2]
+
+
 def test_unreachable_cluster_fails_fast():
     t0 = time.time()
     with pytest.raises(PetlError, match="cannot reach Ray cluster"):

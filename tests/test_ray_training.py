@@ -69,9 +69,11 @@ def test_asha_sweep_registers_champion_with_artifacts_in_s3(stack, tmp_path):
     from petl_platform.cli import main
     from petl_platform.tracking.artifacts import load_adapter
     from petl_platform.tracking.runs import fetch_adapter, register_adapter
-    from petl_platform.cluster.tune import run_sweep
+    from petl_platform.cluster.tune import run_sweep, to_tune
 
     # One good learning rate first, then three that cannot learn: ASHA must cut the three at rung 1.
+    # (Under ASHA a grid comes in an order drawn from the seed, 0 here: this one stays first.)
+    assert to_tune({"lr": ("grid", [0.05, 1e-6, 1e-6, 1e-6])}, 0)["lr"]["grid_search"][0] == 0.05
     [s] = run_sweep(SweepSpec(tasks=("digits-1k",), method="dyn_linear", backbone=stack["backbone"],
                               settings=stack["settings"], space=("lr=grid(0.05,1e-6,1e-6,1e-6)", "p_m=choice(0.0,0.2)"),
                               samples=1, epochs=4, train={"batch_size": 32, "warmup_epochs": 0}, max_concurrent=2,
@@ -111,6 +113,40 @@ def test_asha_sweep_registers_champion_with_artifacts_in_s3(stack, tmp_path):
     assert c.get_model_version_by_alias("digits-1k", "champion").version == v2.version
     assert c.get_model_version("digits-1k", v2.version).tags["petl.promotion"].startswith("manual: champion moved")
     assert main(["registry", "promote", "digits-1k", "99"]) == 2  # no such version: one line, exit 2
+
+
+def test_hyperband_pauses_trials_and_each_resumes_in_its_own_run(stack):
+    from petl_platform.cluster.tune import run_sweep, to_tune
+
+    # 3 epochs, reduction factor 3: Tune's Hyperband runs the first 2 trials (a bracket) all 3 epochs,
+    # and compares the next ones (a second bracket) at epoch 1. One at a time (2 CPUs each on the
+    # 2-CPU cluster), the 3rd trial (the one that learns) reaches epoch 1, pauses and frees the CPUs;
+    # the 4th reaches it and stops; the 3rd goes on from its checkpoint. (The grid's order is drawn
+    # from the seed, 0 here: the learning lr stays 3rd.)
+    assert to_tune({"lr": ("grid", [1e-6, 1e-6, 0.05, 1e-6])}, 0)["lr"]["grid_search"][2] == 0.05
+    [s] = run_sweep(SweepSpec(tasks=("digits-1k",), method="dyn_linear", backbone=stack["backbone"],
+                              settings=stack["settings"], space=("lr=grid(1e-6,1e-6,0.05,1e-6)",), samples=1,
+                              epochs=3, train={"batch_size": 32, "warmup_epochs": 0}, cpus_per_trial=2,
+                              scheduler="hyperband", name="hyperband", progress=False))
+    assert s["hyperband"] == {"max_t": 3, "reduction_factor": 3} and "asha" not in s
+    trials = s["trials"]
+    assert len(trials) == 4 and all(t["error"] is None for t in trials)
+    assert any(t["stopped_early"] for t in trials) and s["trial_epochs"] < s["grid_epochs"]
+    assert s["best"]["params"]["lr"] == 0.05 and s["best"]["val_accuracy"] == max(t["val_accuracy"] for t in trials)
+    c = _client(stack)
+    assert c.get_run(s["parent_run_id"]).data.params["hyperband.max_t"] == "3"
+    resumed = 0
+    for t in trials:
+        run = c.get_run(t["run_id"])
+        assert run.info.status == "FINISHED"
+        # one run per trial however often it paused: each epoch logged once, in order
+        steps = [m.step for m in c.get_metric_history(t["run_id"], "val_accuracy")]
+        assert sorted(steps) == list(range(1, t["epochs"] + 1)), steps
+        resumed += run.data.tags.get("petl.resumed_from_epoch") == "1"
+    [good] = [t for t in trials if t["params"]["lr"] == 0.05]
+    assert good["epochs"] == 3 and s["best"]["run_id"] == good["run_id"]
+    assert sorted(t["epochs"] for t in trials if t is not good) == [1, 3, 3]  # the 4th stopped at epoch 1
+    assert resumed == 1, "the trial that paused at its rung did not go on in its own run"
 
 
 def _kill_worker_after_first_checkpoint(stack, runs_filter: str, experiment_dir: str) -> tuple[threading.Thread, dict]:

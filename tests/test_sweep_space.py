@@ -155,3 +155,30 @@ def test_sweep_spec_derives_and_checks_asha(tmp_path):
     with pytest.raises(PetlError, match="--reduction-factor must be a finite number > 1"):
         SweepSpec(tasks=("digits-1k",), settings=settings, reduction_factor=1).validate(names_only=True)
     SweepSpec(tasks=("digits-1k",), settings=settings, epochs=9, grace_period=9).validate(names_only=True)
+
+
+def test_each_scheduler_is_tunes_with_the_derived_budget(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+
+    from petl_platform.cluster.tune import scheduler
+
+    settings = TrackingSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "a"),
+                                storage_path=str(tmp_path / "ray"))
+
+    def spec(name, **kw):
+        return SweepSpec(tasks=("digits-1k",), method="lora", settings=settings, epochs=9, scheduler=name, **kw)
+
+    sched, info = scheduler(spec("asha"))
+    assert isinstance(sched, ASHAScheduler) and info == {"asha": {"grace_period": 1, "reduction_factor": 3, "rungs": [1, 3, 9]}}
+    sched, info = scheduler(spec("hyperband"))
+    assert isinstance(sched, HyperBandScheduler) and info == {"hyperband": {"max_t": 9, "reduction_factor": 3}}
+    assert (sched._max_t_attr, sched._eta) == (9, 3)
+    assert scheduler(spec("hyperband", reduction_factor=2.0))[1]["hyperband"]["reduction_factor"] == 2.0
+    sched, info = scheduler(spec("fifo"))
+    assert isinstance(sched, FIFOScheduler) and info == {}
+    with pytest.raises(PetlError, match="unknown scheduler 'bohb'; use asha, hyperband, fifo"):
+        spec("bohb").validate(names_only=True)
+    with pytest.raises(PetlError, match="--grace-period is ASHA's first rung; --scheduler hyperband takes none"):
+        spec("hyperband", grace_period=1).validate(names_only=True)
+    with pytest.raises(PetlError, match="--max-concurrent does not go with --scheduler hyperband"):
+        spec("hyperband", max_concurrent=2).validate(names_only=True)

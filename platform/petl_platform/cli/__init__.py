@@ -86,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uniform(a,b) loguniform(a,b) quniform(a,b,q) randint(a,b) choice(...) grid(...); "
                          "repeatable (default: the method's space)")
     sw.add_argument("--samples", type=int, default=8, help="trials per task (x the grid size for grid(...))")
-    sw.add_argument("--scheduler", default="asha", choices=["asha", "fifo"])
+    sw.add_argument("--scheduler", default="asha", choices=["asha", "hyperband", "fifo"],
+                    help="asha (default): stop weak trials at rungs; hyperband: Tune's synchronous brackets; "
+                         "fifo: every trial runs every epoch")
     sw.add_argument("--grace-period", type=int, help="ASHA's first rung, in epochs (default 1)")
     sw.add_argument("--reduction-factor", type=float,
-                    help="ASHA keeps the best 1/RF of the trials at each rung (rungs at grace x RF^k <= --epochs; "
+                    help="ASHA (and Hyperband) keep the best 1/RF of the trials at each rung (rungs at grace x RF^k <= --epochs; "
                          "default: 3 from 9 epochs on, rungs 1, 3, 9, ...; 2 at 2 and 4-8 epochs)")
     sw.add_argument("--max-concurrent", type=int)
     sw.add_argument("--cpus-per-trial", type=float, default=1)

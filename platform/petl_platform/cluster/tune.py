@@ -23,7 +23,14 @@ from .connect import keep_secrets_out_of_tune, ray_error, ray_session, storage
 REUSE_ACTORS = True  # bench/trial_overhead.py measures the sweep both ways
 
 
-def to_tune(space: dict[str, tuple[str, list]]) -> dict:
+def to_tune(space: dict[str, tuple[str, list]], shuffle_seed: int | None = None) -> dict:
+    """Ray Tune's domains for a parsed space. ``shuffle_seed``: each ``grid(...)``'s values in an order
+    drawn from it (the same for the same seed), for the schedulers that stop trials. ASHA is
+    asynchronous: a trial that reaches a rung early is compared with the few results there so far,
+    and a grid in ascending order (lr=grid(1e-4,...,1e-2)) makes each new trial the best yet. On
+    P7's grid that promoted almost every trial (docs/benchmarks.md, P7)."""
+    import random
+
     from ray import tune
 
     fns = {"uniform": tune.uniform, "loguniform": tune.loguniform, "quniform": tune.quniform,
@@ -33,7 +40,10 @@ def to_tune(space: dict[str, tuple[str, list]]) -> dict:
         if dist == "choice":
             out[key] = tune.choice(args)
         elif dist == "grid":
-            out[key] = tune.grid_search(args)
+            values = list(args)
+            if shuffle_seed is not None:
+                random.Random(f"{shuffle_seed}:{key}").shuffle(values)
+            out[key] = tune.grid_search(values)
         else:
             out[key] = fns[dist](*args)
     return out
@@ -86,7 +96,7 @@ def sweep_checked(spec: SweepSpec, parsed: dict) -> list[dict]:
                 for t in spec.tasks]
 
 
-def _parent_run(settings, experiment, sweep_name, task, method, parsed, resume, asha=None) -> RunLogger:
+def _parent_run(settings, experiment, sweep_name, task, method, parsed, resume, sched=None) -> RunLogger:
     c = client(settings)
     if resume:
         exp = c.get_experiment_by_name(experiment)
@@ -98,14 +108,28 @@ def _parent_run(settings, experiment, sweep_name, task, method, parsed, resume, 
                        tags={"petl.role": "sweep", "petl.sweep": sweep_name, "petl.task": task, "petl.method": method,
                              "mlflow.source.git.commit": git_commit()})
     parent.log_params({**{f"space.{k}": f"{d}{tuple(a)}" for k, (d, a) in parsed.items()},
-                       **{f"asha.{k}": v for k, v in (asha or {}).items()}})
+                       **{f"{name}.{k}": v for name, info in (sched or {}).items() for k, v in info.items()}})
     return parent
+
+
+def scheduler(spec: SweepSpec):
+    """Tune's scheduler for ``spec.scheduler`` and what the sweep logs of it (``{"asha": {...}}`` or
+    ``{"hyperband": {...}}``, ``{}`` for FIFO): ASHA's rungs and Hyperband's reduction factor come from
+    the epoch budget (``training.spec.asha_rungs``: at least three rungs where it allows)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+
+    grace, rf, rungs = spec.asha()
+    if spec.scheduler == "asha":
+        return (ASHAScheduler(max_t=spec.epochs, grace_period=grace, reduction_factor=rf),
+                {"asha": {"grace_period": grace, "reduction_factor": rf, "rungs": rungs}})
+    if spec.scheduler == "hyperband":
+        return (HyperBandScheduler(max_t=spec.epochs, reduction_factor=rf),
+                {"hyperband": {"max_t": spec.epochs, "reduction_factor": rf}})
+    return FIFOScheduler(), {}
 
 
 def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path: str, fs, gpus: float) -> dict:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     from ..training.trial import trial_config
 
     settings, method, resume, epochs = spec.settings, spec.method, spec.resume, spec.epochs
@@ -117,13 +141,16 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
     if exists and not resume:
         raise PetlError(f"sweep {sweep_name!r} already exists under {settings.storage_path}; "
                         "pass --resume to continue it or --name to start another")
-    # ASHA's rungs from the epoch budget (training.spec.asha_rungs): at least three where it allows
-    grace, rf, rungs = spec.asha()
-    asha = {"grace_period": grace, "reduction_factor": rf, "rungs": rungs} if spec.scheduler == "asha" else None
-    parent = _parent_run(settings, spec.experiment, sweep_name, task, method, parsed, resume, asha)
-    if asha and spec.progress:
-        print(f"ASHA: trials compared at epochs {', '.join(map(str, rungs))} of {epochs} (grace period {grace}, "
-              f"reduction factor {rf:g})", flush=True)
+    sched, info = scheduler(spec)
+    parent = _parent_run(settings, spec.experiment, sweep_name, task, method, parsed, resume, info)
+    if spec.progress and "asha" in info:
+        print(f"ASHA: trials compared at epochs {', '.join(map(str, info['asha']['rungs']))} of {epochs} "
+              f"(grace period {info['asha']['grace_period']}, reduction factor {info['asha']['reduction_factor']:g})",
+              flush=True)
+    elif spec.progress and "hyperband" in info:
+        print(f"Hyperband: brackets of successive halving up to {epochs} epochs (reduction factor "
+              f"{info['hyperband']['reduction_factor']:g}); a trial pauses at a rung until its bracket is there",
+              flush=True)
     with parent:
         keep_secrets_out_of_tune()
         trainable = tune.with_resources(_tune_trial, {"cpu": spec.cpus_per_trial, "gpu": gpus})
@@ -134,9 +161,8 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
                                   {**spec.train, "epochs": epochs, "progress": False}, spec.budget,
                                   tags={"mlflow.parentRunId": parent.run_id, "petl.sweep": sweep_name,
                                         "mlflow.source.git.commit": git_commit()})
-            config["search"] = to_tune(parsed)
-            sched = (ASHAScheduler(max_t=epochs, grace_period=grace, reduction_factor=rf)
-                     if spec.scheduler == "asha" else FIFOScheduler())
+            # grids in a seeded random order where a scheduler stops trials (to_tune); FIFO as written
+            config["search"] = to_tune(parsed, None if spec.scheduler == "fifo" else int(spec.train.get("seed", 0)))
             tuner = tune.Tuner(
                 trainable, param_space=config,
                 # a finished trial's actor runs the next trial: no new process (torch, timm, MLflow
@@ -158,8 +184,7 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
             grid = tuner.fit()
         summary = _finalize(grid, settings, task, method, spec.backbone, parsed, epochs, parent)
         summary.update(sweep=sweep_name, wall_s=round(time.time() - t0, 1), parent_run_id=parent.run_id)
-        if asha:
-            summary["asha"] = asha
+        summary.update(info)
         parent.log_metrics({"best_val_accuracy": summary["best"]["val_accuracy"] if summary["best"] else float("nan"),
                             "trial_epochs": summary["trial_epochs"], "trials": len(summary["trials"]),
                             "trials_stopped_early": sum(t["stopped_early"] for t in summary["trials"])}, step=0)

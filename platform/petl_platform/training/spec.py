@@ -99,9 +99,9 @@ class SweepSpec(JobSpec):
     space: tuple[str, ...] | dict | None = None  # NAME=DIST(ARGS) items (default: the method's space)
     samples: int = 8  # trials per task (x the grid size for grid(...))
     epochs: int = 10  # per trial; ASHA's max_t
-    scheduler: str = "asha"  # asha | fifo
+    scheduler: str = "asha"  # asha | hyperband | fifo (SCHEDULERS)
     grace_period: int | None = None  # ASHA's first rung in epochs (default 1; see asha_rungs)
-    reduction_factor: float | None = None  # ASHA's (default: derived from epochs, see asha_rungs)
+    reduction_factor: float | None = None  # ASHA's or Hyperband's eta (default: derived from epochs, see asha_rungs)
     max_concurrent: int | None = None
     cpus_per_trial: float = 1
     gpus_per_trial: float | None = None  # default: 0.5 where there are GPUs
@@ -121,18 +121,26 @@ class SweepSpec(JobSpec):
         from .space import default_space, parse_space
 
         self._check_suite_flags()
-        if self.scheduler not in ("asha", "fifo"):
-            raise PetlError(f"unknown scheduler {self.scheduler!r}; use asha or fifo")
+        if self.scheduler not in SCHEDULERS:
+            raise PetlError(f"unknown scheduler {self.scheduler!r}; use {', '.join(SCHEDULERS)}")
         for flag, v in (("--samples", self.samples), ("--epochs", self.epochs), ("--grace-period", self.grace_period)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise PetlError(f"{flag} must be an integer >= 1; got {v}")
         if self.reduction_factor is not None and (not _is_finite(self.reduction_factor) or self.reduction_factor <= 1):
             raise PetlError(f"--reduction-factor must be a finite number > 1; got {self.reduction_factor}")
+        if self.scheduler != "asha" and self.grace_period is not None:
+            raise PetlError(f"--grace-period is ASHA's first rung; --scheduler {self.scheduler} takes none "
+                            "(Hyperband's brackets start at --epochs / reduction factor^k)")
         if self.scheduler == "asha" and self.grace_period is not None and self.grace_period > self.epochs:
             raise PetlError(f"--grace-period {self.grace_period} is past the trials' last epoch (--epochs "
                             f"{self.epochs}): ASHA's first rung must be within a trial; lower it or raise --epochs")
         if self.max_concurrent is not None and (not isinstance(self.max_concurrent, int) or self.max_concurrent < 1):
             raise PetlError(f"--max-concurrent must be an integer >= 1; got {self.max_concurrent}")
+        if self.scheduler == "hyperband" and self.max_concurrent is not None:
+            # Tune creates a trial only when the limit lets it run: a bracket would then be compared
+            # before its later trials exist (and stop nothing)
+            raise PetlError("--max-concurrent does not go with --scheduler hyperband, which needs each bracket's "
+                            "trials created before it compares them; set how many run at once with --cpus-per-trial")
         _positive("--cpus-per-trial", self.cpus_per_trial)
         if self.gpus_per_trial is not None and (not _is_finite(self.gpus_per_trial) or self.gpus_per_trial < 0):
             raise PetlError(f"--gpus-per-trial must be a finite number >= 0; got {self.gpus_per_trial}")
@@ -180,6 +188,13 @@ class SweepSpec(JobSpec):
 
         return select_datasets(discover(self.vtab_root), list(self.datasets) if self.datasets else None)
 
+
+# ``petl sweep --scheduler``: ASHA (asynchronous successive halving, the default), Tune's synchronous
+# Hyperband (brackets of successive halving from several first rungs; trials pause at a rung until
+# their bracket is there) or FIFO (every trial runs every epoch: the full grid). P7 in
+# docs/benchmarks.md measures the three side by side. BOHB (Tune's TuneBOHB + HyperBandForBOHB)
+# needs hpbandster, whose last release (0.7.4, 2018) is not among the project's dependencies.
+SCHEDULERS = ("asha", "hyperband", "fifo")
 
 # ASHA's reduction factor when none is given: Hyperband's eta of 3 (the best third of the trials at a
 # rung go on). With Tune's default of 4, a 9-epoch sweep had two rungs (1, 4), and ASHA spent 0.41x
