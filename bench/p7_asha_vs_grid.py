@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default=str(RESULTS), help="where the JSON goes (and p7_runs.json, to resume)")
     args = ap.parse_args()
     if args.quick:
-        args.method, args.seeds = "dyn_linear", 1
+        args.method, args.seeds, args.hyperband_seeds = "dyn_linear", 1, 0
     space = QUICK_SPACE if args.quick else DROP_RATES if args.drop_rates else default_grid(args.method)
     points = 1
     for item in space:

@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "fifo: every trial runs every epoch")
     sw.add_argument("--grace-period", type=int, help="ASHA's first rung, in epochs (default 1)")
     sw.add_argument("--reduction-factor", type=float,
-                    help="ASHA (and Hyperband) keep the best 1/RF of the trials at each rung (rungs at grace x RF^k <= --epochs; "
-                         "default: 3 from 9 epochs on, rungs 1, 3, 9, ...; 2 at 2 and 4-8 epochs)")
+                    help="ASHA (and Hyperband) keep the best 1/RF of the trials at each rung (rungs at "
+                         "grace x RF^k <= --epochs; default: 3 from 9 epochs on, rungs 1, 3, 9, ...; 2 at 2 and "
+                         "4-8 epochs)")
     sw.add_argument("--max-concurrent", type=int)
     sw.add_argument("--cpus-per-trial", type=float, default=1)
     sw.add_argument("--gpus-per-trial", type=float, help="fractional GPUs per trial (default 0.5 where there are GPUs)")
