@@ -533,14 +533,19 @@ def p7_figs(p7: dict) -> list:
 
 
 def hyperband_figs(p7: dict, grid: dict) -> list:
-    """P7's Hyperband rows (``petl sweep --scheduler hyperband`` on the same grid), reported beside ASHA."""
+    """P7's reported rows beside ASHA's: ASHA on the grid's written order, and Hyperband (``petl sweep
+    --scheduler hyperband``) on the same grid."""
+    figs = [_fig("P7", "ASHA on the grid in its written order (ascending lr), before grids were shuffled by the seed: "
+                       "trial-epochs", r["compute_ratio"], None, 1, "reported", None, source="p7_asha_vs_grid.json",
+                 note=f"{r['trial_epochs']} trial-epochs; best val {r['best_gap_pt']:+.2f} pt behind the grid's")
+            for r in p7.get("asha_grid_in_order", [])]
     hb = p7.get("hyperband")
     if not hb:
-        return []
+        return figs
     rs = [r["compute_ratio"] for r in hb["rounds"]]
     gaps = [r["best_gap_pt"] for r in hb["rounds"]]
     used = ", ".join(str(r["hyperband"]["trial_epochs"]) for r in hb["rounds"])
-    return [_fig("P7", f"Hyperband (Tune's, reduction factor {p7['reduction_factor']:g}) on the same grid: trial-epochs",
+    return figs + [_fig("P7", f"Hyperband (Tune's, reduction factor {p7['reduction_factor']:g}) on the same grid: trial-epochs",
                  hb["compute_ratio"]["median"], [min(rs), max(rs)], len(rs), "reported", None,
                  source="p7_asha_vs_grid.json", note=f"Hyperband {used} vs the grid's {grid['trial_epochs']}"),
             _fig("P7", "Hyperband's best val accuracy behind the grid's best", hb["best_gap_pt"]["median"],
