@@ -40,14 +40,10 @@ def default_grid(method: str, lr_points: int = 9, uniform_points: int = 3) -> li
     """``petl sweep``'s default space for ``method`` as a grid: a log-uniform range -> ``lr_points``
     log-spaced values (ends included), a uniform one -> ``uniform_points`` evenly spaced, a choice ->
     its values."""
-    import ast
-
-    from petl_platform.training.space import default_space
+    from petl_platform.training.space import default_space, parse_space
 
     out = []
-    for key, expr in default_space(method).items():
-        dist, _, rest = expr.partition("(")
-        args = list(ast.literal_eval(f"({rest[:-1]},)"))
+    for key, (dist, args) in parse_space(default_space(method), method).items():
         if dist == "loguniform":
             lo, hi = args
             vals = [float(f"{lo * (hi / lo) ** (i / (lr_points - 1)):.3g}") for i in range(lr_points)]
@@ -57,7 +53,7 @@ def default_grid(method: str, lr_points: int = 9, uniform_points: int = 3) -> li
         elif dist in ("choice", "grid"):
             vals = args
         else:
-            raise SystemExit(f"p7: no grid for {key}={expr}")
+            raise SystemExit(f"p7: no grid for {key}={dist}{tuple(args)}")
         out.append(f"{key}=grid({','.join(repr(v) for v in vals)})")
     return out
 

@@ -529,10 +529,10 @@ def p7_figs(p7: dict) -> list:
             _fig("P7", "ASHA's best val accuracy behind the grid's best", gap, [min(gaps), max(gaps)], len(gaps),
                  "<= 0.5 pt", gap <= 0.5, unit="pt", source="p7_asha_vs_grid.json",
                  note=f"grid best {100 * grid['best_val_accuracy']:.1f} %" + mean("best_gap_pt", "{:+.2f} pt"))
-            ] + hyperband_figs(p7, grid)
+            ] + p7_reported_figs(p7, grid)
 
 
-def hyperband_figs(p7: dict, grid: dict) -> list:
+def p7_reported_figs(p7: dict, grid: dict) -> list:
     """P7's reported rows beside ASHA's: ASHA on the grid's written order, and Hyperband (``petl sweep
     --scheduler hyperband``) on the same grid."""
     figs = [_fig("P7", "ASHA on the grid in its written order (ascending lr), before grids were shuffled by the seed: "
