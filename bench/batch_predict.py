@@ -34,6 +34,7 @@ from petl_platform.backbones import SHIPPED
 from petl_platform.data import make_transform
 from petl_platform.cluster.batch import predict_dataset
 from petl_platform.cluster.connect import ray_session
+from warm import wait_for_idle_workers
 from petl_platform.inference import Engine, Row
 from petl_platform.tracking.runs import log_and_register
 from petl_platform.tracking.settings import TrackingSettings
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    ap.add_argument("--cold", action="store_true",
+                    help="a cluster without warm workers (each actor's process imports torch, timm and Ray Data)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     n, rounds = (512, 2) if args.quick else (args.images, args.rounds)
@@ -88,15 +91,17 @@ def main(argv=None) -> int:
             return n / (time.perf_counter() - t0)
 
         local = []
-        with ray_session():
+        with ray_session(warm=not args.cold):
             from petl_platform.cluster.batch import _actors
 
             default = _actors(None)["concurrency"]  # sized to this cluster; 1 and 2 actors beside it
             configs = {"default": None, **{f"{k} actor{'s' * (k > 1)}": k for k in (1, 2) if k != default}}
             ray_runs = {k: [] for k in configs}
             for r in range(rounds):
+                wait_for_idle_workers(0 if r else os.cpu_count() or 1)  # before each timed job: no worker starting beside it
                 local.append(in_process())
                 for key, conc in configs.items():
+                    wait_for_idle_workers()
                     out = root / f"out-{r}-{key.replace(' ', '')}.parquet"
                     ray_runs[key].append(predict_dataset(names, str(folder), str(out), settings, backbone=SHIPPED,
                                                          batch_size=args.batch, progress=False, concurrency=conc))
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
                      "overhead_s": round(med(g["wall_s"] - n / l for g, l in zip(got, local)), 2)}
     d = runs["default"]
     result = {"backbone": SHIPPED, "tasks": args.tasks, "method": "lora", "images": n, "batch": args.batch,
-              "cpus": os.cpu_count(), "gpu": torch.cuda.is_available(), "quick": args.quick, "rounds": rounds,
+              "cpus": os.cpu_count(), "warm_workers": not args.cold, "gpu": torch.cuda.is_available(), "quick": args.quick, "rounds": rounds,
               "in_process_img_per_s": round(base, 2), "in_process_range": [round(min(local), 2), round(max(local), 2)],
               "ray_data_img_per_s": d["img_per_s"], "ray_data_actors": d["actors"], "ray_data_device": d["device"],
               "errors": d["errors"], "ratio": d["ratio"], "ratio_range": d["ratio_range"], "goal": 0.6,

@@ -34,6 +34,7 @@ import torch
 
 from petl_platform.backbones import SHIPPED
 from petl_platform.cluster.connect import ray_session
+from warm import wait_for_idle_workers
 from petl_platform.cluster.train import run_train
 from petl_platform.cluster import train as train_mod
 from petl_platform.cluster import tune as tune_mod
@@ -57,6 +58,8 @@ def main(argv=None) -> int:
                     help="also run each sweep with a fresh actor per trial (Tune's default; the code before issue 23)")
     ap.add_argument("--compare-train", action="store_true",
                     help="T2 also through a one-worker Ray Train TorchTrainer (cluster.train.ONE_WORKER_TRIAL off)")
+    ap.add_argument("--cold", action="store_true",
+                    help="a cluster without warm workers (each trial's process imports torch, timm and Ray Tune)")
     ap.add_argument("--out-name", default="trial_overhead.json",
                     help="the JSON's name (the report reads trial_overhead.json and trial_overhead_*.json)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
@@ -72,12 +75,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="petl-bench-overhead-") as tmp:
         root = Path(tmp)
         settings = TrackingSettings(f"sqlite:///{root / 'm.db'}", str(root / "art"), str(root / "ray")).prepare()
-        with ray_session(num_cpus=cpus, log_to_driver=False):
+        with ray_session(num_cpus=cpus, log_to_driver=False, warm=not args.cold):
             for r in range(rounds):
+                wait_for_idle_workers(0 if r else cpus)  # before each timed job: no worker is starting beside it
                 t0 = time.perf_counter()
                 _, res = finetune(args.task, args.method, SHIPPED, train_overrides=train)
                 local.append({"wall_s": time.perf_counter() - t0,
                               "epoch_s": [h["epoch_s"] for h in res["history"]] if "history" in res else []})
+                wait_for_idle_workers()
                 t0 = time.perf_counter()
                 got = run_train(TrainSpec(settings=settings, task=args.task, method=args.method, train=train,
                                           cpus_per_worker=cpus, name=f"t2-{r}"), progress=lambda line: None)
@@ -85,6 +90,7 @@ def main(argv=None) -> int:
                 if args.compare_train:
                     train_mod.ONE_WORKER_TRIAL = False
                     try:
+                        wait_for_idle_workers()
                         t0 = time.perf_counter()
                         got = run_train(TrainSpec(settings=settings, task=args.task, method=args.method, train=train,
                                                   cpus_per_worker=cpus, name=f"t2-tt-{r}"), progress=lambda line: None)
@@ -94,6 +100,7 @@ def main(argv=None) -> int:
                         train_mod.ONE_WORKER_TRIAL = True
                 for reuse in ((True, False) if args.compare_reuse else (True,)) if trials else ():
                     tune_mod.REUSE_ACTORS = reuse
+                    wait_for_idle_workers()
                     t0 = time.perf_counter()
                     summary = run_sweep(SweepSpec(settings=settings, method=args.method, tasks=(args.task,),
                                                   samples=trials, epochs=epochs, scheduler="fifo", max_concurrent=1,
@@ -139,7 +146,7 @@ def main(argv=None) -> int:
                 "ratio": round(med(ratios), 3), "range": [round(min(ratios), 3), round(max(ratios), 3)],
                 "goal": 2.0, "met": med(ratios) <= 2.0, "breakdown_s_per_trial_epoch": breakdown(runs)}
     result = {"task": args.task, "method": args.method, "epochs": epochs, "trials": trials, "rounds": rounds,
-              "cpus": cpus, "backbone": SHIPPED, "quick": args.quick,
+              "cpus": cpus, "warm_workers": not args.cold, "backbone": SHIPPED, "quick": args.quick,
               "plain_epoch_s": round(epoch, 3), "plain_wall_s": round(local_wall, 2),
               "T2": {**(t2 := t2_of(ray_train)), "goal": 1.5, "met": t2["ratio"] <= 1.5, "runs_as": "one Tune trial"},
               **({"T2_torch_trainer": t2_of(torch_trainer)} if torch_trainer else {}),

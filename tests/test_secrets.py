@@ -29,11 +29,11 @@ def test_forwarded_env_holds_no_credentials(monkeypatch):
 
 
 def test_tune_trials_get_no_credentials_in_their_runtime_env(monkeypatch):
-    """Ray Tune copies the driver's AWS_* variables into each trial actor's runtime_env (Ray 2.60);
-    petl's sweeps and one-worker trains take them out of that list first."""
+    """Ray Tune copies the driver's AWS_* variables into each trial actor's runtime_env (Ray 2.60),
+    and adds PL_DISABLE_FORK; petl's sweeps and one-worker trains take both out first."""
     from ray.tune.execution import class_cache
 
-    from petl_platform.cluster.connect import keep_secrets_out_of_tune
+    from petl_platform.cluster.connect import prepare_tune_actors
 
     class Trainable:
         pass
@@ -46,9 +46,14 @@ def test_tune_trials_get_no_credentials_in_their_runtime_env(monkeypatch):
                                                               "AWS_SESSION_TOKEN"}
     monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", shipped)
     assert "marker" in str(class_cache._ActorClassCache().get(Trainable)._default_options)  # what Tune does
-    keep_secrets_out_of_tune()
+    monkeypatch.setattr(class_cache, "DEFAULT_ENV_VARS", dict(class_cache.DEFAULT_ENV_VARS, PL_DISABLE_FORK="1"))
+    for k in class_cache.ENV_VARS_TO_PROPAGATE - SECRET_ENV_VARS:  # no Tune/Train setting in this shell
+        monkeypatch.delenv(k, raising=False)
+    prepare_tune_actors()
     options = class_cache._ActorClassCache().get(Trainable)._default_options
-    assert "marker" not in str(options) and options["runtime_env"]["env_vars"]  # Tune's own variables stay
+    assert "marker" not in str(options)
+    # and nothing else: the trial's runtime_env is the job's, so it can start on a warm worker
+    assert not options["runtime_env"].get("env_vars")
 
 
 def test_submit_refuses_credentials_in_env():

@@ -15,7 +15,7 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
 from ..errors import PetlError
-from .connect import keep_secrets_out_of_tune, ray_error, ray_logs_dir, ray_session, storage, user_error
+from .connect import prepare_tune_actors, ray_error, ray_logs_dir, ray_session, storage, user_error
 
 if TYPE_CHECKING:
     from ..training.spec import TrainSpec
@@ -67,7 +67,7 @@ def fit_checked(spec: TrainSpec, progress: Progress | None = None) -> dict:
 
     task, method, settings, name = spec.task, spec.method, spec.settings, spec.name
     t0 = time.time()
-    with ray_session(spec.address, log_to_driver=progress is None):
+    with ray_session(spec.address, log_to_driver=progress is None, warm=True):
         name = name or default_name(task, method)
         path, fs = storage(settings.storage_path)
         config = trial_config(task, method, spec.backbone, settings, spec.experiment, spec.hparams, spec.train,
@@ -96,7 +96,7 @@ def _fit_one_worker(spec: TrainSpec, config: dict, name: str, path: str, fs, pro
     from ..training.trial import PETL_ERROR
     from .tune import quiet_tune_output, ray_tune_trial
 
-    keep_secrets_out_of_tune()
+    prepare_tune_actors()
     resources = {"cpu": spec.cpus_per_worker, "gpu": 1 if spec.use_gpu else 0}
     tuner = tune.Tuner(
         tune.with_resources(ray_tune_trial, resources), param_space=config,

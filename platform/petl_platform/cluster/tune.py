@@ -18,7 +18,7 @@ from ..tracking.runs import (ADAPTER_PATH, LOST_BEFORE_CHECKPOINT, RunLogger, cl
                               mark_failed)
 from ..training.spec import SweepSpec
 from ..training.trial import PETL_ERROR
-from .connect import keep_secrets_out_of_tune, ray_error, ray_session, storage
+from .connect import prepare_tune_actors, ray_error, ray_session, storage
 
 REUSE_ACTORS = True  # bench/trial_overhead.py measures the sweep both ways
 
@@ -90,7 +90,7 @@ def sweep_checked(spec: SweepSpec, parsed: dict) -> list[dict]:
     path, fs = storage(spec.settings.storage_path)
     # One checkpoint per trial-epoch is the point here; Tune's sync-frequency warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    with ray_session(spec.address):
+    with ray_session(spec.address, warm=True):
         gpus = spec.gpus_per_trial if spec.gpus_per_trial is not None else (0.5 if torch.cuda.is_available() else 0)
         return [_sweep_task(spec, t, parsed, f"{spec.name or spec.method}-{task_slug(t)}", path, fs, gpus)
                 for t in spec.tasks]
@@ -152,7 +152,7 @@ def _sweep_task(spec: SweepSpec, task: str, parsed: dict, sweep_name: str, path:
               f"{info['hyperband']['reduction_factor']:g}); a trial pauses at a rung until its bracket is there",
               flush=True)
     with parent:
-        keep_secrets_out_of_tune()
+        prepare_tune_actors()
         trainable = tune.with_resources(_tune_trial, {"cpu": spec.cpus_per_trial, "gpu": gpus})
         if resume:
             tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=fs)

@@ -38,7 +38,7 @@ def run_vtab_suite(spec: SweepSpec) -> dict:
     # every dataset's sweep and final fit: this spec, already checked, with the dataset as the task
     per_dataset = replace(spec, suite=None, vtab_root=None, datasets=None, name=name, train=train, register=False)
     t0 = time.time()
-    with ray_session(spec.address):
+    with ray_session(spec.address, warm=True):
         import torch
 
         gpus = spec.gpus_per_trial
