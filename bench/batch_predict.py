@@ -47,8 +47,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
-    ap.add_argument("--cold", action="store_true",
-                    help="a cluster without warm workers (each actor's process imports torch, timm and Ray Data)")
+    ap.add_argument("--warm", action="store_true",
+                    help="a cluster with warm workers (cluster.connect.ensure_ray(warm=True)); petl predict's own "
+                         "cluster has none: measured, they did not help")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     n, rounds = (512, 2) if args.quick else (args.images, args.rounds)
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
             return n / (time.perf_counter() - t0)
 
         local = []
-        with ray_session(warm=not args.cold):
+        with ray_session(warm=args.warm):
             from petl_platform.cluster.batch import _actors
 
             default = _actors(None)["concurrency"]  # sized to this cluster; 1 and 2 actors beside it
@@ -117,11 +118,12 @@ def main(argv=None) -> int:
                      "img_per_s": med(g["img_per_s"] for g in got), "wall_s": med(g["wall_s"] for g in got),
                      "first_result_s": med(g["first_result_s"] for g in got), "errors": max(g["errors"] for g in got),
                      "ratio": round(med(ratios), 3), "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+                     "per_round": [round(x, 3) for x in ratios],
                      # the wall beyond the engine's own time for these images: start-up, reads, hand-offs
                      "overhead_s": round(med(g["wall_s"] - n / l for g, l in zip(got, local)), 2)}
     d = runs["default"]
     result = {"backbone": SHIPPED, "tasks": args.tasks, "method": "lora", "images": n, "batch": args.batch,
-              "cpus": os.cpu_count(), "warm_workers": not args.cold, "gpu": torch.cuda.is_available(), "quick": args.quick, "rounds": rounds,
+              "cpus": os.cpu_count(), "warm_workers": args.warm, "gpu": torch.cuda.is_available(), "quick": args.quick, "rounds": rounds,
               "in_process_img_per_s": round(base, 2), "in_process_range": [round(min(local), 2), round(max(local), 2)],
               "ray_data_img_per_s": d["img_per_s"], "ray_data_actors": d["actors"], "ray_data_device": d["device"],
               "errors": d["errors"], "ratio": d["ratio"], "ratio_range": d["ratio_range"], "goal": 0.6,

@@ -59,6 +59,8 @@ SECTIONS = {
     "predict": ("batch_predict.py", ["--quick"], [], "batch_predict.json"),  # petl predict (Ray Data) vs in-process
     # T1 (a sweep's trial-epoch vs the plain loop's epoch), T2 (petl train through Ray vs --local)
     "overhead": ("trial_overhead.py", ["--quick", "--compare-reuse"], ["--compare-reuse"], "trial_overhead.json"),
+    # T2 as a user types it: each `petl train` command starts its own local cluster (warm workers or not)
+    "cli_train": ("cli_train.py", None, [], "cli_train.json"),
     "P7": ("p7_asha_vs_grid.py", ["--quick", "--epochs", "4"], [], "p7_asha_vs_grid.json"),
     "colocation": ("colocation_hop.py", ["--repeats", "7"], [], "colocation_hop.json"),
     "dyt_curve": ("dyt_curve.py", None, [], "dyt_curve.json"),  # None: not in --quick
@@ -248,6 +250,14 @@ def _load(out: Path, name: str) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def _warm_note(t2: dict) -> str:
+    """What T2's rounds on a cluster with warm workers say: Ray starts idle workers with the cluster
+    only, so the first job's trial takes a warm one and later jobs' trials start cold."""
+    rounds = ", ".join(f"{x:.2f}x" for x in t2.get("per_round", []))
+    return (f"; warm workers, per round {rounds}: the first trial after the cluster started took a warm worker, "
+            "later ones started cold (Ray 2.60 starts no new idle workers)")
+
+
 def _fig(fid, name, median, spread, n, goal, met, unit="x", source="", note="") -> dict:
     return {"id": fid, "figure": name, "median": median, "spread": spread, "n": n, "unit": unit, "goal": goal,
             "met": None if met is None else bool(met), "source": source, "note": note}
@@ -315,7 +325,9 @@ def figures(out: Path) -> list[dict]:
                              note=f"{r['img_per_s']:.1f} vs {bp['in_process_img_per_s']:.1f} img/s; Ray end to end "
                                   f"(reads, decoding, actor start-up, parquet), in-process engine calls only"
                                   + (f"; {r['overhead_s']:.0f} s beyond the engine's own time (first result at "
-                                     f"{r['first_result_s']:.0f} s)" if "overhead_s" in r else "")))
+                                     f"{r['first_result_s']:.0f} s)" if "overhead_s" in r else "")
+                                  + (f"; warm workers, per round " + ", ".join(f"{x:.2f}x" for x in r["per_round"])
+                                     + " (with warm workers)" if bp.get("warm_workers") and r.get("per_round") else "")))
     # the default run (LoRA) and any other method's run of the same bench (trial_overhead_<method>.json)
     for name in ["trial_overhead.json", *sorted(p.name for p in out.glob("trial_overhead_*.json")
                                                 if "before" not in p.name)]:
@@ -337,11 +349,20 @@ def figures(out: Path) -> list[dict]:
         runs_as = "one Tune trial" if t2.get("runs_as") else "a one-worker Ray Train TorchTrainer"
         figs.append(_fig("T2", f"petl train through Ray ({runs_as}) on a running cluster vs --local (the plain "
                                f"loop), {what}", t2["ratio"], t2["range"], ov["rounds"], "<= 1.5x", t2["met"],
-                         source=name, note=f"{t2['ray_train_wall_s']:.1f} vs {ov['plain_wall_s']:.1f} s"))
+                         source=name, note=f"{t2['ray_train_wall_s']:.1f} vs {ov['plain_wall_s']:.1f} s"
+                                          + (_warm_note(t2) if ov.get("warm_workers") else "")))
         if tt := ov.get("T2_torch_trainer"):
             figs.append(_fig("T2", f"the same job through a one-worker Ray Train TorchTrainer (how one worker ran "
                                    f"before), {what}", tt["ratio"], tt["range"], ov["rounds"], "reported", None,
                              source=name, note=f"{tt['ray_train_wall_s']:.1f} vs {ov['plain_wall_s']:.1f} s"))
+    if cli := _load(out, "cli_train.json"):
+        what = f"{cli['method']} on {cli['task']}, {cli['epochs']} epochs, {cli['cpus']} CPUs, each command a process"
+        w = cli["wall_s"]
+        figs.append(_fig("T2", f"petl train with the local cluster it starts (warm workers) vs --local, end to end, "
+                               f"{what}", cli["warm"]["ratio"], cli["warm"]["range"], cli["rounds"], "reported", None,
+                         source="cli_train.json",
+                         note=f"{w['warm']:.1f} vs {w['local']:.1f} s; without warm workers {w['cold']:.1f} s "
+                              f"({cli['cold']['ratio']:.2f}x); cluster start-up included"))
     if p6 := _load(out, "p6_gflops.json"):
         for bb, per_batch in p6["backbones"].items():
             for b, r in per_batch.items():

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         """T2 of one way to run ``petl train``: its median wall and its ratios to the plain loop's."""
         ratios = [rt["wall_s"] / lo["wall_s"] for rt, lo in zip(runs, local)]
         return {"ray_train_wall_s": round(med(r["wall_s"] for r in runs), 2), "ratio": round(med(ratios), 3),
-                "range": [round(min(ratios), 3), round(max(ratios), 3)]}
+                "range": [round(min(ratios), 3), round(max(ratios), 3)], "per_round": [round(x, 3) for x in ratios]}
 
     def breakdown(runs: list[dict]) -> dict:
         """One sweep's seconds per trial-epoch, split: each part summed over its trials, over its

@@ -379,3 +379,20 @@ def test_report_renders_t1_and_t2_from_each_overhead_run_and_says_how_train_ran(
     assert [f[:3] for f in figs] == [("T1", 1.45, True), ("T2", 1.6, False), ("T2", 1.3, True), ("T2", 2.9, None)]
     assert "a one-worker Ray Train TorchTrainer" in figs[1][3] and "lora" in figs[1][3]  # an earlier run: how it ran
     assert "(one Tune trial)" in figs[2][3] and "how one worker ran before" in figs[3][3]
+
+
+def test_report_says_which_t2_rounds_found_a_warm_worker_and_shows_the_cli_run(tmp_path):
+    report = _module("report")
+    warm = _overhead("linear", 2.4)
+    warm["warm_workers"], warm["T2"]["per_round"] = True, [1.21, 2.4, 2.45]
+    (tmp_path / "trial_overhead_linear_warm.json").write_text(json.dumps(warm))
+    cli = {"task": "digits-1k", "method": "linear", "epochs": 2, "rounds": 3, "cpus": 2,
+           "wall_s": {"local": 11.0, "cold": 34.6, "warm": 29.2},
+           "cold": {"ratio": 3.17, "range": [3.0, 3.3]}, "warm": {"ratio": 2.67, "range": [2.5, 2.9]}}
+    (tmp_path / "cli_train.json").write_text(json.dumps(cli))
+    figs = {f["source"]: f for f in report.figures(tmp_path)}
+    t2 = figs["trial_overhead_linear_warm.json"]
+    assert (t2["median"], t2["met"]) == (2.4, False) and "per round 1.21x, 2.40x, 2.45x" in t2["note"]
+    c = figs["cli_train.json"]
+    assert (c["id"], c["median"], c["spread"], c["met"]) == ("T2", 2.67, [2.5, 2.9], None)
+    assert "29.2 vs 11.0 s; without warm workers 34.6 s (3.17x)" in c["note"]

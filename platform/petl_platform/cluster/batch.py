@@ -265,7 +265,7 @@ def predict_dataset(tasks: list[str], input: str, output: str, settings: Trackin
     schema = output_schema(tasks, {t: spec_of(e.model).runtime for t, e in entries.items()})
     pixels = Pixels(stack.transform, stack.image_size)  # what the decode tasks need of the model: no weights
 
-    with ray_session(address, warm=True):
+    with ray_session(address):
         return _stream(tasks, paths, fs, input.startswith("s3://"), out, schema, settings, backbone, alias,
                        batch_size, progress, concurrency, pixels, shipped)
 

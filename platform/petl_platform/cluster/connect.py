@@ -21,9 +21,9 @@ def in_ray_job() -> bool:
 
 
 # What a warm worker imports before it takes work (``ensure_ray(warm=True)``): the modules a trial
-# (``training.trial``, MLflow, Ray Tune) and a `petl predict` scoring actor (``cluster.batch``, Ray
-# Data) import, about 6 s for a new worker on 2 cores. ``PETL_WARM_WORKERS=0`` turns it off.
-WARM_MODULES = ("petl_platform.cluster.tune", "petl_platform.cluster.batch", "mlflow", "ray.tune", "ray.data")
+# imports (the platform with torch and timm, MLflow, Ray Tune), about 6 s for a new worker on 2
+# cores. ``PETL_WARM_WORKERS=0`` turns it off.
+WARM_MODULES = ("petl_platform.cluster.tune", "mlflow", "ray.tune")
 
 
 def prepare_tune_actors() -> None:
@@ -54,12 +54,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
     down), else None. ``log_to_driver=False`` leaves the workers' and actors' output in Ray's log
     files (``petl demo``: the terminal shows only progress and results).
 
-    ``warm``: a local cluster started here keeps warm workers. Ray starts one idle worker per CPU
-    when the cluster starts, and new ones as workers exit; each imports ``WARM_MODULES``
-    (Ray's ``preload_python_modules``) before it takes work, so a trial or a scoring actor starts
-    in well under a second instead of importing torch, timm, MLflow and Ray's libraries itself.
-    It costs each idle worker's memory (about 0.5 GB). Off with ``PETL_WARM_WORKERS=0``; a
-    cluster started elsewhere takes ``RAY_preload_python_modules`` at ``ray start``."""
+    ``warm``: a local cluster started here has warm workers. Ray starts one idle worker per CPU
+    with the cluster, and each imports ``WARM_MODULES`` (Ray's ``preload_python_modules``) while
+    the driver sets up, so the command's first trials start on one in well under a second instead
+    of importing torch, timm, MLflow and Ray Tune themselves. Ray 2.60
+    starts no new idle workers later, and one that has run a task no longer takes an actor. Each
+    costs about 0.5 GB of its own memory. Off with ``PETL_WARM_WORKERS=0``; a cluster started
+    elsewhere takes ``RAY_preload_python_modules`` at ``ray start``."""
     import ray
 
     if ray.is_initialized():
