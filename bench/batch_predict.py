@@ -9,9 +9,11 @@ actors' start-up (a new process: torch, timm and the platform imported, backbone
 loaded); ``overhead_s`` is the wall beyond the in-process engine's time for the same images. The
 in-process figure is engine calls only, on images decoded beforehand. Ray runs with the default
 actor sizing (``_actors``: sized to the cluster) and with 1 and 2 actors (where not the default),
-rounds interleaved with the in-process rounds, on one local cluster started once.
+rounds interleaved with the in-process rounds, on one local cluster started once (without warm
+workers, as `petl predict` starts its own; ``--warm``: with), each timed run once the idle workers
+are at rest (``bench/warm.py``).
 
-    .venv/bin/python bench/batch_predict.py [--quick] [--images N] [--tasks N] [--batch 64] [--out-dir DIR]
+    .venv/bin/python bench/batch_predict.py [--quick] [--images N] [--tasks N] [--batch 64] [--warm] [--out-dir DIR]
 """
 
 from __future__ import annotations

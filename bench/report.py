@@ -326,8 +326,8 @@ def figures(out: Path) -> list[dict]:
                                   f"(reads, decoding, actor start-up, parquet), in-process engine calls only"
                                   + (f"; {r['overhead_s']:.0f} s beyond the engine's own time (first result at "
                                      f"{r['first_result_s']:.0f} s)" if "overhead_s" in r else "")
-                                  + (f"; warm workers, per round " + ", ".join(f"{x:.2f}x" for x in r["per_round"])
-                                     + " (with warm workers)" if bp.get("warm_workers") and r.get("per_round") else "")))
+                                  + ("; with warm workers, per round " + ", ".join(f"{x:.2f}x" for x in r["per_round"])
+                                     if bp.get("warm_workers") and r.get("per_round") else "")))
     # the default run (LoRA) and any other method's run of the same bench (trial_overhead_<method>.json)
     for name in ["trial_overhead.json", *sorted(p.name for p in out.glob("trial_overhead_*.json")
                                                 if "before" not in p.name)]:

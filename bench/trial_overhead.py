@@ -12,12 +12,14 @@ run on one task and method:
   measurements, the adapter checkpoint, MLflow logging, and the rest: Tune, the actor, the
   driver).
 
-The cluster is started once, before anything is timed ("a running cluster"). Rounds alternate the
-three jobs; each figure is the median over rounds.
+The cluster is started once, before anything is timed ("a running cluster"), with warm workers
+(``--cold``: without); each timed job starts once the idle workers are at rest (``bench/warm.py``),
+and ``per_round`` says which rounds' trials found a warm worker. Rounds alternate the three jobs;
+each figure is the median over rounds.
 
     .venv/bin/python bench/trial_overhead.py [--quick] [--task digits-1k] [--method lora] [--epochs 3]
                                              [--trials 4] [--rounds 2] [--compare-reuse] [--compare-train]
-                                             [--out-dir DIR] [--out-name trial_overhead.json]
+                                             [--cold] [--out-dir DIR] [--out-name trial_overhead.json]
 """
 
 from __future__ import annotations

@@ -57,10 +57,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, log_to_d
     ``warm``: a local cluster started here has warm workers. Ray starts one idle worker per CPU
     with the cluster, and each imports ``WARM_MODULES`` (Ray's ``preload_python_modules``) while
     the driver sets up, so the command's first trials start on one in well under a second instead
-    of importing torch, timm, MLflow and Ray Tune themselves. Ray 2.60
-    starts no new idle workers later, and one that has run a task no longer takes an actor. Each
-    costs about 0.5 GB of its own memory. Off with ``PETL_WARM_WORKERS=0``; a cluster started
-    elsewhere takes ``RAY_preload_python_modules`` at ``ray start``."""
+    of importing torch, timm, MLflow and Ray Tune themselves. Ray 2.60 starts no new idle workers
+    later, and one that has run a task no longer takes an actor. Each costs about 0.5 GB of its
+    own memory. Off with ``PETL_WARM_WORKERS=0``; a cluster started elsewhere takes
+    ``RAY_preload_python_modules`` at ``ray start``."""
     import ray
 
     if ray.is_initialized():
