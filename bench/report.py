@@ -250,12 +250,15 @@ def _load(out: Path, name: str) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def _per_round(ratios: list[float]) -> str:
+    return ", ".join(f"{x:.2f}x" for x in ratios)
+
+
 def _warm_note(t2: dict) -> str:
     """What T2's rounds on a cluster with warm workers say: Ray starts idle workers with the cluster
     only, so the first job's trial takes a warm one and later jobs' trials start cold."""
-    rounds = ", ".join(f"{x:.2f}x" for x in t2.get("per_round", []))
-    return (f"; warm workers, per round {rounds}: the first trial after the cluster started took a warm worker, "
-            "later ones started cold (Ray 2.60 starts no new idle workers)")
+    return (f"; warm workers, per round {_per_round(t2.get('per_round', []))}: the first trial after the cluster "
+            "started took a warm worker, later ones started cold (Ray 2.60 starts no new idle workers)")
 
 
 def _fig(fid, name, median, spread, n, goal, met, unit="x", source="", note="") -> dict:
@@ -326,7 +329,7 @@ def figures(out: Path) -> list[dict]:
                                   f"(reads, decoding, actor start-up, parquet), in-process engine calls only"
                                   + (f"; {r['overhead_s']:.0f} s beyond the engine's own time (first result at "
                                      f"{r['first_result_s']:.0f} s)" if "overhead_s" in r else "")
-                                  + ("; with warm workers, per round " + ", ".join(f"{x:.2f}x" for x in r["per_round"])
+                                  + (f"; with warm workers, per round {_per_round(r['per_round'])}"
                                      if bp.get("warm_workers") and r.get("per_round") else "")))
     # the default run (LoRA) and any other method's run of the same bench (trial_overhead_<method>.json)
     for name in ["trial_overhead.json", *sorted(p.name for p in out.glob("trial_overhead_*.json")
