@@ -1,8 +1,8 @@
 """`petl train` as a user types it on one machine, end to end, each command in a process of its
 own: ``--local`` (the plain loop) against the default path, a local Ray cluster started by the
-command for its one Tune trial, with warm workers (``cluster.connect.ensure_ray(warm=True)``: the
-idle workers Ray starts with the cluster import the platform while the driver sets up, and the
-trial starts on one) and without them (``PETL_WARM_WORKERS=0``, how it ran before). Rounds
+command for its job (on a trainer, ``cluster.trainer``, which this cluster's end also ends), with
+warm workers (``cluster.connect.ensure_ray(warm=True)``: the idle workers Ray starts with the
+cluster import the platform while the driver sets up, and the trainer starts on one) and without them (``PETL_WARM_WORKERS=0``, how it ran before). Rounds
 interleave the three; each figure is the median over rounds, and each ratio is against the same
 round's ``--local`` wall. Issue 23's T2 asks for a running cluster (``trial_overhead.py``); this
 is the cluster-per-command case, cluster start-up included.

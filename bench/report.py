@@ -255,8 +255,12 @@ def _per_round(ratios: list[float]) -> str:
 
 
 def _warm_note(t2: dict) -> str:
-    """What T2's rounds on a cluster with warm workers say: Ray starts idle workers with the cluster
-    only, so the first job's trial takes a warm one and later jobs' trials start cold."""
+    """What T2's rounds on a cluster with warm workers say. As Tune trials: Ray starts idle workers
+    with the cluster only, so the first job's trial took a warm one and later jobs' trials started
+    cold. On a trainer: the first job starts it, the later jobs run in its process."""
+    if t2.get("runs_as", "").startswith("a trainer"):
+        return (f"; per round {_per_round(t2.get('per_round', []))}: the first job started the trainer (on a warm "
+                "worker), the later jobs ran in its process")
     return (f"; warm workers, per round {_per_round(t2.get('per_round', []))}: the first trial after the cluster "
             "started took a warm worker, later ones started cold (Ray 2.60 starts no new idle workers)")
 
@@ -349,7 +353,7 @@ def figures(out: Path) -> list[dict]:
             figs.append(_fig("T1", f"the same with a new actor per trial (Tune's default, before issue 23), {what}",
                              fresh["ratio"], fresh["range"], ov["rounds"], "reported", None, source=name,
                              note=f"{fresh['per_trial_epoch_s']:.1f} s per trial-epoch"))
-        runs_as = "one Tune trial" if t2.get("runs_as") else "a one-worker Ray Train TorchTrainer"
+        runs_as = t2.get("runs_as", "a one-worker Ray Train TorchTrainer")  # older runs: "one Tune trial"
         figs.append(_fig("T2", f"petl train through Ray ({runs_as}) on a running cluster vs --local (the plain "
                                f"loop), {what}", t2["ratio"], t2["range"], ov["rounds"], "<= 1.5x", t2["met"],
                          source=name, note=f"{t2['ray_train_wall_s']:.1f} vs {ov['plain_wall_s']:.1f} s"

@@ -3,9 +3,11 @@ run on one task and method:
 
 - **the plain loop** (`petl train --local`): ``run_finetune`` in this process, its wall and its
   epochs (``epoch_s``: train steps + val, the loop's own);
-- **T2**: `petl train` through Ray (``run_train``: one worker, so one Tune trial) on a running local
-  cluster, against the plain loop's wall for the same job (goal <= 1.5x); with ``--compare-train``
-  also the same job through a one-worker Ray Train ``TorchTrainer`` (how one worker ran before);
+- **T2**: `petl train` through Ray (``run_train``: one worker, so a job on a trainer,
+  ``cluster.trainer``) on a running local cluster, against the plain loop's wall for the same job
+  (goal <= 1.5x). The first round's job starts the trainer, the later rounds' jobs reuse it, unless
+  a sweep ran between them (a sweep ends idle trainers: run ``--trials 0`` for T2 alone). With
+  ``--compare-train`` also the same job through a one-worker Ray Train ``TorchTrainer``;
 - **T1**: a `petl sweep` (FIFO, one trial at a time with every CPU, so each trial has the plain
   loop's CPU share): its wall per trial-epoch against the plain loop's epoch (goal <= 2x), and
   where each trial's time went (``cluster.tune.trial_timing``: setup, the loop's epochs,
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-reuse", action="store_true",
                     help="also run each sweep with a fresh actor per trial (Tune's default; the code before issue 23)")
     ap.add_argument("--compare-train", action="store_true",
-                    help="T2 also through a one-worker Ray Train TorchTrainer (cluster.train.ONE_WORKER_TRIAL off)")
+                    help="T2 also through a one-worker Ray Train TorchTrainer (cluster.train.ONE_WORKER_TRAINER off)")
     ap.add_argument("--cold", action="store_true",
                     help="a cluster without warm workers (each trial's process imports torch, timm and Ray Tune)")
     ap.add_argument("--out-name", default="trial_overhead.json",
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
                                           cpus_per_worker=cpus, name=f"t2-{r}"), progress=lambda line: None)
                 ray_train.append({"wall_s": time.perf_counter() - t0, "val_accuracy": got.get("val_accuracy")})
                 if args.compare_train:
-                    train_mod.ONE_WORKER_TRIAL = False
+                    train_mod.ONE_WORKER_TRAINER = False
                     try:
                         wait_for_idle_workers()
                         t0 = time.perf_counter()
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
                         torch_trainer.append({"wall_s": time.perf_counter() - t0,
                                               "val_accuracy": got.get("val_accuracy")})
                     finally:
-                        train_mod.ONE_WORKER_TRIAL = True
+                        train_mod.ONE_WORKER_TRAINER = True
                 for reuse in ((True, False) if args.compare_reuse else (True,)) if trials else ():
                     tune_mod.REUSE_ACTORS = reuse
                     wait_for_idle_workers()
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
     result = {"task": args.task, "method": args.method, "epochs": epochs, "trials": trials, "rounds": rounds,
               "cpus": cpus, "warm_workers": not args.cold, "backbone": SHIPPED, "quick": args.quick,
               "plain_epoch_s": round(epoch, 3), "plain_wall_s": round(local_wall, 2),
-              "T2": {**(t2 := t2_of(ray_train)), "goal": 1.5, "met": t2["ratio"] <= 1.5, "runs_as": "one Tune trial"},
+              "T2": {**(t2 := t2_of(ray_train)), "goal": 1.5, "met": t2["ratio"] <= 1.5, "runs_as": "a trainer, reused"},
               **({"T2_torch_trainer": t2_of(torch_trainer)} if torch_trainer else {}),
               **({"T1": t1_of(sweeps)} if sweeps else {}), **({"T1_fresh_actors": t1_of(fresh)} if fresh else {}),
               "raw": {"local": local, "ray_train": ray_train, "torch_trainer": torch_trainer, "sweeps": sweeps,

@@ -126,11 +126,13 @@ def run_local(path: str, tasks: list[str] | None = None, port: int | None = None
     files too get WARNING and up only, and no access log (``petl demo``). The proxy's error
     middleware is set for a cluster started here (``use_proxy_middleware``)."""
     from petl_platform.cluster.connect import ensure_ray
+    from petl_platform.cluster.trainer import release_idle_trainers
 
     c = load_config(path, tasks, port)
     http = {**c["http_options"], **({"host": host} if host else {})}
     use_proxy_middleware()
     ensure_ray(log_to_driver=False)
+    release_idle_trainers()  # idle petl trainers' CPUs go to the replicas
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's own Serve INFO lines
     quiet_logs = {"logging_config": {"log_level": "WARNING", "enable_access_log": False}} if quiet else {}
     serve.start(http_options=http, **quiet_logs)

@@ -396,3 +396,14 @@ def test_report_says_which_t2_rounds_found_a_warm_worker_and_shows_the_cli_run(t
     c = figs["cli_train.json"]
     assert (c["id"], c["median"], c["spread"], c["met"]) == ("T2", 2.67, [2.5, 2.9], None)
     assert "29.2 vs 11.0 s; without warm workers 34.6 s (3.17x)" in c["note"]
+
+
+def test_report_says_t2_ran_on_a_reused_trainer(tmp_path):
+    report = _module("report")
+    run = _overhead("linear", 1.2)
+    run["warm_workers"], run["T2"]["per_round"], run["T2"]["runs_as"] = True, [2.5, 1.2, 1.15], "a trainer, reused"
+    (tmp_path / "trial_overhead_t2_linear_trainer.json").write_text(json.dumps(run))
+    [t2] = report.figures(tmp_path)
+    assert (t2["median"], t2["met"]) == (1.2, True) and "(a trainer, reused)" in t2["figure"]
+    assert "per round 2.50x, 1.20x, 1.15x: the first job started the trainer" in t2["note"]
+    assert "Ray 2.60 starts no new idle workers" not in t2["note"]

@@ -159,11 +159,12 @@ def _kill_worker_after_first_checkpoint(stack, runs_filter: str, experiment_dir:
         while time.time() < deadline and "pid" not in seen:
             exp = c.get_experiment_by_name("petl")
             runs = c.search_runs([exp.experiment_id], f"{runs_filter} and metrics.val_accuracy >= 0") if exp else []
-            ckpts = list(Path(stack["settings"].storage_path, experiment_dir).glob("*/checkpoint_0000*"))
+            ckpts = list(Path(stack["settings"].storage_path, experiment_dir).glob("**/checkpoint_0000*"))
             trial_runs = [r for r in runs if "petl.worker_pid" in r.data.tags]
             # Tune registers a checkpoint only once its separate save step returns, and a function
-            # trial goes on past a report only after that: metrics of a second epoch mean the first
-            # checkpoint is registered (a kill before then restarts the trial from scratch)
+            # trial goes on past a report only after that (a trainer uploads it in the report):
+            # metrics of a second epoch mean the first checkpoint is registered (a kill before
+            # then restarts the trial from scratch)
             if trial_runs and ckpts and max(m.step for m in c.get_metric_history(
                     trial_runs[0].info.run_id, "val_accuracy")) >= 2:
                 seen["pid"] = int(trial_runs[0].data.tags["petl.worker_pid"])
@@ -176,10 +177,10 @@ def _kill_worker_after_first_checkpoint(stack, runs_filter: str, experiment_dir:
     return killer, seen
 
 
-def test_one_worker_train_is_one_tune_trial_that_resumes_after_its_worker_dies(stack):
-    """``petl train`` with one worker runs as a single Tune trial: killed after its first
-    checkpoint, it resumes from it in a new process, in the same MLflow run, and returns what the
-    trial reported (not Tune's bookkeeping or the trial's config)."""
+def test_one_worker_train_on_a_trainer_resumes_after_its_trainer_dies(stack):
+    """``petl train`` with one worker runs on a trainer (``cluster.trainer``): killed after its
+    first checkpoint, the job resumes from it on a new trainer, in the same MLflow run, and returns
+    what the trial reported (not the trial's config)."""
     from petl_platform.cluster.train import run_train
 
     c = _client(stack)
@@ -215,7 +216,60 @@ def test_one_worker_train_out_of_retries_fails_with_its_checkpoint_and_a_failed_
     assert str(err.value).startswith("training failed: ") and "\n" not in str(err.value)
     run = c.get_run(seen["run_id"])
     assert run.info.status == "FAILED" and run.data.tags["petl.failure"] == str(err.value)
-    assert list(Path(stack["settings"].storage_path, "train-lost").glob("*/checkpoint_0000*/checkpoint.pt"))
+    assert list(Path(stack["settings"].storage_path, "train-lost").glob("checkpoint_0000*/checkpoint.pt"))
+
+
+def test_one_worker_jobs_share_a_trainer_that_a_sweep_would_release(stack):
+    """Two `petl train` jobs on a running cluster: the second runs in the first one's process (no
+    new worker, no imports), each in its own MLflow run with its own checkpoints; idle, the
+    trainer ends when a command needs its CPUs (``release_idle_trainers``, which sweeps call)."""
+    from petl_platform.cluster.train import run_train
+    from petl_platform.cluster.trainer import _trainers, release_idle_trainers
+
+    release_idle_trainers()
+    c = _client(stack)
+    outs = [run_train(TrainSpec(task="digits-1k", method="linear", backbone=stack["backbone"],
+                                settings=stack["settings"], train={"epochs": 1, "batch_size": 32}, name=f"reuse-{i}"))
+            for i in range(2)]
+    runs = [c.get_run(o["mlflow_run_id"]) for o in outs]
+    assert runs[0].info.run_id != runs[1].info.run_id and all(r.info.status == "FINISHED" for r in runs)
+    assert runs[0].data.tags["petl.worker_pid"] == runs[1].data.tags["petl.worker_pid"]
+    for i, o in enumerate(outs):
+        assert Path(o["checkpoint"]) == Path(stack["settings"].storage_path, f"reuse-{i}", "checkpoint_000001")
+        assert Path(o["checkpoint"], "checkpoint.pt").exists()
+    assert len(_trainers()) == 1
+    assert release_idle_trainers() == 1 and _trainers() == []
+
+
+def test_an_interrupted_job_stops_its_trainer_and_fails_its_run(stack):
+    """Ctrl-C in `petl train` cancels the job on its trainer (``ray.cancel``): the trainer stops it
+    at its next epoch, the MLflow run is FAILED with the reason, and the trainer takes jobs again."""
+    import ray
+
+    from petl_platform.cluster.connect import storage
+    from petl_platform.cluster.trainer import INTERRUPTED, _claim, release_idle_trainers
+    from petl_platform.training.trial import trial_config
+
+    st = stack["settings"]
+    config = trial_config("digits-1k", "linear", stack["backbone"], st, "petl", train={"epochs": 40, "batch_size": 16},
+                          tags={"petl.job": "interrupted"}, run_name="interrupted")
+    handle, _ = _claim(1, 0, 300)
+    path, fs = storage(st.storage_path)
+    gen = handle.fit.remote(config, path, "interrupted", fs, ray.get_runtime_context().get_job_id(), 1)
+    first = ray.get(next(gen))
+    assert first["epoch"] == 1
+    ray.cancel(gen)
+    c, deadline = _client(stack), time.time() + 120
+    while time.time() < deadline and c.get_run(first["mlflow_run_id"]).info.status == "RUNNING":
+        time.sleep(0.5)
+    run = c.get_run(first["mlflow_run_id"])
+    assert run.info.status == "FAILED" and INTERRUPTED in run.data.tags["petl.failure"]
+    assert max(m.step for m in c.get_metric_history(run.info.run_id, "val_accuracy")) < 40
+    while time.time() < deadline and not ray.get(handle.claim.remote()):
+        time.sleep(0.5)
+    ray.kill(handle)  # claimed above: the trainer was free again
+    assert time.time() < deadline
+    release_idle_trainers()
 
 
 def test_killed_worker_trial_resumes_from_checkpoint(stack):

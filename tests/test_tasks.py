@@ -87,6 +87,21 @@ def test_folder_task(tmp_path):
     assert sizes["test"] == 20 and sizes["train"] + sizes["val"] == 20 and sizes["val"] >= 1
 
 
+def test_folder_task_is_read_again_once_its_files_change(tmp_path):
+    """A long-lived process (a `petl train` trainer) keeps a task it has read, but not past a change
+    to the folder: a new image is in the next get_task, and the built-in tasks have no stamp."""
+    _write_tree(tmp_path, n=10)
+    name = f"folder:{tmp_path}"
+    first = get_task(name)
+    assert get_task(name) is first and registry.task_stamp(name) == registry.task_stamp(name)
+    stamp = registry.task_stamp(name)
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(tmp_path / "test" / "cat" / "new.png")
+    assert registry.task_stamp(name) != stamp
+    again = get_task(name)
+    assert again is not first and again.sizes()["test"] == first.sizes()["test"] + 1
+    assert registry.task_stamp("digits-1k") == ""
+
+
 def test_folder_task_errors(tmp_path):
     (tmp_path / "train" / "cat").mkdir(parents=True)
     (tmp_path / "test" / "cat").mkdir(parents=True)

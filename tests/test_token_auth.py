@@ -131,7 +131,7 @@ def test_train_on_the_token_cluster_with_the_token_file(head):
     p = _petl(head, "train", "--task", "digits-1k", "--method", "linear", "--backbone", head["backbone"],
               "--epochs", "1", "--workers", "1", "--address", head["gcs"], home=head["home"])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "digits-1k / linear in one Ray Tune trial: test accuracy" in p.stdout
+    assert "digits-1k / linear on a Ray trainer: test accuracy" in p.stdout
     assert head["token"] not in p.stdout + p.stderr
     # quiet: petl's own lines only; Ray Train's per-epoch lines and the controller's core-worker
     # errors stay in Ray's log files, which the first line names
@@ -141,5 +141,5 @@ def test_train_on_the_token_cluster_with_the_token_file(head):
         assert ray_line not in terminal, terminal[-3000:]
     lines = [ln for ln in terminal.splitlines() if ln.strip()]
     assert lines[0].startswith("Ray's logs (") and lines[1].startswith("epoch 1/1: train loss "), terminal[-3000:]
-    assert all(ln.startswith(("Ray's logs (", "epoch ", "digits-1k / linear in one Ray Tune trial"))
+    assert all(ln.startswith(("Ray's logs (", "epoch ", "digits-1k / linear on a Ray trainer"))
                for ln in lines), terminal[-3000:]

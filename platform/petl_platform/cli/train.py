@@ -58,7 +58,7 @@ def cmd_train(args) -> None:
     if args.json:
         print(json.dumps(result, default=str))
         return
-    where = "in one Ray Tune trial" if args.workers == 1 else f"on {args.workers} Ray Train workers"
+    where = "on a Ray trainer" if args.workers == 1 else f"on {args.workers} Ray Train workers"
     print(f"{args.task} / {args.method} {where}: test accuracy "
           f"{result.get('test_accuracy', float('nan')):.4f} (val {result.get('val_accuracy', float('nan')):.4f}), "
           f"{result.get('gflops_per_image', 0):.3f} GFLOPs/img measured, MLflow run {result.get('mlflow_run_id')}")

@@ -32,6 +32,7 @@ import torch
 from ..errors import PetlError
 from ..tracking.settings import CHAMPION, TrackingSettings
 from .connect import ray_error, ray_session, storage
+from .trainer import release_idle_trainers
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -266,6 +267,7 @@ def predict_dataset(tasks: list[str], input: str, output: str, settings: Trackin
     pixels = Pixels(stack.transform, stack.image_size)  # what the decode tasks need of the model: no weights
 
     with ray_session(address):
+        release_idle_trainers()  # their CPUs go to the decode tasks and the scoring actors
         return _stream(tasks, paths, fs, input.startswith("s3://"), out, schema, settings, backbone, alias,
                        batch_size, progress, concurrency, pixels, shipped)
 

@@ -2,10 +2,11 @@
 checkpoints in Ray storage, metrics and the adapter in MLflow; with ``spec.register`` the run's
 adapter is registered as the challenger.
 
-One worker runs as a single Ray Tune trial, the way a sweep runs each of its trials: one new
-process, no torch process group. N > 1 workers run as a Ray Train ``TorchTrainer``, N
-data-parallel ranks. Both restart from the run's last checkpoint after a failure that is not the
-user's, up to ``spec.max_failures`` times, and both keep a ``PetlError`` from being retried."""
+One worker runs on a long-lived trainer (``cluster.trainer``): a detached actor that the next
+``petl train`` on the same cluster reuses, with torch, timm and MLflow imported and the backbone
+loaded. N > 1 workers run as a Ray Train ``TorchTrainer``, N data-parallel ranks. Both restart
+from the run's last checkpoint after a failure that is not the user's, up to
+``spec.max_failures`` times, and both keep a ``PetlError`` from being retried."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
 from ..errors import PetlError
-from .connect import prepare_tune_actors, ray_error, ray_logs_dir, ray_session, storage, user_error
+from .connect import ray_error, ray_logs_dir, ray_session, storage, user_error
 
 if TYPE_CHECKING:
     from ..training.spec import TrainSpec
 
 Progress = Callable[[str], None]
-ONE_WORKER_TRIAL = True  # one worker runs as a Tune trial; bench/trial_overhead.py measures both ways
+ONE_WORKER_TRAINER = True  # one worker runs on a trainer; bench/trial_overhead.py measures both ways
 
 
 def run_train(spec: TrainSpec, progress: Progress | None = None) -> dict:
@@ -77,49 +78,44 @@ def fit_checked(spec: TrainSpec, progress: Progress | None = None) -> dict:
         logs = ray_logs_dir()
         if progress is not None and logs:
             progress(f"Ray's logs (the workers' output and tracebacks): {logs}")
-        fit = _fit_one_worker if spec.workers == 1 and ONE_WORKER_TRIAL else _fit_data_parallel
+        fit = _fit_one_worker if spec.workers == 1 and ONE_WORKER_TRAINER else _fit_data_parallel
         metrics, checkpoint = fit(spec, config, name, path, fs, progress, epochs)
         out = dict(metrics)
         out.update(accuracy=out.get("test_accuracy"), wall_s=round(time.time() - t0, 2), task=task, method=method,
-                   workers=spec.workers, name=name, checkpoint=checkpoint.path if checkpoint else None)
+                   workers=spec.workers, name=name, checkpoint=checkpoint)
         return out
 
 
 def _fit_one_worker(spec: TrainSpec, config: dict, name: str, path: str, fs, progress: Progress | None,
                     epochs: int):
-    """One worker: one Ray Tune trial (``cluster.tune.ray_tune_trial``, as a sweep's). A trial
-    that raises is restarted by Tune from its last checkpoint, up to ``max_failures`` times; a
-    ``PetlError`` ends the trial with its message instead, and is raised here."""
-    from ray import tune
-    from ray.tune.result import AUTO_RESULT_KEYS
-
+    """One worker: a job on a long-lived trainer (``cluster.trainer``), which the next ``petl
+    train`` on this cluster reuses. A failure that is not the user's reruns the job on another
+    trainer from its last checkpoint, up to ``max_failures`` times; a ``PetlError`` ends it, its
+    run marked FAILED, and is raised here."""
     from ..training.trial import PETL_ERROR
-    from .tune import quiet_tune_output, ray_tune_trial
+    from .trainer import fit_on_trainer
 
-    prepare_tune_actors()
-    resources = {"cpu": spec.cpus_per_worker, "gpu": 1 if spec.use_gpu else 0}
-    tuner = tune.Tuner(
-        tune.with_resources(ray_tune_trial, resources), param_space=config,
-        tune_config=tune.TuneConfig(num_samples=1),
-        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                  callbacks=[_tune_epoch_lines(progress, epochs)] if progress else [], verbose=0))
-    with quiet_tune_output():
-        [result] = tuner.fit()
-    metrics = dict(result.metrics or {})
-    error = None
+    def on_result(m: dict) -> None:
+        if progress is not None and PETL_ERROR not in m:
+            progress(epoch_line(m, epochs))
+
+    def on_restart() -> None:
+        if progress is not None:
+            progress("the worker was lost: the run restarts from its last checkpoint (--max-failures)")
+
+    error, metrics, checkpoint = None, {}, None
+    try:
+        metrics, checkpoint = fit_on_trainer(config, path, name, fs, cpus=spec.cpus_per_worker,
+                                             gpus=1 if spec.use_gpu else 0, max_failures=spec.max_failures,
+                                             on_result=on_result, on_restart=on_restart)
+    except PetlError as e:
+        error = e
     if metrics.get(PETL_ERROR):
         error = PetlError(metrics[PETL_ERROR])  # the trial marked its run FAILED already
-    elif result.error is not None:
-        error = ray_error(result.error)
     _close_left_runs(spec, name, None if error else metrics.get("mlflow_run_id"), error)
     if error is not None:
         raise error
-    # Tune's own bookkeeping (and the trial's config, which holds the tracking settings) is not
-    # the run's result: keep what the trial reported, as Ray Train's result does
-    for key in (*AUTO_RESULT_KEYS, "trial_id", "experiment_tag", "done", "should_checkpoint"):
-        metrics.pop(key, None)
-    return metrics, result.checkpoint
+    return metrics, checkpoint
 
 
 def _close_left_runs(spec: TrainSpec, name: str, kept: str | None, error: PetlError | None) -> None:
@@ -138,10 +134,14 @@ def _close_left_runs(spec: TrainSpec, name: str, kept: str | None, error: PetlEr
 
 def _fit_data_parallel(spec: TrainSpec, config: dict, name: str, path: str, fs, progress: Progress | None,
                        epochs: int):
-    """N workers: a Ray Train ``TorchTrainer`` of N data-parallel ranks."""
+    """N workers: a Ray Train ``TorchTrainer`` of N data-parallel ranks (after the cluster's idle
+    trainers have ended, so the ranks get their CPUs)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from .trainer import release_idle_trainers
+
+    release_idle_trainers()
     res = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
     with _epoch_lines(progress, epochs) as lines:
         config = {**config, PROGRESS_KEY: lines}
@@ -162,7 +162,7 @@ def _fit_data_parallel(spec: TrainSpec, config: dict, name: str, path: str, fs, 
             except Exception as e:  # noqa: BLE001 - TrainingFailedError wraps the workers' exceptions
                 if user_error(e) is not None or attempt == spec.max_failures:
                     raise ray_error(e) from None
-    return dict(result.metrics or {}), result.checkpoint
+    return dict(result.metrics or {}), result.checkpoint.path if result.checkpoint else None
 
 
 def epoch_line(m: dict, epochs: int) -> str:
@@ -170,23 +170,6 @@ def epoch_line(m: dict, epochs: int) -> str:
     speed = f", {m['img_per_s']:.0f} img/s" if "img_per_s" in m else ""  # measured at the last epoch
     return (f"epoch {m.get('epoch')}/{epochs}: train loss {m.get('train_loss', float('nan')):.4f}, "
             f"val accuracy {m.get('val_accuracy', float('nan')):.4f}{speed}")
-
-
-def _tune_epoch_lines(progress: Progress, epochs: int):
-    """A Tune callback: the trial's results reach the driver, one ``epoch_line`` each."""
-    from ray import tune
-
-    from ..training.trial import PETL_ERROR
-
-    class EpochLines(tune.Callback):
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if PETL_ERROR not in result:
-                progress(epoch_line(result, epochs))
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            progress("the worker was lost: the run restarts from its last checkpoint (--max-failures)")
-
-    return EpochLines()
 
 
 PROGRESS_KEY = "progress_queue"  # in the worker's config: the driver's queue of epoch metrics, or None

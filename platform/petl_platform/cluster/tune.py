@@ -19,6 +19,7 @@ from ..tracking.runs import (ADAPTER_PATH, LOST_BEFORE_CHECKPOINT, RunLogger, cl
 from ..training.spec import SweepSpec
 from ..training.trial import PETL_ERROR
 from .connect import prepare_tune_actors, ray_error, ray_session, storage
+from .trainer import release_idle_trainers
 
 REUSE_ACTORS = True  # bench/trial_overhead.py measures the sweep both ways
 
@@ -91,6 +92,7 @@ def sweep_checked(spec: SweepSpec, parsed: dict) -> list[dict]:
     # One checkpoint per trial-epoch is the point here; Tune's sync-frequency warning is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with ray_session(spec.address, warm=True):
+        release_idle_trainers()  # their CPUs go to the trials
         gpus = spec.gpus_per_trial if spec.gpus_per_trial is not None else (0.5 if torch.cuda.is_available() else 0)
         return [_sweep_task(spec, t, parsed, f"{spec.name or spec.method}-{task_slug(t)}", path, fs, gpus)
                 for t in spec.tasks]

@@ -9,6 +9,7 @@ Built tasks are cached as ``.npz`` under ``$PETL_CACHE`` (default ``~/.cache/pet
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -133,20 +134,48 @@ def _base_name(name: str) -> str:
 
 
 def get_task(name: str) -> Task:
-    """Load a task by registry name, ``<name>-1k`` variant, ``folder:PATH`` or ``vtab:ROOT/DATASET``."""
+    """Load a task by registry name, ``<name>-1k`` variant, ``folder:PATH`` or ``vtab:ROOT/DATASET``.
+    Kept in this process while its files on disk stay as they were (``task_stamp``)."""
     if name.startswith("vtab:"):
-        return _get_vtab(name)
-    return _get_task(name)
+        return _get_vtab(name, task_stamp(name))
+    return _get_task(name, task_stamp(name))
+
+
+def task_stamp(name: str) -> str:
+    """The state of a task's files on disk: a digest of each file's path, size and modification
+    time under a ``folder:`` or ``vtab:`` task's folder, so a long-lived process (a ``petl train``
+    trainer, ``cluster.trainer``) reads the task again once its files change; ``""`` for the
+    built-in tasks, which are generated from fixed sources."""
+    import hashlib
+
+    if name.startswith("vtab:"):
+        from .vtab import parse_name
+
+        root, dataset, _ = parse_name(name)
+        top = root / dataset
+    elif name.startswith("folder:"):
+        top = Path(name[len("folder:"):])
+    else:
+        return ""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        for f in sorted(filenames):
+            full = os.path.join(dirpath, f)
+            with contextlib.suppress(OSError):  # gone while we walk: its absence is the stamp
+                st = os.stat(full)
+                h.update(f"{os.path.relpath(full, top)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=2)  # VTAB tasks hold up to ~300 MB of 224-px images each: keep few
-def _get_vtab(name: str) -> Task:
+def _get_vtab(name: str, stamp: str) -> Task:
     from .vtab import load_vtab_task
     return load_vtab_task(name)
 
 
 @functools.lru_cache(maxsize=16)
-def _get_task(name: str) -> Task:
+def _get_task(name: str, stamp: str) -> Task:
     if name.startswith("folder:"):
         from .folder import load_folder_task
         return load_folder_task(name[len("folder:"):])
