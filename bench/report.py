@@ -254,13 +254,16 @@ def _per_round(ratios: list[float]) -> str:
     return ", ".join(f"{x:.2f}x" for x in ratios)
 
 
-def _warm_note(t2: dict) -> str:
-    """What T2's rounds on a cluster with warm workers say. As Tune trials: Ray starts idle workers
-    with the cluster only, so the first job's trial took a warm one and later jobs' trials started
-    cold. On a trainer: the first job starts it, the later jobs run in its process."""
+def _rounds_note(t2: dict, warm: bool) -> str:
+    """What T2's rounds say. On a trainer: the first job starts it, the later jobs run in its
+    process. As Tune trials on a cluster with warm workers: Ray starts idle workers with the
+    cluster only, so the first job's trial took a warm one and later jobs' trials started cold."""
     if t2.get("runs_as", "").startswith("a trainer"):
-        return (f"; per round {_per_round(t2.get('per_round', []))}: the first job started the trainer (on a warm "
-                "worker), the later jobs ran in its process")
+        return (f"; per round {_per_round(t2.get('per_round', []))}: the first job started the trainer "
+                f"({'on a warm worker' if warm else 'a new process, no warm workers'}), the later jobs ran in its "
+                "process")
+    if not warm:
+        return ""
     return (f"; warm workers, per round {_per_round(t2.get('per_round', []))}: the first trial after the cluster "
             "started took a warm worker, later ones started cold (Ray 2.60 starts no new idle workers)")
 
@@ -357,7 +360,7 @@ def figures(out: Path) -> list[dict]:
         figs.append(_fig("T2", f"petl train through Ray ({runs_as}) on a running cluster vs --local (the plain "
                                f"loop), {what}", t2["ratio"], t2["range"], ov["rounds"], "<= 1.5x", t2["met"],
                          source=name, note=f"{t2['ray_train_wall_s']:.1f} vs {ov['plain_wall_s']:.1f} s"
-                                          + (_warm_note(t2) if ov.get("warm_workers") else "")))
+                                          + _rounds_note(t2, bool(ov.get("warm_workers")))))
         if tt := ov.get("T2_torch_trainer"):
             figs.append(_fig("T2", f"the same job through a one-worker Ray Train TorchTrainer (how one worker ran "
                                    f"before), {what}", tt["ratio"], tt["range"], ov["rounds"], "reported", None,

@@ -406,4 +406,8 @@ def test_report_says_t2_ran_on_a_reused_trainer(tmp_path):
     [t2] = report.figures(tmp_path)
     assert (t2["median"], t2["met"]) == (1.2, True) and "(a trainer, reused)" in t2["figure"]
     assert "per round 2.50x, 1.20x, 1.15x: the first job started the trainer" in t2["note"]
-    assert "Ray 2.60 starts no new idle workers" not in t2["note"]
+    assert "Ray 2.60 starts no new idle workers" not in t2["note"] and "on a warm worker" in t2["note"]
+    run["warm_workers"] = False
+    (tmp_path / "trial_overhead_t2_linear_trainer.json").write_text(json.dumps(run))
+    [t2] = report.figures(tmp_path)
+    assert "the first job started the trainer (a new process, no warm workers)" in t2["note"]

@@ -66,7 +66,11 @@ def fit_checked(spec: TrainSpec, progress: Progress | None = None) -> dict:
     from ..training.run import train_config
     from ..training.trial import trial_config
 
+    from .trainer import idle_seconds
+
     task, method, settings, name = spec.task, spec.method, spec.settings, spec.name
+    if spec.workers == 1:
+        idle_seconds()  # a bad PETL_TRAINER_IDLE_S is refused before any cluster starts
     t0 = time.time()
     with ray_session(spec.address, log_to_driver=progress is None, warm=True):
         name = name or default_name(task, method)
@@ -107,7 +111,7 @@ def _fit_one_worker(spec: TrainSpec, config: dict, name: str, path: str, fs, pro
     try:
         metrics, checkpoint = fit_on_trainer(config, path, name, fs, cpus=spec.cpus_per_worker,
                                              gpus=1 if spec.use_gpu else 0, max_failures=spec.max_failures,
-                                             on_result=on_result, on_restart=on_restart)
+                                             on_result=on_result, on_restart=on_restart, note=progress)
     except PetlError as e:
         error = e
     if metrics.get(PETL_ERROR):

@@ -37,6 +37,8 @@ PREFIX = "petl-trainer-"
 CHECKPOINT = "checkpoint_{:06d}"
 MAX_TRAINERS = 64  # per key: the names a job tries before it gives up
 INTERRUPTED = "the petl train command was interrupted"
+CLAIM_TTL_S = 120  # a claimed trainer whose job has not started by then is free again
+WATCH_S = 5.0  # how often a trainer looks at its claim and its idle time
 
 
 def idle_seconds() -> float:
@@ -108,29 +110,54 @@ class Trainer:
 
     def __init__(self, idle_s: float):
         self._lock = threading.Lock()  # held from claim to the end of the job, or for good by retire
+        self._state = threading.Lock()  # guards _claimed between claim, fit and the watchdog
+        self._claimed: float | None = None  # when a claim not yet followed by its fit was made
         self._idle_s = idle_s
         self._last = time.monotonic()
-        threading.Thread(target=self._exit_when_idle, name="petl-trainer-idle", daemon=True).start()
+        threading.Thread(target=self._watch, name="petl-trainer-idle", daemon=True).start()
 
     def claim(self) -> bool:
-        """Takes this trainer for one job (``fit``) if it is idle."""
-        return self._lock.acquire(blocking=False)
+        """Takes this trainer for one job (``fit``) if it is idle. A claim whose ``fit`` does not
+        come within ``CLAIM_TTL_S`` (its command died in between) lapses."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        with self._state:
+            self._claimed = time.monotonic()
+        return True
 
     def retire(self) -> bool:
-        """Takes this idle trainer out of use for good (the caller then ends it); False if busy."""
-        return self._lock.acquire(blocking=False)
+        """Takes this idle trainer out of use for good; False if busy. The caller ends it, and it
+        ends itself soon after if the caller does not."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        threading.Timer(10, self._end).start()
+        return True
 
     def pid(self) -> int:
         return os.getpid()
 
-    def _exit_when_idle(self) -> None:
+    def _end(self) -> None:
         import ray
 
+        ray.kill(ray.get_runtime_context().current_actor)  # ends this process
+
+    def _watch(self) -> None:
         while True:
-            time.sleep(min(5.0, max(0.2, self._idle_s / 4)))
+            time.sleep(min(WATCH_S, max(0.05, self._idle_s / 4)))
+            with self._state:
+                if self._claimed is not None and time.monotonic() - self._claimed > CLAIM_TTL_S:
+                    self._claimed = None
+                    self._last = time.monotonic()
+                    self._lock.release()
             if time.monotonic() - self._last >= self._idle_s and self._lock.acquire(blocking=False):
-                ray.kill(ray.get_runtime_context().current_actor)  # ends this process; no job runs
+                self._end()  # no job runs, and none can start
                 return
+
+    def _start(self) -> None:
+        with self._state:
+            if self._claimed is None and not self._lock.acquire(blocking=False):  # the claim lapsed
+                raise RuntimeError("this trainer's claim lapsed and another job took it")
+            self._claimed = None
 
     def fit(self, config: dict, path: str, name: str, fs, job_id: str, cpus: float):
         """Runs one job (``training.trial.run_trial``) after ``claim``: yields each epoch's
@@ -141,6 +168,7 @@ class Trainer:
 
         from ..training.trial import PETL_ERROR, run_trial
 
+        self._start()
         torch.set_num_threads(max(1, int(cpus)))
         ckpts, items, stop = Checkpoints(path, name, fs), queue.Queue(), {}
         last = {}
@@ -239,9 +267,11 @@ def release_idle_trainers(keep: str | None = None) -> int:
     return ended
 
 
-def _claim(cpus: float, gpus: float, idle_s: float):
+def _claim(cpus: float, gpus: float, idle_s: float, note: Callable[[str], None] | None = None):
     """An idle trainer of this job's key, claimed for it: an existing one, else a new one (after the
-    idle trainers of other keys have ended, so it gets their CPUs). Returns ``(handle, new)``."""
+    idle trainers of other keys have ended, so it gets their CPUs). A new one waits, as a Tune
+    trial would, until the cluster has its resources; ``note`` hears it when that takes a while.
+    Returns ``(handle, new)``."""
     import ray
 
     key = trainer_key(cpus, gpus)
@@ -257,7 +287,11 @@ def _claim(cpus: float, gpus: float, idle_s: float):
                 name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=cpus,
                 num_gpus=gpus).remote(idle_s)
             try:
-                if ray.get(handle.claim.remote()):
+                ref = handle.claim.remote()
+                if fresh and note is not None and not ray.wait([ref], timeout=10)[0]:
+                    note(f"waiting for the cluster's resources for a trainer: {cpus:g} CPU"
+                         + (f", {gpus:g} GPU" if gpus else "") + " (busy trainers, sweeps or Serve replicas hold them)")
+                if ray.get(ref):
                     return handle, fresh
             except ray.exceptions.RayActorError:  # it exited meanwhile: try the next name
                 continue
@@ -266,16 +300,18 @@ def _claim(cpus: float, gpus: float, idle_s: float):
 
 def fit_on_trainer(config: dict, path: str, name: str, fs, *, cpus: float, gpus: float, max_failures: int,
                    on_result: Callable[[dict], None] | None = None,
-                   on_restart: Callable[[], None] | None = None) -> tuple[dict, str | None]:
+                   on_restart: Callable[[], None] | None = None,
+                   note: Callable[[str], None] | None = None) -> tuple[dict, str | None]:
     """Runs ``config`` (``training.trial.trial_config``) as job ``name`` on a trainer; returns the
     last reported metrics and the last checkpoint's path. ``on_result`` gets each epoch's metrics;
-    ``on_restart`` is called before a rerun after a failure that is not the user's."""
+    ``on_restart`` is called before a rerun after a failure that is not the user's; ``note`` gets
+    a line when a new trainer waits for the cluster's resources."""
     import ray
 
     idle_s = idle_seconds()
     job_id = ray.get_runtime_context().get_job_id()
     for attempt in range(max_failures + 1):
-        handle, _ = _claim(cpus, gpus, idle_s)
+        handle, _ = _claim(cpus, gpus, idle_s, note)
         gen = handle.fit.remote(config, path, name, fs, job_id, cpus)
         metrics: dict = {}
         try:
