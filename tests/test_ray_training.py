@@ -241,6 +241,27 @@ def test_one_worker_jobs_share_a_trainer_that_a_sweep_would_release(stack):
     assert release_idle_trainers() == 1 and _trainers() == []
 
 
+def test_an_idle_trainer_ends_itself_and_frees_its_cpus(stack):
+    """PETL_TRAINER_IDLE_S: a trainer with no job ends itself (the actor is gone, its name free, its
+    CPU back in the cluster's available resources)."""
+    import ray
+
+    from petl_platform.cluster.trainer import NAMESPACE, _actor_class, _trainers
+
+    before = ray.available_resources().get("CPU", 0)
+    handle = _actor_class().options(name="petl-trainer-idle-test-0", namespace=NAMESPACE, lifetime="detached",
+                                    num_cpus=1).remote(0.5)
+    ray.get(handle.pid.remote())
+    assert "petl-trainer-idle-test-0" in _trainers()
+    deadline = time.time() + 60
+    while time.time() < deadline and "petl-trainer-idle-test-0" in _trainers():
+        time.sleep(0.2)
+    assert "petl-trainer-idle-test-0" not in _trainers(), "the idle trainer never ended"
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < before:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) >= before
+
+
 def test_an_interrupted_job_stops_its_trainer_and_fails_its_run(stack):
     """Ctrl-C in `petl train` cancels the job on its trainer (``ray.cancel``): the trainer stops it
     at its next epoch, the MLflow run is FAILED with the reason, and the trainer takes jobs again."""
@@ -253,7 +274,7 @@ def test_an_interrupted_job_stops_its_trainer_and_fails_its_run(stack):
     st = stack["settings"]
     config = trial_config("digits-1k", "linear", stack["backbone"], st, "petl", train={"epochs": 40, "batch_size": 16},
                           tags={"petl.job": "interrupted"}, run_name="interrupted")
-    handle, _ = _claim(1, 0, 300)
+    handle = _claim(1, 0, 300)
     path, fs = storage(st.storage_path)
     gen = handle.fit.remote(config, path, "interrupted", fs, ray.get_runtime_context().get_job_id(), 1)
     first = ray.get(next(gen))

@@ -5,7 +5,7 @@ task's tensors, too, when they are the same: ``training.trial.loaded``).
 
 - **Naming.** Trainers are named actors in the ``petl`` namespace, ``petl-trainer-<key>-<i>``: the
   key digests what a job needs of its process (its CPUs and GPU, the platform's version, the
-  job's ``runtime_env`` variables). A job takes the first idle trainer of its key, or starts one.
+  job's ``runtime_env``). A job takes the first idle trainer of its key, or starts one.
   One trainer runs one job at a time; two jobs at once run on two trainers.
 - **Lifetime.** A trainer holds its CPUs while it lives, and exits after ``PETL_TRAINER_IDLE_S``
   seconds without a job (default 300; 0: at the end of each job). Commands that need the
@@ -270,8 +270,7 @@ def release_idle_trainers(keep: str | None = None) -> int:
 def _claim(cpus: float, gpus: float, idle_s: float, note: Callable[[str], None] | None = None):
     """An idle trainer of this job's key, claimed for it: an existing one, else a new one (after the
     idle trainers of other keys have ended, so it gets their CPUs). A new one waits, as a Tune
-    trial would, until the cluster has its resources; ``note`` hears it when that takes a while.
-    Returns ``(handle, new)``."""
+    trial would, until the cluster has its resources; ``note`` hears it when that takes a while."""
     import ray
 
     key = trainer_key(cpus, gpus)
@@ -292,7 +291,7 @@ def _claim(cpus: float, gpus: float, idle_s: float, note: Callable[[str], None] 
                     note(f"waiting for the cluster's resources for a trainer: {cpus:g} CPU"
                          + (f", {gpus:g} GPU" if gpus else "") + " (busy trainers, sweeps or Serve replicas hold them)")
                 if ray.get(ref):
-                    return handle, fresh
+                    return handle
             except ray.exceptions.RayActorError:  # it exited meanwhile: try the next name
                 continue
     raise PetlError(f"no idle petl trainer: {MAX_TRAINERS} jobs of this kind already run on the cluster")
@@ -311,7 +310,7 @@ def fit_on_trainer(config: dict, path: str, name: str, fs, *, cpus: float, gpus:
     idle_s = idle_seconds()
     job_id = ray.get_runtime_context().get_job_id()
     for attempt in range(max_failures + 1):
-        handle, _ = _claim(cpus, gpus, idle_s, note)
+        handle = _claim(cpus, gpus, idle_s, note)
         gen = handle.fit.remote(config, path, name, fs, job_id, cpus)
         metrics: dict = {}
         try:
