@@ -1,11 +1,11 @@
 """`petl train` as a user types it on one machine, end to end, each command in a process of its
 own: ``--local`` (the plain loop) against the default path, a local Ray cluster started by the
-command for its job (on a trainer, ``cluster.trainer``, which this cluster's end also ends), with
-warm workers (``cluster.connect.ensure_ray(warm=True)``: the idle workers Ray starts with the
-cluster import the platform while the driver sets up, and the trainer starts on one) and without them (``PETL_WARM_WORKERS=0``, how it ran before). Rounds
-interleave the three; each figure is the median over rounds, and each ratio is against the same
-round's ``--local`` wall. Issue 23's T2 asks for a running cluster (``trial_overhead.py``); this
-is the cluster-per-command case, cluster start-up included.
+command for its job (on a trainer, ``cluster.trainer``, which ends with that cluster). Rounds
+interleave the two; each figure is the median over rounds, and each ratio is against the same
+round's ``--local`` wall. Issue 23's T2 asks for a running cluster (``trial_overhead.py``); this is
+the cluster-per-command case, cluster start-up included. (An earlier version also ran the default
+path with and without warm workers; with trainers, warm workers made the command slower, so a
+one-worker ``petl train`` no longer starts them: ``cli_train_trainer_warm_vs_cold.json``.)
 
     .venv/bin/python bench/cli_train.py [--task digits-1k] [--method linear] [--epochs 2] [--rounds 3] [--out-dir DIR]
 """
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-WAYS = {"local": (["--local"], {}), "cold": ([], {"PETL_WARM_WORKERS": "0"}), "warm": ([], {"PETL_WARM_WORKERS": "1"})}
+WAYS = {"local": ["--local"], "ray": []}
 
 
 def main(argv=None) -> int:
@@ -38,11 +38,11 @@ def main(argv=None) -> int:
     walls: dict[str, list[float]] = {k: [] for k in WAYS}
     with tempfile.TemporaryDirectory(prefix="petl-bench-cli-") as home:
         for r in range(args.rounds):
-            for way, (flags, env) in WAYS.items():
+            for way, flags in WAYS.items():
                 cmd = [sys.executable, "-m", "petl_platform.cli", "train", "--task", args.task, "--method", args.method,
                        "--epochs", str(args.epochs), "--json", *flags]
                 t0 = time.perf_counter()
-                p = subprocess.run(cmd, env={**os.environ, "PETL_HOME": home, **env}, capture_output=True, text=True)
+                p = subprocess.run(cmd, env={**os.environ, "PETL_HOME": home}, capture_output=True, text=True)
                 walls[way].append(time.perf_counter() - t0)
                 if p.returncode:
                     print(p.stderr[-2000:], file=sys.stderr)
@@ -52,9 +52,8 @@ def main(argv=None) -> int:
     result = {"task": args.task, "method": args.method, "epochs": args.epochs, "rounds": args.rounds,
               "cpus": os.cpu_count(), "wall_s": {k: round(med(v), 2) for k, v in walls.items()},
               "walls_s": {k: [round(x, 2) for x in v] for k, v in walls.items()}}
-    for way in ("cold", "warm"):
-        ratios = [w / lo for w, lo in zip(walls[way], walls["local"])]
-        result[way] = {"ratio": round(med(ratios), 3), "range": [round(min(ratios), 3), round(max(ratios), 3)]}
+    ratios = [w / lo for w, lo in zip(walls["ray"], walls["local"])]
+    result["ray"] = {"ratio": round(med(ratios), 3), "range": [round(min(ratios), 3), round(max(ratios), 3)]}
     (out_dir / "cli_train.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0

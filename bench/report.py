@@ -368,11 +368,10 @@ def figures(out: Path) -> list[dict]:
     if cli := _load(out, "cli_train.json"):
         what = f"{cli['method']} on {cli['task']}, {cli['epochs']} epochs, {cli['cpus']} CPUs, each command a process"
         w = cli["wall_s"]
-        figs.append(_fig("T2", f"petl train with the local cluster it starts (warm workers) vs --local, end to end, "
-                               f"{what}", cli["warm"]["ratio"], cli["warm"]["range"], cli["rounds"], "reported", None,
+        figs.append(_fig("T2", f"petl train with the local cluster it starts vs --local, end to end, {what}",
+                         cli["ray"]["ratio"], cli["ray"]["range"], cli["rounds"], "reported", None,
                          source="cli_train.json",
-                         note=f"{w['warm']:.1f} vs {w['local']:.1f} s; without warm workers {w['cold']:.1f} s "
-                              f"({cli['cold']['ratio']:.2f}x); cluster start-up included"))
+                         note=f"{w['ray']:.1f} vs {w['local']:.1f} s; cluster start-up included"))
     if p6 := _load(out, "p6_gflops.json"):
         for bb, per_batch in p6["backbones"].items():
             for b, r in per_batch.items():

@@ -72,7 +72,10 @@ def fit_checked(spec: TrainSpec, progress: Progress | None = None) -> dict:
     if spec.workers == 1:
         idle_seconds()  # a bad PETL_TRAINER_IDLE_S is refused before any cluster starts
     t0 = time.time()
-    with ray_session(spec.address, log_to_driver=progress is None, warm=True):
+    # Warm workers only for Ray Train's ranks: one worker's trainer is asked for at once, so on a
+    # cluster this command starts it would wait for a warm worker's preload while the other warm
+    # workers' preloads take the cores (measured 35.5 s per command with them, 33.6 s without)
+    with ray_session(spec.address, log_to_driver=progress is None, warm=spec.workers > 1):
         name = name or default_name(task, method)
         path, fs = storage(settings.storage_path)
         config = trial_config(task, method, spec.backbone, settings, spec.experiment, spec.hparams, spec.train,
