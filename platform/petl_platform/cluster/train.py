@@ -65,7 +65,6 @@ def fit_checked(spec: TrainSpec, progress: Progress | None = None) -> dict:
     from ..tracking.runs import git_commit
     from ..training.run import train_config
     from ..training.trial import trial_config
-
     from .trainer import idle_seconds
 
     task, method, settings, name = spec.task, spec.method, spec.settings, spec.name
