@@ -131,3 +131,20 @@ def test_cli_tasks_json(capsys):
     assert [r["name"] for r in rows] == ["digits", "clevr_count-1k"]
     assert set(rows[0]) >= {"name", "classes", "sizes", "source"}
     assert rows[1]["sizes"]["train"] == 800
+
+
+def test_a_trial_process_keeps_a_task_until_its_files_change(tmp_path, tiny_backbone, monkeypatch):
+    """``training.trial.loaded``, which a trainer keeps across jobs: the same task and backbone
+    reuse the loaded tensors; a new image in the folder gives the next job the new data."""
+    import petl_platform.backbones as backbones
+    from petl_platform.training import trial
+
+    monkeypatch.setattr(backbones, "create_backbone", lambda name: tiny_backbone)
+    monkeypatch.setattr(trial, "_LOADED", {})
+    _write_tree(tmp_path, n=10)
+    name = f"folder:{tmp_path}"
+    first = trial.loaded(name, "tiny")
+    assert trial.loaded(name, "tiny") is first
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(tmp_path / "test" / "dog" / "new.png")
+    again = trial.loaded(name, "tiny")
+    assert again is not first and len(again[2]["test"][1]) == len(first[2]["test"][1]) + 1

@@ -38,18 +38,17 @@ def loaded(task: str, backbone: str):
     (``reuse_actors``), which then skips loading the weights and transforming the task's images.
     The backbone is frozen and shared by every model built on it (``methods.share_frozen``), and
     the loop only reads the tensors, so a trial sees exactly what a fresh process would. One
-    entry: a new task or backbone replaces it, and so do changed files of a folder or VTAB task
-    (``data.registry.task_stamp``): a ``petl train`` trainer (``cluster.trainer``) runs the jobs
-    of many commands."""
+    entry: a new task or backbone replaces it, and so does a folder or VTAB task whose files
+    changed, for which ``get_task`` reads a new ``Task`` (``data.registry.task_stamp``): a ``petl
+    train`` trainer (``cluster.trainer``) runs the jobs of many commands."""
     from ..backbones import create_backbone
     from ..data import get_task, task_tensors
-    from ..data.registry import task_stamp
 
-    key = (task, backbone, task_stamp(task))
-    if _LOADED.get("key") != key:
+    data = get_task(task)  # the same object while the task's files stay as they were
+    key = (task, backbone)
+    if _LOADED.get("key") != key or _LOADED["value"][1] is not data:
         _LOADED.clear()
         bb = create_backbone(backbone)
-        data = get_task(task)
         _LOADED.update(key=key, value=(bb, data, task_tensors(data, bb)))
     return _LOADED["value"]
 
