@@ -69,6 +69,9 @@ SECTIONS = {
     "fidelity_fair": ("fidelity.py", None, ["--fair"], "fidelity_fair.json"),
     # each method's recipe lr from the fair basis's runs, and its gap to per-task tuning (reads, no training)
     "recipes": ("recipe_lr.py", [], [], "recipe_lr.json"),
+    # the fair basis through petl sweep: 4 tasks x every method x (lr, a second hyperparameter), ASHA
+    # (hours on 2 cores; resumable)
+    "fair_sweep": ("fair_sweep.py", None, [], "fair_sweep.json"),
 }
 
 # every file a section leaves in its directory (its JSON first: the section is there when that is), so
@@ -79,6 +82,7 @@ ARTIFACTS["dyt_curve"] += ["dyt_accuracy_vs_flops.png", "dyt_activation_rate.png
 ARTIFACTS["fidelity"] += ["fidelity_pareto.png", "fidelity_exit_histograms.png", "fidelity_dyt_activation.png"]
 ARTIFACTS["fidelity_fair"] += ["fidelity_fair_vs_default.png"]
 ARTIFACTS["P7"] += ["p7_runs.json"]  # each finished sweep, so a rerun resumes
+ARTIFACTS["fair_sweep"] += ["fair_sweep_runs.jsonl"]
 # the reliability suite's figures: not run by `petl bench`, copied next to the bench JSONs (see figures())
 ARTIFACTS.update({"corpus": ["corpus.json"], "faults_replica_kill": ["faults_replica_kill.json"],
                   "faults_node_loss_during_sweep": ["faults_node_loss_during_sweep.json"],
@@ -710,6 +714,53 @@ def recipe_md(rl: dict) -> list[str]:
     return lines
 
 
+def fair_sweep_md(fs: dict) -> list[str]:
+    """``bench/fair_sweep.py``'s tables: per method and task the point each sweep chose (test accuracy,
+    val in brackets), the recipe chosen across the tasks and what it gives up per task, then the
+    claims that test accuracy alone decides on this basis."""
+    tasks, ep = fs["tasks"], fs["epochs"]
+    mults = "/".join(f"{m:.3g}" for m in fs["lr_multiples"])
+    lines = [f"Each method swept with `petl sweep` (Ray Tune, ASHA: rungs at 1, 3 and 9 of {ep} epochs, 2 trials at a "
+             f"time, seed 0) on each offline task over a 3 x 3 grid: the recipe's lr x {mults}, and a second "
+             f"hyperparameter with today's default in the middle. A task's choice is its best val accuracy among the "
+             f"trials that ran every epoch. **{fs['cells_done']} of {fs['cells']} sweeps done**; they used "
+             f"{fs['trial_epochs']} of their grids' {fs['grid_epochs']} trial-epochs.", "",
+             "| method | searched | " + " | ".join(f"{t}: choice, test (val)" for t in tasks) + " |",
+             "|---|---|" + "---|" * len(tasks)]
+
+    def point(c, key):
+        return f"lr {c['lr']:.3g}, {key} {c[key]:g}"
+
+    for m, e in fs["methods"].items():
+        key = fs["second"][m]
+        cells = [(f"{point(p['choice'], key)}: {100 * p['test']:.1f} ({100 * p['val']:.1f})"
+                  if (p := e["per_task"].get(t)) else "not run yet") for t in tasks]
+        lines.append(f"| {m} | lr, {key} | " + " | ".join(cells) + " |")
+    done = {m: e for m, e in fs["methods"].items() if "recipe" in e}
+    if done:
+        lines += ["", f"The recipe per method: per hyperparameter, the median of the tasks' choices on its grid. The gap "
+                  f"is the task's choice minus the recipe's run at {ep} epochs (test, val in brackets; negative: the "
+                  f"recipe did better). Goal: {fs['goal']}.", "",
+                  "| method | recipe | " + " | ".join(f"{t} gap" for t in tasks) + " | mean test: tuned / recipe | within 1 pt |",
+                  "|---|---|" + "---:|" * len(tasks) + "---|---|"]
+        for m, e in done.items():
+            key = fs["second"][m]
+            gaps = [f"{g['test_gap_pt']:+.1f} pt ({g['val_gap_pt']:+.1f})" if (g := e["gaps"].get(t)) else "pending"
+                    for t in tasks]
+            means = (f"{100 * e['mean_test_tuned']:.1f} / {100 * e['mean_test_recipe']:.1f}" if "mean_test_tuned" in e
+                     else "-")
+            lines.append(f"| {m} | {point(e['recipe'], key)} (lr x{e['lr_multiple']:.3g}) | " + " | ".join(gaps)
+                         + f" | {means} | {_met(e.get('met'))} |")
+    if fs.get("claims"):
+        lines += ["", "Claims that test accuracy alone decides, on this basis (the others need per-run FLOPs, exits "
+                  "or merges, measured on the bases above):", "", "| claim (papers) | measured | goal | met |",
+                  "|---|---|---|---|"]
+        for c in fs["claims"]:
+            detail = f" ({c['detail']})" if c.get("detail") else ""
+            lines.append(f"| {c['claim']} | {c['measured']}{detail} | {c['goal']} | {_met(c['met'])} |")
+    return lines
+
+
 def fidelity_compare_md(fid: dict) -> list[str]:
     """The fair basis next to the default one (``fid["baseline"]``, re-aggregated on the same tasks and
     seeds): accuracy per task on each basis, and every claim judged on each."""
@@ -797,6 +848,9 @@ def render(out: Path, runs: dict, quick: bool, machine_facts: dict | None = None
         lines += [""] + fidelity_compare_md(fair)
     if rl := _load(out, "recipe_lr.json"):
         lines += ["", "### Recipe lrs from the fair basis", ""] + _carried_note("recipes", manifest) + recipe_md(rl)
+    if fs := _load(out, "fair_sweep.json"):
+        lines += ["", "### The fair basis through `petl sweep`: 4 tasks, the lr and a second hyperparameter", ""]
+        lines += _carried_note("fair_sweep", manifest) + fair_sweep_md(fs)
     pngs = sorted(p.name for p in out.glob("*.png"))
     if pngs:
         owner = {f: name for name, files in ARTIFACTS.items() for f in files}

@@ -82,6 +82,10 @@ def test_asha_sweep_registers_champion_with_artifacts_in_s3(stack, tmp_path):
     assert any(t["stopped_early"] for t in s["trials"]) and s["trial_epochs"] < s["grid_epochs"]
     best = s["best"]
     assert best["val_accuracy"] == max(t["val_accuracy"] for t in s["trials"])
+    # test accuracy is measured once, at a trial's last epoch: none for a trial ASHA stopped
+    for t in s["trials"]:
+        assert (t["test_accuracy"] is None) == t["stopped_early"], t
+    assert 0 < best["test_accuracy"] <= 1
     c = _client(stack)
     for t in s["trials"]:
         run = c.get_run(t["run_id"])

@@ -251,6 +251,8 @@ def _finalize(grid, settings, task, method, backbone, parsed, epochs, parent) ->
         search = (r.config or {}).get("search", {})  # None when Tune could not read the trial back
         row = {"run_id": run_id, "params": {k: search.get(k) for k in parsed}, "epochs": done,
                "val_accuracy": None if error else m.get("val_accuracy"),
+               # measured at the last epoch only: None for a trial ASHA stopped
+               "test_accuracy": None if error else m.get("test_accuracy"),
                "stopped_early": bool(not error and done < epochs), "error": error,
                "checkpoint": r.checkpoint.path if r.checkpoint else None, "timing": trial_timing(r)}
         if run_id and c.get_run(run_id).info.status == "RUNNING":

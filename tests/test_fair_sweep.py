@@ -1,0 +1,96 @@
+"""The fair basis through ``petl sweep`` (bench/fair_sweep.py): its grids, each task's choice, the
+recipe chosen across tasks and the gap it leaves. Pure functions over sweep rows, no training."""
+
+import json
+
+import pytest
+
+from platform_stack import bench_module
+
+FAIR = bench_module("fair_sweep")
+
+
+def _sweep(task, method="lora", trials=(), epochs=10, grid=None):
+    grid = grid or {"lr": [0.005, 0.015, 0.045], "rank": [4, 8, 16]}
+    rows = [{"params": {"lr": lr, "rank": r}, "epochs": ep, "val_accuracy": val,
+             "test_accuracy": test if ep == epochs else None} for (lr, r, ep, val, test) in trials]
+    return {"phase": "sweep", "method": method, "task": task, "recipe_lr": 0.015, "grid": grid, "epochs": epochs,
+            "trials": rows, "trial_epochs": sum(t["epochs"] for t in rows), "grid_epochs": 9 * epochs, "wall_s": 1.0}
+
+
+@pytest.mark.parametrize("method", FAIR.METHODS)
+def test_each_grid_has_todays_recipe_lr_and_default_in_its_middle(method):
+    from petl_platform.methods import get_method
+
+    g = FAIR.grid(method, FAIR.recipe_lr(method))
+    assert len(g) == 2 and all(len(v) == 3 for v in g.values())
+    assert g["lr"][1] == pytest.approx(FAIR.recipe_lr(method))
+    key, values = FAIR.SECOND[method]
+    default = (get_method(method).config_cls() if key != "weight_decay" else None)
+    from petl_platform.training.loop import TrainConfig
+
+    today = getattr(default, key) if default is not None else TrainConfig().weight_decay
+    assert values[1] == pytest.approx(today), (method, key, values, today)
+    # every point is a valid config of the method (what petl sweep checks before any trial starts)
+    from petl_platform.training.space import parse_space
+
+    assert set(parse_space(FAIR.space_items(g), method)) == {"lr", key}
+
+
+def test_a_task_choice_is_the_best_val_among_trials_that_ran_every_epoch():
+    s = _sweep("a", trials=[(0.005, 4, 3, 0.95, None),  # stopped by ASHA at a rung: not a choice
+                            (0.015, 8, 10, 0.80, 0.78), (0.045, 16, 10, 0.82, 0.79), (0.045, 8, 10, 0.82, 0.81)])
+    # a tie in val goes to the point nearer the grid's middle
+    assert FAIR.task_choice(s)["params"] == {"lr": 0.045, "rank": 8}
+
+
+def test_the_recipe_is_the_median_of_the_tasks_choices_per_hyperparameter():
+    picks = [(0.045, 16), (0.045, 4), (0.015, 16), (0.045, 16)]
+    sweeps = [_sweep(f"t{i}", trials=[(lr, r, 10, 0.9, 0.9)]) for i, (lr, r) in enumerate(picks)]
+    assert FAIR.choose_recipe(sweeps) == {"lr": 0.045, "rank": 16}
+    # two tasks each way: the tie goes to the value nearer the middle (today's)
+    sweeps = [_sweep(f"t{i}", trials=[(lr, r, 10, 0.9, 0.9)]) for i, (lr, r) in
+              enumerate([(0.005, 4), (0.005, 4), (0.045, 16), (0.045, 16)])]
+    assert FAIR.choose_recipe(sweeps) == {"lr": 0.015, "rank": 8}
+
+
+def test_the_gap_reads_the_recipes_own_run_from_the_sweep_or_a_recipe_run():
+    tasks = ["t0", "t1"]
+    s0 = _sweep("t0", trials=[(0.045, 16, 10, 0.90, 0.88), (0.015, 8, 10, 0.85, 0.86)])
+    s1 = _sweep("t1", trials=[(0.015, 8, 10, 0.70, 0.69), (0.045, 16, 3, 0.60, None), (0.005, 4, 10, 0.65, 0.66)])
+    # t0 chose (0.045, 16), t1 (0.015, 8): a tie per key, so the recipe is the middle, (0.015, 8)
+    agg = FAIR.aggregate([s0, s1], methods=["lora"], tasks=tasks)
+    m = agg["methods"]["lora"]
+    assert m["recipe"] == {"lr": 0.015, "rank": 8} and m["lr_multiple"] == pytest.approx(1.0)
+    assert m["gaps"]["t0"]["test_gap_pt"] == pytest.approx(2.0) and m["gaps"]["t0"]["from"] == "sweep"
+    assert m["gaps"]["t1"]["test_gap_pt"] == pytest.approx(0.0)
+    assert m["met"] is False and agg["cells_done"] == 2
+
+    # where ASHA stopped the recipe's point, the recipe run trained for the bench fills the gap
+    s1["trials"] = [t for t in s1["trials"] if t["params"] != {"lr": 0.015, "rank": 8}]
+    s1["trials"].append({"params": {"lr": 0.045, "rank": 4}, "epochs": 10, "val_accuracy": 0.75, "test_accuracy": 0.7})
+    agg = FAIR.aggregate([s0, s1], methods=["lora"], tasks=tasks)
+    assert agg["methods"]["lora"]["recipe"] == {"lr": 0.045, "rank": 8}  # lr: both chose x3
+    assert "t1" not in agg["methods"]["lora"]["gaps"] and "met" not in agg["methods"]["lora"]
+    run = {"phase": "recipe", "method": "lora", "task": "t1", "params": {"lr": 0.045, "rank": 8}, "epochs": 10,
+           "val_accuracy": 0.74, "test_accuracy": 0.695}
+    agg = FAIR.aggregate(json.loads(json.dumps([s0, s1, run])), methods=["lora"], tasks=tasks)
+    g = agg["methods"]["lora"]["gaps"]["t1"]
+    assert g["from"] == "recipe run" and g["test_gap_pt"] == pytest.approx(0.5)
+
+
+def test_the_report_shows_each_choice_the_recipes_gaps_and_what_is_not_run_yet():
+    report = bench_module("report")
+    tasks = ["t0", "t1"]
+    rows = [_sweep("t0", trials=[(0.045, 16, 10, 0.90, 0.88), (0.015, 8, 10, 0.85, 0.86)]),
+            _sweep("t1", trials=[(0.015, 8, 10, 0.70, 0.69)]),
+            _sweep("t0", method="linear", trials=[(0.015, 8, 10, 0.5, 0.4)])]
+    fs = FAIR.aggregate(rows, methods=["linear", "lora"], tasks=tasks)
+    fs["second"] = {"linear": "rank", "lora": "rank"}  # the synthetic rows search rank for both
+    text = "\n".join(report.fair_sweep_md(fs))
+    assert "**3 of 4 sweeps done**" in text
+    assert "| lora | lr, rank | lr 0.045, rank 16: 88.0 (90.0) | lr 0.015, rank 8: 69.0 (70.0) |" in text
+    assert "| linear | lr, rank | lr 0.015, rank 8: 40.0 (50.0) | not run yet |" in text
+    # only lora has every task: its recipe row, with the gap on t0 and none on t1
+    assert "| lora | lr 0.015, rank 8 (lr x1) | +2.0 pt (+5.0) | +0.0 pt (+0.0) | 78.5 / 77.5 | **missed** |" in text
+    assert "| linear | lr" not in text.split("The recipe per method")[1]
