@@ -14,7 +14,9 @@ stops the others); its test accuracy is that trial's, measured once at its last 
 
 The recipe of a method is chosen across the tasks, per hyperparameter: the grid value nearest to
 the tasks' choices (the median of their positions on the grid; a median between two positions
-goes to the one nearer the middle, today's value). Its gap on a task is the task's choice minus the recipe's run, in test and val points: what
+goes to the one nearer the middle, today's value). A rank or bottleneck is searched per task but
+the recipe keeps today's (the papers' shape and parameter count), so the gap includes what tuning
+the shape per task adds. Its gap on a task is the task's choice minus the recipe's run, in test and val points: what
 ``petl train`` at the defaults gives up against tuning both hyperparameters for that task (goal:
 within 1 pt). Where ASHA stopped the recipe's point on a task, it is trained there for all epochs
 (in-process, the loop ``petl train --local`` runs, seed 0, same split) to measure that gap.
@@ -45,6 +47,9 @@ SECOND = {"linear": ("weight_decay", (0.0, 1e-4, 1e-2)), "lora": ("rank", (4, 8,
           "adapter": ("bottleneck", (4, 8, 16)), "repadapter": ("bottleneck", (4, 8, 16)),
           "arc": ("rank", (16, 50, 100)), "dtl": ("rank", (1, 2, 4)), "dtl_plus": ("rank", (1, 2, 4)),
           "dyt": ("target_rate", (0.3, 0.5, 0.7)), "dyn_adapter": ("p_m", (0.0, 0.1, 0.2))}
+# keys that set an adapter's shape (its parameters, the papers' settings): searched per task, but
+# a recipe keeps today's value, so the gap also says what tuning the shape per task would add
+SHAPE_KEYS = ("rank", "bottleneck")
 EPOCHS = 10
 GOAL_PT = 1.0
 
@@ -86,10 +91,14 @@ def task_choice(sweep: dict) -> dict | None:
 
 def choose_recipe(sweeps: list[dict]) -> dict:
     """Per hyperparameter, the grid value at the median of the tasks' choices' positions on its grid
-    (a median between two positions goes to the one nearer the middle)."""
+    (a median between two positions goes to the one nearer the middle); a shape key
+    (``SHAPE_KEYS``) stays at the grid's middle, today's default."""
     g = sweeps[0]["grid"]
     out = {}
     for key, values in g.items():
+        if key in SHAPE_KEYS:  # searched per task; the default keeps the papers' shape
+            out[key] = values[len(values) // 2]
+            continue
         picks = sorted(_index(values, task_choice(s)["params"][key]) for s in sweeps)
         med, mid = (picks[(len(picks) - 1) // 2] + picks[len(picks) // 2]) / 2, len(values) // 2
         out[key] = values[min((math.floor(med), math.ceil(med)), key=lambda i: (abs(i - mid), i))]
@@ -259,7 +268,8 @@ def recipe_runs(method: str, tasks: list[str], runs_file: Path, append) -> None:
                and json.dumps(r["params"], sort_keys=True) == key for r in rows):
             continue
         hp = {k: v for k, v in recipe.items() if k != "lr"}
-        train = {"epochs": EPOCHS, "seed": 0, "lr": recipe["lr"], **({k: hp.pop(k)} if (k := "weight_decay") in hp else {})}
+        train = {"epochs": EPOCHS, "seed": 0, "lr": recipe["lr"], "progress": False,
+                 **({"weight_decay": hp.pop("weight_decay")} if "weight_decay" in hp else {})}
         t0 = time.time()
         res = run_finetune(s["task"], method, backbone=SHIPPED, hparams=hp, train_overrides=train)
         append({"phase": "recipe", "method": method, "task": s["task"], "params": recipe, "epochs": EPOCHS,

@@ -10,9 +10,9 @@ from platform_stack import bench_module
 FAIR = bench_module("fair_sweep")
 
 
-def _sweep(task, method="lora", trials=(), epochs=10, grid=None):
-    grid = grid or {"lr": [0.005, 0.015, 0.045], "rank": [4, 8, 16]}
-    rows = [{"params": {"lr": lr, "rank": r}, "epochs": ep, "val_accuracy": val,
+def _sweep(task, method="lora", trials=(), epochs=10, key="rank", values=(4, 8, 16)):
+    grid = {"lr": [0.005, 0.015, 0.045], key: list(values)}
+    rows = [{"params": {"lr": lr, key: r}, "epochs": ep, "val_accuracy": val,
              "test_accuracy": test if ep == epochs else None} for (lr, r, ep, val, test) in trials]
     return {"phase": "sweep", "method": method, "task": task, "recipe_lr": 0.015, "grid": grid, "epochs": epochs,
             "trials": rows, "trial_epochs": sum(t["epochs"] for t in rows), "grid_epochs": 9 * epochs, "wall_s": 1.0}
@@ -45,13 +45,23 @@ def test_a_task_choice_is_the_best_val_among_trials_that_ran_every_epoch():
 
 
 def test_the_recipe_is_the_median_of_the_tasks_choices_per_hyperparameter():
-    picks = [(0.045, 16), (0.045, 4), (0.015, 16), (0.045, 16)]
-    sweeps = [_sweep(f"t{i}", trials=[(lr, r, 10, 0.9, 0.9)]) for i, (lr, r) in enumerate(picks)]
-    assert FAIR.choose_recipe(sweeps) == {"lr": 0.045, "rank": 16}
-    # two tasks each way: the tie goes to the value nearer the middle (today's)
-    sweeps = [_sweep(f"t{i}", trials=[(lr, r, 10, 0.9, 0.9)]) for i, (lr, r) in
-              enumerate([(0.005, 4), (0.005, 4), (0.045, 16), (0.045, 16)])]
-    assert FAIR.choose_recipe(sweeps) == {"lr": 0.015, "rank": 8}
+    rate = {"key": "p_m", "values": (0.0, 0.1, 0.2)}
+    picks = [(0.045, 0.2), (0.045, 0.0), (0.015, 0.2), (0.045, 0.2)]
+    sweeps = [_sweep(f"t{i}", trials=[(lr, r, 10, 0.9, 0.9)], **rate) for i, (lr, r) in enumerate(picks)]
+    assert FAIR.choose_recipe(sweeps) == {"lr": 0.045, "p_m": 0.2}
+    # two tasks each way: the median falls between two positions and goes to the middle (today's)
+    sweeps = [_sweep(f"t{i}", trials=[(lr, r, 10, 0.9, 0.9)], **rate) for i, (lr, r) in
+              enumerate([(0.005, 0.0), (0.005, 0.0), (0.045, 0.2), (0.045, 0.2)])]
+    assert FAIR.choose_recipe(sweeps) == {"lr": 0.015, "p_m": 0.1}
+    # three tasks on one side of the middle, one on the other: not the middle
+    sweeps = [_sweep(f"t{i}", trials=[(lr, r, 10, 0.9, 0.9)], **rate) for i, (lr, r) in
+              enumerate([(0.005, 0.0), (0.005, 0.0), (0.005, 0.0), (0.045, 0.2)])]
+    assert FAIR.choose_recipe(sweeps) == {"lr": 0.005, "p_m": 0.0}
+
+
+def test_a_recipe_keeps_todays_shape_whatever_the_tasks_chose():
+    sweeps = [_sweep(f"t{i}", trials=[(0.045, 16, 10, 0.9, 0.9)]) for i in range(4)]
+    assert FAIR.choose_recipe(sweeps) == {"lr": 0.045, "rank": 8}
 
 
 def test_the_gap_reads_the_recipes_own_run_from_the_sweep_or_a_recipe_run():
