@@ -14,9 +14,9 @@ stops the others); its test accuracy is that trial's, measured once at its last 
 
 The recipe of a method is chosen across the tasks, per hyperparameter: the grid value nearest to
 the tasks' choices (the median of their positions on the grid; a median between two positions
-goes to the one nearer the middle, today's value). A rank or bottleneck is searched per task but
-the recipe keeps today's (the papers' shape and parameter count), so the gap includes what tuning
-the shape per task adds. Its gap on a task is the task's choice minus the recipe's run, in test and val points: what
+goes to the one nearer the middle, today's value). A rank, bottleneck or DyT target rate is
+searched per task, but the recipe keeps today's (the papers' shape and operating point), so the
+gap includes what tuning it per task adds. Its gap on a task is the task's choice minus the recipe's run, in test and val points: what
 ``petl train`` at the defaults gives up against tuning both hyperparameters for that task (goal:
 within 1 pt). Where ASHA stopped the recipe's point on a task, it is trained there for all epochs
 (in-process, the loop ``petl train --local`` runs, seed 0, same split) to measure that gap.
@@ -47,9 +47,10 @@ SECOND = {"linear": ("weight_decay", (0.0, 1e-4, 1e-2)), "lora": ("rank", (4, 8,
           "adapter": ("bottleneck", (4, 8, 16)), "repadapter": ("bottleneck", (4, 8, 16)),
           "arc": ("rank", (16, 50, 100)), "dtl": ("rank", (1, 2, 4)), "dtl_plus": ("rank", (1, 2, 4)),
           "dyt": ("target_rate", (0.3, 0.5, 0.7)), "dyn_adapter": ("p_m", (0.0, 0.1, 0.2))}
-# keys that set an adapter's shape (its parameters, the papers' settings): searched per task, but
-# a recipe keeps today's value, so the gap also says what tuning the shape per task would add
-SHAPE_KEYS = ("rank", "bottleneck")
+# keys that set an adapter's shape (its parameters) or its operating point (DyT's FLOPs), as the
+# papers set them: searched per task, but a recipe keeps today's value, so the gap also says what
+# tuning them per task would add
+KEPT_KEYS = ("rank", "bottleneck", "target_rate")
 EPOCHS = 10
 GOAL_PT = 1.0
 
@@ -91,12 +92,12 @@ def task_choice(sweep: dict) -> dict | None:
 
 def choose_recipe(sweeps: list[dict]) -> dict:
     """Per hyperparameter, the grid value at the median of the tasks' choices' positions on its grid
-    (a median between two positions goes to the one nearer the middle); a shape key
-    (``SHAPE_KEYS``) stays at the grid's middle, today's default."""
+    (a median between two positions goes to the one nearer the middle); a shape or operating
+    point (``KEPT_KEYS``) stays at the grid's middle, today's default."""
     g = sweeps[0]["grid"]
     out = {}
     for key, values in g.items():
-        if key in SHAPE_KEYS:  # searched per task; the default keeps the papers' shape
+        if key in KEPT_KEYS:  # searched per task; the default keeps the papers' setting
             out[key] = values[len(values) // 2]
             continue
         picks = sorted(_index(values, task_choice(s)["params"][key]) for s in sweeps)
