@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+BASIS_RUNS = RESULTS / "2026-12-05" / "fair_sweep_runs.jsonl"  # the runs the recipes were chosen on
 TASKS = ["digits-1k", "fashion_mnist-1k", "clipart-1k", "dsprites_loc-1k"]
 METHODS = ["linear", "lora", "adapter", "repadapter", "arc", "dtl", "dtl_plus", "dyt", "dyn_adapter"]
 LR_MULTIPLES = (1 / 3, 1.0, 3.0)
@@ -175,6 +176,12 @@ def claims(methods: dict, tasks) -> list[dict]:
 
 def _load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def basis(path: Path = BASIS_RUNS) -> dict:
+    """The aggregate of the runs the recipes were chosen on (``tests/test_sweep_space.py`` checks
+    each method's recipe against it)."""
+    return aggregate(_load(path))
 
 
 def main() -> None:

@@ -53,11 +53,30 @@ RECIPE_LR = bench_module("recipe_lr")
 FAIR = RECIPE_LR.choose(RECIPE_LR.load())  # method -> the fair basis's choice (bench/recipe_lr.py)
 
 
+SWEPT = {m: e["recipe"] for m, e in bench_module("fair_sweep").basis()["methods"].items() if "recipe" in e}
+
+
+def test_the_sweep_basis_chose_the_recipes_of_the_methods_it_completed():
+    """A method swept on all 4 tasks (bench/fair_sweep.py) takes the basis's recipe: its lr, and
+    the rate searched beside it (the probe's weight decay, Dyn-Adapter's p_m); a rank, bottleneck
+    or target rate stays as the papers set it."""
+    assert "linear" in SWEPT
+    for method, recipe in SWEPT.items():
+        spec = get_method(method)
+        train, cfg = TrainConfig.from_dict(spec.recipe, "training"), spec.config_cls()
+        for key, value in recipe.items():
+            have = getattr(train, key) if hasattr(train, key) else getattr(cfg, key)
+            assert math.isclose(have, value, rel_tol=1e-6, abs_tol=1e-12), (method, key, have, value)
+
+
 def test_the_fair_basis_chose_the_recipe_lrs():
     """Each measured method's recipe lr is the one lr that won on val across the fair basis's
-    tasks, recomputed here from its runs file; its Dyn variant where the basis measured that."""
+    tasks, recomputed here from its runs file; its Dyn variant where the basis measured that.
+    A method the sweep basis completed takes that basis's recipe instead (the test above)."""
     assert {"linear", "lora", "adapter", "repadapter", "arc", "dtl", "dtl_plus", "dyt", "dyn_adapter"} <= set(FAIR)
     for method, chosen in FAIR.items():
+        if method in SWEPT:
+            continue
         assert len(chosen["tasks"]) >= 2 and chosen["epochs"] >= 10, method
         assert math.isclose(_recipe_lr(method), chosen["lr"], rel_tol=1e-6), (method, _recipe_lr(method), chosen["lr"])
     # the choice is a real cross-task one: on some method it is not every task's own best
