@@ -123,6 +123,8 @@ def aggregate(rows: list[dict], methods=METHODS, tasks=TASKS) -> dict:
         for s in mine:
             c = task_choice(s)
             per_task[s["task"]] = {"choice": c["params"], "val": c["val_accuracy"], "test": c["test_accuracy"],
+                                   # the best lr may lie beyond the grid
+                                   "lr_at_end": not _same(c["params"]["lr"], s["grid"]["lr"][1]),
                                    "trial_epochs": s["trial_epochs"], "grid_epochs": s["grid_epochs"],
                                    "wall_s": s["wall_s"]}
         entry = {"tasks_done": len(mine), "per_task": per_task}

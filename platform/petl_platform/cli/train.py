@@ -120,8 +120,9 @@ def cmd_sweep(args) -> None:
         return
     for s in summaries:
         b = s["best"]
+        test = f" (test {b['test_accuracy']:.4f})" if b.get("test_accuracy") is not None else ""
         print(f"{s['task']} / {s['method']}: {len(s['trials'])} trials, {s['trial_epochs']} trial-epochs "
-              f"(full grid: {s['grid_epochs']}), best val accuracy {b['val_accuracy']:.4f} with {b['params']}")
+              f"(full grid: {s['grid_epochs']}), best val accuracy {b['val_accuracy']:.4f}{test} with {b['params']}")
         if "registered" in s:
             print_registered(s["registered"])
     print(f"MLflow UI: mlflow ui --backend-store-uri {settings.tracking_uri}")
