@@ -742,7 +742,8 @@ def fair_sweep_md(fs: dict) -> list[str]:
     done = {m: e for m, e in fs["methods"].items() if "recipe" in e}
     if done:
         lines += ["", f"The recipe per method: the lr and the rate searched beside it at the median of the tasks' "
-                  "choices on their grids; a rank, bottleneck or DyT target rate stays as the papers set it. The gap "
+                  "choices on their grids, a rank, bottleneck or DyT target rate as the papers set it; where that is "
+                  "not today's recipe, the better of the two on mean val across the tasks. The gap "
                   f"is the task's choice minus the recipe's run at {ep} epochs (test, val in brackets; negative: the "
                   f"recipe did better). Goal: {fs['goal']}.", "",
                   "| method | recipe | " + " | ".join(f"{t} gap" for t in tasks) + " | mean test: tuned / recipe | within 1 pt |",

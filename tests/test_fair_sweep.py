@@ -76,17 +76,31 @@ def test_the_gap_reads_the_recipes_own_run_from_the_sweep_or_a_recipe_run():
     assert m["gaps"]["t1"]["test_gap_pt"] == pytest.approx(0.0)
     assert m["met"] is False and agg["cells_done"] == 2
 
-    # where ASHA stopped the recipe's point, the recipe run trained for the bench fills the gap
+    # Both tasks now choose x3: the median (0.045, 8) is not today's (0.015, 8), so the recipe waits
+    # for both candidates' 10-epoch runs on every task; ASHA stopped (0.015, 8) on t1 and never
+    # ran (0.045, 8) to its end anywhere.
     s1["trials"] = [t for t in s1["trials"] if t["params"] != {"lr": 0.015, "rank": 8}]
     s1["trials"].append({"params": {"lr": 0.045, "rank": 4}, "epochs": 10, "val_accuracy": 0.75, "test_accuracy": 0.7})
-    agg = FAIR.aggregate([s0, s1], methods=["lora"], tasks=tasks)
-    assert agg["methods"]["lora"]["recipe"] == {"lr": 0.045, "rank": 8}  # lr: both chose x3
-    assert "t1" not in agg["methods"]["lora"]["gaps"] and "met" not in agg["methods"]["lora"]
-    run = {"phase": "recipe", "method": "lora", "task": "t1", "params": {"lr": 0.045, "rank": 8}, "epochs": 10,
-           "val_accuracy": 0.74, "test_accuracy": 0.695}
-    agg = FAIR.aggregate(json.loads(json.dumps([s0, s1, run])), methods=["lora"], tasks=tasks)
-    g = agg["methods"]["lora"]["gaps"]["t1"]
+    median, today = {"lr": 0.045, "rank": 8}, {"lr": 0.015, "rank": 8}
+    assert FAIR.candidates([s0, s1]) == [median, today]
+    m = FAIR.aggregate([s0, s1], methods=["lora"], tasks=tasks)["methods"]["lora"]
+    assert "recipe" not in m and [c["runs"] for c in m["candidates"]] == [0, 1]
+
+    def run(task, params, val, test):
+        return {"phase": "recipe", "method": "lora", "task": task, "params": params, "epochs": 10,
+                "val_accuracy": val, "test_accuracy": test}
+
+    # the bench's own runs fill them in; the median does better on mean val: it is the recipe
+    rows = [s0, s1, run("t0", median, 0.89, 0.87), run("t1", median, 0.74, 0.695), run("t1", today, 0.60, 0.6)]
+    m = FAIR.aggregate(json.loads(json.dumps(rows)), methods=["lora"], tasks=tasks)["methods"]["lora"]
+    assert m["recipe"] == median and m["lr_multiple"] == pytest.approx(3.0)
+    g = m["gaps"]["t1"]
     assert g["from"] == "recipe run" and g["test_gap_pt"] == pytest.approx(0.5)
+    # today's does better on mean val (a median that pairs an lr with a setting it was not chosen
+    # with can collapse): today's stays
+    rows[-1] = run("t1", today, 0.80, 0.79)
+    m = FAIR.aggregate(json.loads(json.dumps(rows)), methods=["lora"], tasks=tasks)["methods"]["lora"]
+    assert m["recipe"] == today and m["gaps"]["t0"]["from"] == "sweep" and m["gaps"]["t1"]["from"] == "recipe run"
 
 
 def test_the_report_shows_each_choice_the_recipes_gaps_and_what_is_not_run_yet():
