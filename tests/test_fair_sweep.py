@@ -118,3 +118,13 @@ def test_the_report_shows_each_choice_the_recipes_gaps_and_what_is_not_run_yet()
     # only lora has every task: its recipe row, with the gap on t0 and none on t1
     assert "| lora | lr 0.015, rank 8 (lr x1) | +2.0 pt (+5.0) | +0.0 pt (+0.0) | 78.5 / 77.5 | **missed** |" in text
     assert "| linear | lr" not in text.split("The recipe per method")[1]
+
+
+def test_the_goals_table_gets_an_r1_row_from_the_sweep_basis(tmp_path):
+    report = bench_module("report")
+    rows = [_sweep("t0", trials=[(0.045, 16, 10, 0.90, 0.88), (0.015, 8, 10, 0.85, 0.86)]),
+            _sweep("t1", trials=[(0.015, 8, 10, 0.70, 0.69)])]
+    (tmp_path / "fair_sweep.json").write_text(json.dumps(FAIR.aggregate(rows, methods=["lora"], tasks=["t0", "t1"])))
+    [r1] = [f for f in report.figures(tmp_path) if f["source"] == "fair_sweep.json"]
+    assert r1["id"] == "R1" and r1["median"] == pytest.approx(2.0) and r1["met"] is False
+    assert "0 of 1 methods within 1 pt" in r1["note"] and "2 of 2 sweeps done" in r1["note"]
