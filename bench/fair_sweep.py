@@ -18,11 +18,12 @@ goes to the one nearer the middle, today's value). A rank, bottleneck or DyT tar
 searched per task, but the recipe keeps today's (the papers' shape and operating point), so the
 gap includes what tuning it per task adds. Where that median is not today's recipe, the one of
 the two with the better mean val across the tasks is the recipe (today's on a tie): a median of
-per-key choices can pair an lr with a setting it was never chosen with. Its gap on a task is
-the task's choice minus the recipe's run, in test and val points: what ``petl train`` at the
-defaults gives up against tuning both hyperparameters for that task (goal: within 1 pt). Where ASHA stopped the recipe's point on a task, it is trained there for all epochs
-(in-process, the loop ``petl train --local`` runs, seed 0, same split), both candidates where
-there are two.
+per-key choices can pair an lr with a setting it was never chosen with.
+
+Its gap on a task is the task's choice minus the recipe's run, in test and val points: what
+``petl train`` at the defaults gives up against tuning both hyperparameters for that task (goal:
+within 1 pt). Where ASHA stopped a candidate recipe's point on a task, the bench trains it there
+for all epochs (in-process, the loop ``petl train --local`` runs, seed 0, same split).
 
 Resumable: each finished sweep and recipe run is appended to ``fair_sweep_runs.jsonl`` as it ends
 and a rerun skips it; ``--aggregate-only`` writes ``fair_sweep.json`` from what is there.
