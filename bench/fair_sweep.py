@@ -125,6 +125,11 @@ def candidates(sweeps: list[dict]) -> list[dict]:
     return [median] if all(_same(median[k], today[k]) for k in today) else [median, today]
 
 
+def _recipe_index(rows: list[dict]) -> dict:
+    """The bench's own recipe runs by (method, task, params)."""
+    return {(r["method"], r["task"], json.dumps(r["params"], sort_keys=True)): r for r in rows if r["phase"] == "recipe"}
+
+
 def _run_of(sweep: dict, params: dict, extra: dict) -> dict | None:
     """The 10-epoch run of ``params`` on the sweep's task: its trial, if ASHA let it finish, else
     the bench's own run of it."""
@@ -134,7 +139,7 @@ def _run_of(sweep: dict, params: dict, extra: dict) -> dict | None:
 
 def aggregate(rows: list[dict], methods=METHODS, tasks=TASKS) -> dict:
     sweeps = {(r["method"], r["task"]): r for r in rows if r["phase"] == "sweep"}
-    extra = {(r["method"], r["task"], json.dumps(r["params"], sort_keys=True)): r for r in rows if r["phase"] == "recipe"}
+    extra = _recipe_index(rows)
     out = {"epochs": EPOCHS, "tasks": list(tasks), "lr_multiples": list(LR_MULTIPLES),
            "second": {m: SECOND[m][0] for m in methods}, "goal": f"test gap <= {GOAL_PT} pt per task", "methods": {},
            "cells_done": len(sweeps), "cells": len(methods) * len(tasks)}
@@ -292,18 +297,18 @@ def recipe_runs(method: str, tasks: list[str], runs_file: Path, append) -> None:
     """Train each candidate recipe for all epochs on each task where ASHA stopped it (seed 0)."""
     rows = _load(runs_file)
     sweeps = [r for r in rows if r["phase"] == "sweep" and r["method"] == method and r["task"] in tasks]
-    if len(sweeps) < len(TASKS):
+    if len(sweeps) < len(tasks):
         return
     from petl_platform.backbones.factory import SHIPPED
     from petl_platform.training.run import run_finetune
+    from petl_platform.training.trial import split_hparams
 
-    extra = {(r["method"], r["task"], json.dumps(r["params"], sort_keys=True)): r for r in rows if r["phase"] == "recipe"}
+    extra = _recipe_index(rows)
     for recipe, s in [(c, s) for c in candidates(sweeps) for s in sweeps]:
         if _run_of(s, recipe, extra):
             continue
-        hp = {k: v for k, v in recipe.items() if k != "lr"}
-        train = {"epochs": EPOCHS, "seed": 0, "lr": recipe["lr"], "progress": False,
-                 **({"weight_decay": hp.pop("weight_decay")} if "weight_decay" in hp else {})}
+        hp, searched_train = split_hparams(recipe)  # the way a trial splits its searched values
+        train = {"epochs": EPOCHS, "seed": 0, "progress": False, **searched_train}
         t0 = time.time()
         res = run_finetune(s["task"], method, backbone=SHIPPED, hparams=hp, train_overrides=train)
         append({"phase": "recipe", "method": method, "task": s["task"], "params": recipe, "epochs": EPOCHS,

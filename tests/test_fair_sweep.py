@@ -21,19 +21,18 @@ def _sweep(task, method="lora", trials=(), epochs=10, key="rank", values=(4, 8, 
 @pytest.mark.parametrize("method", FAIR.METHODS)
 def test_each_grid_has_todays_recipe_lr_and_default_in_its_middle(method):
     from petl_platform.methods import get_method
+    from petl_platform.training.loop import TrainConfig
+    from petl_platform.training.space import parse_space
 
     g = FAIR.grid(method, FAIR.recipe_lr(method))
     assert len(g) == 2 and all(len(v) == 3 for v in g.values())
     assert g["lr"][1] == pytest.approx(FAIR.recipe_lr(method))
     key, values = FAIR.SECOND[method]
-    default = (get_method(method).config_cls() if key != "weight_decay" else None)
-    from petl_platform.training.loop import TrainConfig
-
-    today = getattr(default, key) if default is not None else TrainConfig().weight_decay
+    spec = get_method(method)
+    train, cfg = TrainConfig.from_dict(spec.recipe, "training"), spec.config_cls()
+    today = getattr(train, key) if hasattr(train, key) else getattr(cfg, key)  # the recipe's, else the method's
     assert values[1] == pytest.approx(today), (method, key, values, today)
     # every point is a valid config of the method (what petl sweep checks before any trial starts)
-    from petl_platform.training.space import parse_space
-
     assert set(parse_space(FAIR.space_items(g), method)) == {"lr", key}
 
 
