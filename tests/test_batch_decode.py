@@ -31,12 +31,15 @@ def setup(tiny_backbone8):
     return bb, models, make_transform(bb), Pixels(make_transform(bb), tuple(bb.patch_embed.img_size))
 
 
-def test_decode_batch_pixels_and_errors(setup):
-    from petl_platform.cluster.batch import decode_batch
+@pytest.mark.parametrize("light", [True, False], ids=["imaging.Geometry", "data.Pixels"])
+def test_decode_batch_pixels_and_errors(setup, light):
+    from petl_platform.cluster.decode import decode_batch
 
     bb, _, tf, pixels = setup
+    geometry = pixels.light if light else pixels  # the light path, and the fallback for other transforms
+    assert geometry is not None
     blobs = [_png(0), b"not an image", _png(1, (32, 32)), b""]
-    got = decode_batch({"path": np.array(["a", "b", "c", "d"], dtype=object), "bytes": blobs}, pixels)
+    got = decode_batch({"path": np.array(["a", "b", "c", "d"], dtype=object), "bytes": blobs}, geometry)
     assert got["pixels"].dtype == np.uint8 and got["pixels"].shape == (4, 3, 32, 32)
     assert list(got["path"]) == ["a", "b", "c", "d"]
     assert got["error"][0] is None and got["error"][2] is None
@@ -50,7 +53,8 @@ def test_decode_batch_pixels_and_errors(setup):
 def test_score_pixels_equals_engine_on_float_input(setup):
     import pyarrow as pa
 
-    from petl_platform.cluster.batch import decode_batch, output_schema, score_pixels
+    from petl_platform.cluster.batch import output_schema, score_pixels
+    from petl_platform.cluster.decode import decode_batch
     from petl_platform.inference import Engine, Row
 
     bb, models, tf, pixels = setup
@@ -61,7 +65,7 @@ def test_score_pixels_equals_engine_on_float_input(setup):
     blobs = [_png(i) for i in range(5)]
     blobs.insert(2, b"\x89PNG broken")
     paths = [f"p{i}" for i in range(len(blobs))]
-    got = decode_batch({"path": paths, "bytes": blobs}, pixels)
+    got = decode_batch({"path": paths, "bytes": blobs}, pixels.light)
     table = score_pixels(engine, entries, schema, paths, torch.from_numpy(got["pixels"]), list(got["error"]))
     assert isinstance(table, pa.Table) and table.schema == schema
     cols = table.to_pydict()

@@ -16,3 +16,13 @@ def unknown(kind: str, name: str, valid) -> PetlError:
 class NotFoundError(PetlError):
     """The named thing (registered model, version, alias) does not exist: HTTP 404, never retried.
     Other ``PetlError``s from a store (unreachable, refused) are not this, and serve as 503."""
+
+
+class ServeError(PetlError):
+    """A bad request or input with the HTTP status that answers it (400, 404, 413, ...): the API
+    maps it to that status and its message; ``petl predict`` writes the message in a row's
+    ``error``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status

@@ -4,8 +4,9 @@ every image answered for every task, one parquet file out.
 - **Checked before Ray starts** (one ``PetlError`` line each): the tasks resolve under the alias
   and load on the backbone (the same store a Serve replica uses, ``serving/models.py``), the input
   holds at least one image, the output's folder is writable.
-- **Streamed:** ``read_binary_files`` -> ``map_batches(decode_batch)``, tasks that decode each
-  image to ``uint8`` pixels at the model's size beside the actors -> ``map_batches`` with a
+- **Streamed:** ``read_binary_files`` -> ``map_batches(decode_batch)`` (``cluster/decode.py``),
+  tasks that decode each image to ``uint8`` pixels at the model's size beside the actors, with
+  Pillow and NumPy alone (no torch to import) -> ``map_batches`` with a
   callable class. Each actor holds the frozen backbone once, every task's adapter from the MLflow
   registry, and the mixed-task engine (``inference/engine.py``), which normalizes the pixels on its
   device: one engine call per batch answers every image for every task. GPU actors
@@ -13,7 +14,7 @@ every image answered for every task, one parquet file out.
   The driver writes the result batches to one parquet file as they arrive (``<output>.tmp``
   renamed at the end, so a failed run never leaves half a file behind).
 - **A bad image never stops the run:** each row is decoded on its own with the hardened decoder of
-  the HTTP API (``serving/request.py`` ``decode_pixels``); a file that does not decode gets the
+  the HTTP API (``imaging.open_rgb``); a file that does not decode gets the
   reason in ``error`` and nulls in its task columns.
 
 Columns: ``path``, then per task ``<task>.label``, ``<task>.probability`` (of that label),
@@ -32,6 +33,7 @@ import torch
 from ..errors import PetlError
 from ..tracking.settings import CHAMPION, TrackingSettings
 from .connect import ray_error, ray_session, storage
+from .decode import decode_batch
 from .trainer import release_idle_trainers
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -134,28 +136,6 @@ def output_schema(tasks: list[str], runtimes: dict[str, str]):
         if runtimes[t] == "early_exit":
             fields.append(pa.field(f"{t}.exit_stage", pa.int64()))
     return pa.schema([*fields, pa.field("error", pa.string())])
-
-
-def decode_batch(batch: dict, pixels) -> dict:
-    """Ray Data's decode stage (tasks, in parallel with the scoring actors): ``{"path", "bytes"}``
-    -> ``{"path", "pixels", "error"}``, ``pixels`` ``uint8 [B, 3, H, W]`` at the model's size
-    (``pixels``: ``data.Pixels``, the training transform's geometric part; normalized later, by the
-    engine on its own device). Each file is decoded on its own with the HTTP API's hardened decoder
-    (``serving/request.py``): a file that does not decode gets the reason in ``error`` and zeros."""
-    import numpy as np
-
-    from ..serving.request import decode_pixels
-
-    paths = [str(p) for p in batch["path"]]
-    h, w = pixels.image_size
-    out = np.zeros((len(paths), 3, h, w), dtype=np.uint8)
-    errors: list[str | None] = [None] * len(paths)
-    for i, data in enumerate(batch["bytes"]):
-        try:
-            out[i] = decode_pixels(bytes(data), pixels).numpy()
-        except PetlError as e:
-            errors[i] = str(e)
-    return {"path": np.asarray(paths, dtype=object), "pixels": out, "error": np.asarray(errors, dtype=object)}
 
 
 class Scorer:
@@ -264,16 +244,17 @@ def predict_dataset(tasks: list[str], input: str, output: str, settings: Trackin
     from ..methods.registry import spec_of
 
     schema = output_schema(tasks, {t: spec_of(e.model).runtime for t, e in entries.items()})
-    pixels = Pixels(stack.transform, stack.image_size)  # what the decode tasks need of the model: no weights
+    pixels = Pixels(stack.transform, stack.image_size)
+    geometry = pixels.light or pixels  # what the decode tasks need of the model: no weights, no torch if light
 
     with ray_session(address):
         release_idle_trainers()  # their CPUs go to the decode tasks and the scoring actors
         return _stream(tasks, paths, fs, input.startswith("s3://"), out, schema, settings, backbone, alias,
-                       batch_size, progress, concurrency, pixels, shipped)
+                       batch_size, progress, concurrency, geometry, shipped)
 
 
 def _stream(tasks, paths, fs, s3, out, schema, settings, backbone, alias, batch_size, progress, concurrency,
-            pixels, shipped) -> dict:
+            geometry, shipped) -> dict:
     import pyarrow.parquet as pq
     import ray
 
@@ -290,7 +271,7 @@ def _stream(tasks, paths, fs, s3, out, schema, settings, backbone, alias, batch_
         # and decoding takes whole read blocks, so Ray Data fuses the two into one task per block.
         ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs, num_cpus=DECODE_CPUS)
         ds = ds.map_batches(decode_batch, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS,
-                            fn_kwargs={"pixels": pixels})
+                            fn_kwargs={"geometry": geometry})
         ds = ds.map_batches(Scorer, batch_size=batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=res["concurrency"]),
                             num_gpus=res["num_gpus"], num_cpus=res["num_cpus"],

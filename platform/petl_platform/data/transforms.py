@@ -7,6 +7,8 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
+from .. import imaging
+
 
 def data_config(model) -> dict:
     """timm's data config for ``model`` at its actual input size, without a centre crop.
@@ -73,7 +75,12 @@ class Pixels:
     ``to_uint8(pil)``: the transform's geometric part (resize, centre crop) on the PIL image →
     ``uint8 [3, H, W]``; ``normalize(u8)``: ``[N, 3, H, W]`` uint8 → float, the transform's own
     ``ToTensor`` scale and ``Normalize``. ``normalize(to_uint8(im)[None])[0]`` equals
-    ``transform(im)`` exactly: the same PIL resize, the same float arithmetic."""
+    ``transform(im)`` exactly: the same PIL resize, the same float arithmetic.
+
+    ``light``: the geometric part as ``imaging.Geometry`` (Pillow and NumPy only, pixel for pixel
+    the same), which ``to_uint8`` applies; None when the transform holds an op it does not model
+    (then ``to_uint8`` runs torchvision's). A process that only decodes takes ``light`` and never
+    imports torch (``petl predict``'s decode tasks)."""
 
     def __init__(self, transform, image_size: tuple[int, int]):
         from torchvision import transforms as T
@@ -83,6 +90,7 @@ class Pixels:
         if cut is None or not all(isinstance(op, T.Normalize) for op in ops[cut + 1:]) or len(ops) - cut > 2:
             raise ValueError(f"cannot split the transform at ToTensor: {transform}")
         self.geometry = T.Compose(ops[:cut])
+        self.light = light_geometry(ops[:cut], tuple(image_size))
         norm = ops[cut + 1] if len(ops) - cut == 2 else None
         self.mean = torch.as_tensor(norm.mean if norm else (0.0, 0.0, 0.0), dtype=torch.float32).view(3, 1, 1)
         self.std = torch.as_tensor(norm.std if norm else (1.0, 1.0, 1.0), dtype=torch.float32).view(3, 1, 1)
@@ -93,6 +101,8 @@ class Pixels:
         return cls(make_transform(model), tuple(model.patch_embed.img_size))
 
     def to_uint8(self, im: Image.Image) -> torch.Tensor:
+        if self.light is not None:
+            return torch.from_numpy(self.light.to_uint8(im))
         a = np.asarray(self.geometry(im.convert("RGB")), dtype=np.uint8)
         return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
 
@@ -109,3 +119,24 @@ class Pixels:
         x = u8.to(torch.float32).div_(255)
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         return x.sub_(mean).div_(std).to(dtype)
+
+
+def light_geometry(ops: list, image_size: tuple[int, int]):
+    """torchvision's ``Resize`` and ``CenterCrop`` ops as an ``imaging.Geometry`` (see ``Pixels``);
+    None when another op is among them."""
+    from torchvision import transforms as T
+    from torchvision.transforms.functional import pil_modes_mapping
+
+    out = []
+    for op in ops:
+        if type(op) is T.Resize:
+            size = (op.size,) if isinstance(op.size, int) else tuple(int(v) for v in op.size)
+            mode = op.interpolation if isinstance(op.interpolation, T.InterpolationMode) else None
+            if mode not in pil_modes_mapping or len(size) not in (1, 2):
+                return None
+            out.append(imaging.Resize(size, int(pil_modes_mapping[mode]), op.max_size))
+        elif type(op) is T.CenterCrop:
+            out.append(imaging.CenterCrop(tuple(int(v) for v in op.size)))
+        else:
+            return None
+    return imaging.Geometry(tuple(out), image_size)

@@ -1,56 +1,29 @@
 """Request validation for the HTTP API: every bad input becomes a ``ServeError`` with the HTTP
 status and a message a client can act on, never a 500, a traceback or a Python object address.
 
-Image decoding (``decode_image``) is hardened against hostile files:
-
-- only PNG, JPEG (MPO included), WebP, GIF, BMP and TIFF are opened;
-- the pixel count is read from the header and checked against ``max_pixels`` (default
-  ``MAX_PIXELS`` = 4096 x 4096, about 16.8 MP: every camera photo up to 12 MP and any image a
-  client should send to a 224-px model) *before* the pixels are decoded: 413 above it. Pillow's own
-  decompression-bomb guard (89 MP warning, 179 MP error) is far higher and turned into a 413 too;
-- EXIF orientation is applied (``ImageOps.exif_transpose``), as every image viewer does;
-- 16-bit and 32-bit integer grayscale (``I;16*``, ``I``) is scaled to 8 bits over the 16-bit
-  range (v / 257), not clipped at 255; float images (``F``) are refused: their range is unknown;
-- transparency (``RGBA``, ``LA``, ``PA``, palette with a transparent colour) is composited onto
-  white; palette, CMYK, YCbCr, 1-bit and the other modes are converted to RGB.
+Image decoding (``decode_image``, ``decode_pixels``) goes through ``imaging.open_rgb``, hardened against
+hostile files (the formats it opens, the pixel limit read from the header, EXIF orientation,
+16-bit and transparent images): see ``imaging``.
 """
 
 from __future__ import annotations
 
-import io
-import logging
 import math
-import re
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import PetlError
+from ..errors import ServeError
+from ..imaging import FORMATS, MAX_PIXELS, image_size, open_rgb, safe_text
 
-log = logging.getLogger(__name__)
-
-MAX_PIXELS = 4096 * 4096
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO (multi-picture phone JPEGs)
 MAX_TASKS = 64  # tasks in one request
 MAX_IMAGES = 64  # images in one request (413 above)
 MAX_REQUEST_PIXELS = 64 * 2**20  # decoded pixels of all of a request's images together (413 above)
 MAX_TASK_NAME = 200  # characters
 MAX_THRESHOLDS = 64
 MAX_TOP_K = 1000
-_ADDRESS = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>|\bat 0x[0-9a-fA-F]+")
-
-
-class ServeError(PetlError):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def safe_text(text: str, limit: int = 160) -> str:
-    """``text`` fit for a response body: one line, no object addresses, at most ``limit`` chars."""
-    line = _ADDRESS.sub("<data>", str(text)).replace("\n", " ").strip()
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+# FORMATS, MAX_PIXELS, ServeError, image_size, open_rgb and safe_text are imported from ``imaging``
+# (and ``errors``) and stay importable from here.
 
 
 def decode_image(data: bytes, transform, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
@@ -62,20 +35,6 @@ def decode_pixels(data: bytes, pixels, max_pixels: int = MAX_PIXELS) -> torch.Te
     """Image bytes → ``uint8 [3, H, W]`` at the model's size (``pixels``: ``data.Pixels``, the
     transform's geometric part); normalized later, where the model runs. 400/413 as ``open_rgb``."""
     return pixels.to_uint8(open_rgb(data, max_pixels))
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` from the image header, nothing decoded; 400 when it is no image."""
-    if not data:
-        raise ServeError(400, "empty image: send the image bytes")
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            return im.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ServeError(413, "image exceeds the decoder's pixel limit (decompression bomb): resize it before "
-                              "sending") from None
-    except Exception:  # noqa: BLE001 - any failure to read a header is the client's bytes
-        raise ServeError(400, f"not a readable image: send {', '.join(FORMATS)} bytes") from None
 
 
 def decode_many(images: list[bytes], pixels, max_pixels: int = MAX_PIXELS,
@@ -95,51 +54,6 @@ def decode_many(images: list[bytes], pixels, max_pixels: int = MAX_PIXELS,
         except ServeError as e:
             raise ServeError(e.status, f"image {i}: {e}" if len(images) > 1 else str(e)) from None
     return torch.stack(out)
-
-
-def open_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Image bytes → an RGB PIL image (see the module docstring); 400/413 on anything else."""
-    if not data:
-        raise ServeError(400, "empty image: send the image bytes (multipart field 'image' or base64 'image' in JSON)")
-    # Pillow only warns between MAX_IMAGE_PIXELS and twice that: capping the budget there makes its
-    # warning a 413 too, without touching the process-wide (and thread-unsafe) warning filters
-    max_pixels = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            w, h = im.size  # from the header: nothing decoded yet
-            if w * h > max_pixels:
-                raise ServeError(413, f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-                                      "pixels: resize it before sending")
-            im.load()  # truncated files fail here, not later
-            return _to_rgb(ImageOps.exif_transpose(im))
-    except ServeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ServeError(413, f"image exceeds the limit of {max_pixels} pixels (decompression bomb): "
-                              "resize it before sending") from None
-    except UnidentifiedImageError:
-        raise ServeError(400, f"not a readable image: send {', '.join(FORMATS)} bytes") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ServeError(400, f"not a readable image (truncated or corrupt): {safe_text(e)}") from None
-    except Exception as e:  # noqa: BLE001 - Pillow plugins raise many types on hostile bytes
-        log.warning("image decode failed with %s: %s", type(e).__name__, safe_text(e))
-        raise ServeError(400, f"not a readable image (corrupt {type(e).__name__})") from None
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        # 16-bit samples: 0..65535 → 0..255 (v / 257), the whole range kept rather than clipped
-        a = np.asarray(im.convert("I") if im.mode != "I" else im, dtype=np.int64)
-        return Image.fromarray((np.clip(a, 0, 65535) // 257).astype(np.uint8), "L").convert("RGB")
-    if im.mode == "F":
-        raise ServeError(400, "32-bit float images are not supported: send 8- or 16-bit PNG/JPEG/...")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 def _is_number(value) -> bool:
