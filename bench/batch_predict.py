@@ -6,7 +6,8 @@ delta at every site, nothing shared past the frozen ops) registered in a tempora
 
 The Ray figure is end to end: file reads, decoding, engine calls and the parquet write, plus the
 actors' start-up (a new process: torch, timm and the platform imported, backbone and adapters
-loaded); ``overhead_s`` is the wall beyond the in-process engine's time for the same images. The
+loaded; the decode tasks' processes import Pillow and NumPy only); ``overhead_s`` is the wall
+beyond the in-process engine's time for the same images. The
 in-process figure is engine calls only, on images decoded beforehand. Ray runs with the default
 actor sizing (``_actors``: sized to the cluster) and with 1 and 2 actors (where not the default),
 rounds interleaved with the in-process rounds, on one local cluster started once (without warm

@@ -34,9 +34,12 @@ from .model import DynExitMixin, make_dyn_model_class, stage_weights
 log = logging.getLogger(__name__)
 
 PREFIX = "dyn_"
-# A variant's recipe where the fair basis measured it (bench/recipe_lr.py: the one lr that won on val
-# across its tasks); every other variant trains at TrainConfig's defaults.
-_RECIPES = {"adapter": {"lr": 1.5e-2}}
+# A variant's recipe and Dyn defaults where a fair basis measured them; every other variant trains
+# at TrainConfig's defaults with DYN_FIELDS' (the paper's). Dyn-Adapter: the sweep basis
+# (bench/fair_sweep.py, 4 tasks x lr x p_m through `petl sweep`) chose p_m = 0 on every task, and
+# lr 0.045 with p_m 0 beat the old recipe (lr 0.015, the paper's p_m 0.1) by 5.1 pt mean val.
+_RECIPES = {"adapter": {"lr": 4.5e-2}}
+_DYN_DEFAULTS = {"adapter": {"p_m": 0.0}}
 EXCLUDED = {
     "dtl": "its side network carries state between blocks besides the tokens",
     "dtl_plus": "its side network carries state between blocks besides the tokens",
@@ -91,8 +94,13 @@ def check_dyn_config(cfg) -> None:
     check(cfg.head_hidden >= 1, f"head_hidden must be >= 1, got {cfg.head_hidden}")
 
 
-def make_dyn_config_class(base_name: str, base_cfg: type) -> type:
-    """The base config dataclass + ``DYN_FIELDS`` (frozen; validates both on construction)."""
+def make_dyn_config_class(base_name: str, base_cfg: type, defaults: dict | None = None) -> type:
+    """The base config dataclass + ``DYN_FIELDS`` (frozen; validates both on construction);
+    ``defaults`` overrides some of ``DYN_FIELDS``' defaults for this variant."""
+    defaults = dict(defaults or {})
+    unknown = set(defaults) - set(DYN_FIELD_NAMES)
+    if unknown:
+        raise ValueError(f"no Dyn hyperparameter {sorted(unknown)}")
     clash = set(DYN_FIELD_NAMES) & set(base_cfg.field_names())
     if clash:
         raise ValueError(f"method {base_name!r} already has hyperparameters {sorted(clash)}")
@@ -103,7 +111,7 @@ def make_dyn_config_class(base_name: str, base_cfg: type) -> type:
             base_post(self)
         check_dyn_config(self)
 
-    fields = [(n, t, dataclasses.field(default=d, metadata={"help": h})) for n, t, d, h in DYN_FIELDS]
+    fields = [(n, t, dataclasses.field(default=defaults.get(n, d), metadata={"help": h})) for n, t, d, h in DYN_FIELDS]
     name = f"Dyn{base_cfg.__name__}"
     cls = dataclasses.make_dataclass(name, fields, bases=(base_cfg,), frozen=True,
                                      namespace={"__post_init__": __post_init__,
@@ -141,7 +149,7 @@ def register_dyn_variants() -> list[str]:
             continue
         spec = get_method(base)
         try:
-            cfg_cls = make_dyn_config_class(base, spec.config_cls)
+            cfg_cls = make_dyn_config_class(base, spec.config_cls, _DYN_DEFAULTS.get(base))
         except ValueError as e:
             log.warning("no %s: %s", name, e)
             continue
