@@ -162,7 +162,3 @@ class Geometry:
         for op in self.ops:
             im = op(im)
         return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-
-    def decode(self, data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-        """Image bytes → ``uint8 [3, H, W]`` at the model's size; 400/413 as ``open_rgb``."""
-        return self.to_uint8(open_rgb(data, max_pixels))

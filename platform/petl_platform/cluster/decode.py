@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import PetlError
+from ..imaging import open_rgb
 
 
 def decode_batch(batch: dict, geometry) -> dict:
@@ -15,8 +16,6 @@ def decode_batch(batch: dict, geometry) -> dict:
     transform has an op the light path does not model; normalized later, by the engine on its own
     device). Each file is decoded on its own with the HTTP API's hardened decoder
     (``imaging.open_rgb``): a file that does not decode gets the reason in ``error`` and zeros."""
-    from ..imaging import open_rgb
-
     paths = [str(p) for p in batch["path"]]
     h, w = geometry.image_size
     out = np.zeros((len(paths), 3, h, w), dtype=np.uint8)
